@@ -1,0 +1,237 @@
+"""Load a teacher: hub id, local diffusers folder, s3:// URI (copied to a local cache) or builtin:NAME.
+
+Returns the components (U-Net, VAE, text encoder(s), tokenizer(s), scheduler) with the family (sd1,
+sd2, sdxl) and the prediction type (epsilon, v_prediction) read from their configs, and the text
+encoding every stage shares (`encode_prompts`), so SD1 and SDXL differ in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.schedulers import SchedulerMixin
+
+log = logging.getLogger(__name__)
+
+Family = Literal["sd1", "sd2", "sdxl"]
+SHIPPED = Path(__file__).parent / "assets"  # teachers committed to the repo (builtin:shapes-sd1)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DISTILLERY_CACHE", Path.home() / ".cache" / "distillery"))
+
+
+def _copy_remote_tree(uri: str, dest: Path) -> None:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    files = [f for f in fs.find(root) if not f.endswith("/")]
+    if not files:
+        raise FileNotFoundError(f"no files under {uri}")
+    tmp = dest.with_name(dest.name + ".partial")
+    for f in files:
+        rel = f[len(root.rstrip("/")) + 1 :]
+        target = tmp / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(f, str(target))
+    tmp.rename(dest)  # a half-copied folder is never taken for a complete one
+
+
+def resolve_model_dir(uri: str) -> str:
+    """A path or hub id that from_pretrained accepts: remote URIs are copied to the local cache once,
+    builtin tiny models are built there once; hub ids and local folders pass through."""
+    if uri.startswith("builtin:"):
+        name = uri.split(":", 1)[1]
+        shipped = SHIPPED / name
+        if shipped.is_dir():
+            return str(shipped)
+        from models.tiny import BUILDERS, save_tiny
+
+        if name not in BUILDERS:
+            known = sorted(BUILDERS) + sorted(p.name for p in SHIPPED.glob("*") if p.is_dir())
+            raise ValueError(f"unknown builtin teacher {uri!r}; known: {', '.join(known)}")
+        dest = cache_root() / "builtin" / name
+        if not (dest / "model_index.json").exists():
+            tmp = dest.with_name(name + f".{os.getpid()}.partial")
+            save_tiny(name, tmp)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                tmp.rename(dest)
+            except OSError:  # another process built it first
+                pass
+        return str(dest)
+    if "://" in uri and not uri.startswith("file://"):
+        dest = cache_root() / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+        if not dest.exists():
+            log.info("copying %s to %s", uri, dest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _copy_remote_tree(uri, dest)
+        return str(dest)
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    return uri
+
+
+def detect_family(unet_config: Any) -> Family:
+    if getattr(unet_config, "addition_embed_type", None) == "text_time":
+        return "sdxl"
+    # SD 2.x uses linear projections in its transformers (and OpenCLIP's 1024-d text features)
+    if getattr(unet_config, "use_linear_projection", False) or unet_config.cross_attention_dim == 1024:
+        return "sd2"
+    return "sd1"
+
+
+def pick_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+@dataclass
+class Teacher:
+    source: str  # the local folder or hub id it was loaded from
+    family: Family
+    prediction_type: str
+    dtype: torch.dtype
+    unet: UNet2DConditionModel | None
+    vae: AutoencoderKL | None
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: SchedulerMixin
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+
+    @property
+    def vae_scale(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def to(self, device: str | torch.device) -> Teacher:
+        for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if m is not None:
+                m.to(device)
+        return self
+
+
+def load_teacher(
+    uri: str,
+    dtype: str = "auto",
+    device: str | torch.device = "cpu",
+    components: tuple[str, ...] = ("unet", "vae", "text"),
+    revision: str | None = None,
+    variant: str | None = None,
+) -> Teacher:
+    """Load what the caller needs (the data stage wants no U-Net, the distill stage no VAE)."""
+    from diffusers import DiffusionPipeline
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    src = resolve_model_dir(uri)
+    torch_dtype = pick_dtype(dtype, device)
+    kw: dict[str, Any] = {"revision": revision} if revision else {}
+    if variant:
+        kw["variant"] = variant
+    index = DiffusionPipeline.load_config(src, **({"revision": revision} if revision else {}))
+    if "unet" not in index:
+        raise ValueError(f"{uri}: not a Stable Diffusion pipeline folder (no unet in model_index.json)")
+    sdxl = "text_encoder_2" in index and index.get("text_encoder_2", [None])[0] is not None
+    unet_cfg = UNet2DConditionModel.load_config(src, subfolder="unet", **kw)
+    unet = None
+    if "unet" in components:
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=torch_dtype, **kw)
+    vae = None
+    if "vae" in components:
+        # the SD/SDXL VAE overflows in fp16; keep it in fp32 unless bf16 was asked for
+        vae_dtype = torch.float32 if torch_dtype == torch.float16 else torch_dtype
+        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=vae_dtype, **kw)
+    te = tok = te2 = tok2 = None
+    if "text" in components:
+        te = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", torch_dtype=torch_dtype, **kw)
+        tok = AutoTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
+        if sdxl:
+            te2 = CLIPTextModelWithProjection.from_pretrained(
+                src, subfolder="text_encoder_2", torch_dtype=torch_dtype, **kw
+            )
+            tok2 = AutoTokenizer.from_pretrained(src, subfolder="tokenizer_2", **kw)
+    sched_cls = _scheduler_class(index)
+    scheduler = sched_cls.from_pretrained(src, subfolder="scheduler", **kw)
+    family = "sdxl" if sdxl else detect_family(_Cfg(unet_cfg))
+    teacher = Teacher(
+        source=src,
+        family=family,
+        prediction_type=scheduler.config.get("prediction_type", "epsilon"),
+        dtype=torch_dtype,
+        unet=unet,
+        vae=vae,
+        text_encoder=te,
+        tokenizer=tok,
+        scheduler=scheduler,
+        text_encoder_2=te2,
+        tokenizer_2=tok2,
+    )
+    for m in (unet, vae, te, te2):
+        if m is not None:
+            m.requires_grad_(False).eval()
+    return teacher.to(device)
+
+
+class _Cfg:
+    def __init__(self, d: dict):
+        self.__dict__.update(d)
+
+
+def _scheduler_class(index: dict) -> type:
+    import diffusers
+
+    name = index.get("scheduler", [None, "DDIMScheduler"])[1]
+    return getattr(diffusers, name)
+
+
+def _tokenize(tokenizer: Any, prompts: list[str], device: torch.device) -> torch.Tensor:
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
+
+
+@torch.no_grad()
+def encode_prompts(teacher: Teacher, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Text conditioning as the U-Net takes it.
+
+    sd1/sd2: {"prompt_embeds": (B, 77, D)}.
+    sdxl:    {"prompt_embeds": (B, 77, D1+D2) from the penultimate layers, "pooled": (B, P)}.
+    """
+    device = teacher.text_encoder.device
+    ids = _tokenize(teacher.tokenizer, prompts, device)
+    if teacher.family != "sdxl":
+        return {"prompt_embeds": teacher.text_encoder(ids)[0]}
+    out1 = teacher.text_encoder(ids, output_hidden_states=True)
+    ids2 = _tokenize(teacher.tokenizer_2, prompts, device)
+    out2 = teacher.text_encoder_2(ids2, output_hidden_states=True)
+    embeds = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+    return {"prompt_embeds": embeds, "pooled": out2.text_embeds}
+
+
+def sdxl_time_ids(
+    original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]
+) -> list[int]:
+    """SDXL micro-conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
+    return [*original_size, *crop_top_left, *target_size]
+
+
+def unet_conditioning(batch: dict[str, torch.Tensor], family: Family) -> dict[str, Any]:
+    """Keyword arguments for UNet2DConditionModel.forward from a batch of cached embeddings."""
+    kw: dict[str, Any] = {"encoder_hidden_states": batch["prompt_embeds"]}
+    if family == "sdxl":
+        kw["added_cond_kwargs"] = {"text_embeds": batch["pooled"], "time_ids": batch["time_ids"]}
+    return kw

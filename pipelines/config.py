@@ -1,0 +1,348 @@
+"""The one YAML config of a run: a pydantic model per stage, validated once where the file enters.
+
+Every section has defaults that work on the embedded demo, and `extra="forbid"`, so a typo is an error
+that names the field. Output URIs left empty are derived from `work_dir`, so each stage finds what the
+stage before it wrote. The whole config (with defaults filled in) is what gets logged to MLflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayConfig(Section):
+    address: str | None = None  # None: RAY_ADDRESS if set (ray job submit), else a local Ray
+    num_cpus: int | None = Field(None, ge=1)  # only for a local Ray started by us
+    num_gpus: int | None = Field(None, ge=0)
+    include_dashboard: bool = False
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+
+
+class MlflowConfig(Section):
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else ./mlruns under work_dir
+    experiment: str = "distillery"
+
+
+class TeacherConfig(Section):
+    # hub id ("stable-diffusion-v1-5/stable-diffusion-v1-5"), a local diffusers folder, an s3:// URI,
+    # or a builtin model ("builtin:tiny-sd1", "builtin:tiny-sdxl", "builtin:shapes-sd1").
+    uri: str = "builtin:tiny-sd1"
+    revision: str | None = None
+    variant: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+
+class DataConfig(Section):
+    source: str | None = None  # raw images+captions: local path, s3://, any fsspec URI
+    format: Literal["auto", "imagefolder", "parquet", "webdataset"] = "auto"
+    image_column: str = "image"  # parquet: image bytes (or a struct with "bytes")
+    caption_column: str = "caption"
+    key_column: str | None = None  # parquet: a stable id; default is the content hash
+    resolution: int = Field(64, ge=8)
+    crop: Literal["center", "random"] = "center"
+    min_side: int = Field(0, ge=0)  # drop images whose short side is below this (before resize)
+    max_aspect_ratio: float = Field(4.0, ge=1.0)
+    min_caption_chars: int = Field(1, ge=0)
+    max_caption_chars: int = Field(2000, ge=1)
+    score_column: str | None = None  # e.g. "aesthetic"
+    min_score: float | None = None
+    dedup: bool = True  # exact duplicates by content hash
+    aspect_buckets: bool = False  # SDXL: bucket by aspect ratio instead of square crops
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 0
+    max_rows: int | None = Field(None, ge=1)
+    output: str | None = None  # the embedding cache; default {work_dir}/cache
+    latents: Literal["dist", "sample"] = "dist"  # keep (mean, std) or one scaled sample
+    embed_batch_size: int = Field(16, ge=1)
+    embed_concurrency: int = Field(1, ge=1)
+    embed_num_gpus: float | None = Field(None, ge=0)  # None: 1 if CUDA is visible, else 0
+    rows_per_file: int = Field(1024, ge=1)
+
+
+class RemovalSpecConfig(Section):
+    """Which parts of the teacher U-Net the student keeps (models/student.py: RemovalSpec)."""
+
+    down: list[list[int]]  # per kept down stage (outermost first): teacher layer indices kept
+    up: list[list[int]]  # per kept up stage (innermost first): teacher layer indices kept
+    mid: Literal["full", "resnet", "none"] = "full"
+    drop_inner: int = Field(0, ge=0)  # innermost stages removed
+    down_depths: list[list[int]] | None = None  # transformer depth per kept attention, per down stage
+    up_depths: list[list[int]] | None = None
+
+
+class StudentConfig(Section):
+    preset: str | None = "bk-small"  # bk-base, bk-small, bk-tiny, ssd-1b, vega, identity
+    spec: RemovalSpecConfig | None = None  # overrides preset when set
+    output: str | None = None  # default {work_dir}/student-init
+
+    @model_validator(mode="after")
+    def _one_of(self) -> StudentConfig:
+        if self.preset is None and self.spec is None:
+            raise ValueError("set student.preset or student.spec")
+        return self
+
+
+class LossConfig(Section):
+    task: float = Field(1.0, ge=0)  # MSE(student, noise/v target)
+    out: float = Field(1.0, ge=0)  # MSE(student, teacher output)
+    feat: float = Field(1.0, ge=0)  # sum of MSE over mapped features
+    attn: float = Field(0.0, ge=0)  # attention-map transfer
+    level: Literal["block", "layer"] = "block"  # BK-SDM block outputs, or every resnet/transformer
+
+
+class DistillConfig(Section):
+    cache: str | None = None  # default data.output
+    encode_on_the_fly: bool = False  # read data.source and encode with the teacher (no cache)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    zero_stage: int = Field(2, ge=0, le=3)
+    deepspeed: bool = True  # False: plain torch DDP
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    grad_clip: float = Field(1.0, ge=0)
+    grad_accum: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)  # per worker, per micro-step
+    max_steps: int = Field(100, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    gradient_checkpointing: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    loss: LossConfig = Field(default_factory=LossConfig)
+    val_every: int = Field(50, ge=1)
+    val_batches: int = Field(2, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    storage_path: str | None = None  # checkpoints; default {work_dir}/train
+    output: str | None = None  # the distilled student folder; default {work_dir}/student
+    sample_prompts: list[str] = Field(default_factory=lambda: ["a red circle on a blue background"])
+    sample_seeds: list[int] = Field(default_factory=lambda: [0])
+    sample_steps: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class StepsConfig(Section):
+    """Step distillation (models/steps.py), run after (or instead of) block-removal KD."""
+
+    objective: Literal["guided", "progressive", "consistency"] = "consistency"
+    student: str | None = None  # the model to step-distill; default distill.output
+    guidance_range: tuple[float, float] = (1.0, 8.0)
+    teacher_steps: int = Field(32, ge=2)  # DDIM steps of the solver / first progressive teacher
+    rounds: int = Field(2, ge=1)  # progressive: each round halves the steps
+    steps_per_round: int = Field(50, ge=1)
+    lcm_skip: int = Field(20, ge=1)  # consistency: skipping-step of the DDIM solver (timesteps)
+    ema_decay: float = Field(0.95, gt=0, lt=1)
+    lora_rank: int | None = Field(None, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    output: str | None = None  # default {work_dir}/student-steps
+
+
+class TuneConfig(Section):
+    num_samples: int = Field(4, ge=1)
+    max_concurrent: int = Field(1, ge=1)
+    steps_per_trial: int = Field(20, ge=1)
+    presets: list[str] = Field(default_factory=lambda: ["bk-base", "bk-small", "bk-tiny"])
+    search_spec: bool = False  # also sample per-stage kept layers and the mid block
+    lambda_out: tuple[float, float] = (0.5, 2.0)
+    lambda_feat: tuple[float, float] = (0.0, 2.0)
+    lr: tuple[float, float] = (5e-5, 5e-4)
+    objective: Literal["scalar", "multi"] = "scalar"
+    metric: str = "val_loss"
+    latency_budget_ms: float | None = None
+    param_budget: int | None = None
+    scheduler: Literal["asha", "fifo"] = "asha"
+    cpus_per_trial: float = Field(1, gt=0)
+    gpus_per_trial: float = Field(0, ge=0)
+    storage_path: str | None = None  # default {work_dir}/tune
+    seed: int = 0
+
+
+class EvaluateConfig(Section):
+    student: str | None = None  # default distill.output
+    prompts: str | None = None  # a text file, one prompt per line; default: validation captions
+    num_prompts: int = Field(16, ge=1)
+    images_per_prompt: int = Field(1, ge=1)
+    steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(7.5, ge=0)
+    reference: str | None = None  # a folder of reference images; default: validation images
+    feature_extractor: str | None = None  # local path/URI of weights for torch-fidelity
+    clip_model: str | None = None  # local path / hub id of a CLIP model for the CLIP score
+    latency_repeats: int = Field(5, ge=1)
+    embedding_samples: int = Field(64, ge=2)
+    batch_size: int = Field(4, ge=1)
+    output: str | None = None  # default {work_dir}/eval
+    seed: int = 0
+
+
+class RegistryConfig(Section):
+    model_name: str = "distillery-student"
+    metric: str = "fid_student_vs_teacher"
+    mode: Literal["min", "max"] = "min"
+    champion_alias: str = "champion"
+    challenger_alias: str = "challenger"
+
+
+class ServeConfig(Section):
+    model: str | None = None  # models:/NAME@ALIAS or a diffusers folder/URI; default registry champion
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    num_cpus: float = Field(1, gt=0)
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
+    api_key_env: str | None = None  # name of an environment variable holding the key
+    api_key_file: str | None = None
+    max_prompt_chars: int = Field(1000, ge=1)
+    max_n: int = Field(4, ge=1)
+    sizes: list[str] = Field(default_factory=lambda: ["64x64"])
+    default_steps: int = Field(20, ge=1)
+    max_steps: int = Field(100, ge=1)
+    default_guidance_scale: float = Field(7.5, ge=0)
+    request_timeout_s: float = Field(120.0, gt=0)
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, v: list[str]) -> list[str]:
+        for s in v:
+            w, _, h = s.partition("x")
+            if not (w.isdigit() and h.isdigit()):
+                raise ValueError(f"size {s!r} is not WIDTHxHEIGHT")
+        return v
+
+
+STAGES = ("prepare", "distill", "steps", "tune", "evaluate", "register", "serve")
+
+
+class Config(Section):
+    name: str = "distillery"
+    work_dir: str = "./runs/distillery"  # local path or s3:// URI; outputs left empty go under it
+    seed: int = 0
+    stages: list[Literal[STAGES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["prepare", "distill", "evaluate", "register"]
+    )
+    ray: RayConfig = Field(default_factory=RayConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    steps: StepsConfig = Field(default_factory=StepsConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _derive_uris(self) -> Config:
+        """Fill the outputs left empty, so every stage reads what the one before it wrote."""
+        w = self.work_dir.rstrip("/")
+        defaults = [
+            (self.data, "output", f"{w}/cache"),
+            (self.student, "output", f"{w}/student-init"),
+            (self.distill, "storage_path", f"{w}/train"),
+            (self.distill, "output", f"{w}/student"),
+            (self.steps, "output", f"{w}/student-steps"),
+            (self.tune, "storage_path", f"{w}/tune"),
+            (self.evaluate, "output", f"{w}/eval"),
+        ]
+        for section, field, value in defaults:
+            if getattr(section, field) is None:
+                object.__setattr__(section, field, value)
+        if self.distill.cache is None:
+            object.__setattr__(self.distill, "cache", self.data.output)
+        if self.steps.student is None:
+            object.__setattr__(self.steps, "student", self.distill.output)
+        if self.evaluate.student is None:
+            object.__setattr__(self.evaluate, "student", self.distill.output)
+        return self
+
+    def tracking_uri(self) -> str:
+        if self.mlflow.tracking_uri:
+            return self.mlflow.tracking_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return f"sqlite:///{Path(self.work_dir).absolute()}/mlflow.db"
+
+    def digest(self) -> str:
+        """A short hash of the whole config: same config, same digest (tags, cache keys)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message names each bad field and its value."""
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = e.get("input")
+        shown = json.dumps(got, default=str) if not isinstance(got, dict) else "{...}"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown field (got {shown})")
+        else:
+            lines.append(f"  {where}: {e['msg']} (got {shown})")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+    tree[keys[-1]] = value
+
+
+def parse_config(tree: dict | None, overrides: list[str] | None = None, source: str = "") -> Config:
+    """Validate a config tree with `key.sub=value` overrides (values parsed as YAML)."""
+    tree = dict(tree or {})
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source or "(inline)")) from None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    text = Path(path).read_text()
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"invalid config {path}: not YAML: {err}") from None
+    if tree is not None and not isinstance(tree, dict):
+        raise ConfigError(f"invalid config {path}: the top level must be a mapping")
+    return parse_config(tree, overrides, source=str(path))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

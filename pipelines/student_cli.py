@@ -1,0 +1,91 @@
+"""`distillery student presets|build`: the model core from the command line, no Ray needed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+from models.student import (
+    PRESETS,
+    RemovalSpec,
+    build_student,
+    count_params,
+    meta_unet,
+    preset_spec,
+    removed_summary,
+    resolve_spec,
+    save_student,
+    student_config,
+)
+
+# The public U-Net configs of SD 1.5 and SDXL (only the fields that differ from diffusers' defaults),
+# so presets can be sized with no weights and no network.
+SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+SDXL_UNET = dict(
+    sample_size=128,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    cross_attention_dim=2048,
+    projection_class_embeddings_input_dim=2816,
+)
+
+
+def preset_table(teacher_configs: dict[str, dict]) -> list[dict]:
+    """One row per (teacher, preset that applies to it): parameters and what is removed."""
+    rows = []
+    for tname, tcfg in teacher_configs.items():
+        teacher = meta_unet(tcfg)
+        for preset in PRESETS:
+            try:
+                spec = preset_spec(preset, teacher.config)
+            except ValueError:
+                continue  # the preset is for the other family
+            n = count_params(meta_unet(student_config(teacher.config, spec)))
+            rows.append({"teacher": tname, "preset": preset, "params": n,
+                         "ratio": n / count_params(teacher), "removes": removed_summary(spec, teacher.config),
+                         "about": PRESETS[preset]})
+    return rows
+
+
+def load_spec_file(path: str) -> RemovalSpec:
+    d = yaml.safe_load(Path(path).read_text())
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: a removal spec must be a mapping")
+    return RemovalSpec.from_dict(d)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.action == "presets":
+        if args.teacher:
+            from diffusers import UNet2DConditionModel
+
+            from models.teacher import resolve_model_dir
+
+            cfg = dict(UNet2DConditionModel.load_config(resolve_model_dir(args.teacher), subfolder="unet"))
+            configs = {args.teacher: {k: v for k, v in cfg.items() if not k.startswith("_")}}
+        else:
+            configs = {"sd1.5": SD15_UNET, "sdxl": SDXL_UNET}
+        for r in preset_table(configs):
+            print(f"{r['teacher']:<8} {r['preset']:<9} {r['params'] / 1e6:9.1f}M  {r['ratio']:5.1%}  "
+                  f"removes: {r['removes']}")
+        return 0
+    from models.teacher import load_teacher
+
+    teacher = load_teacher(args.teacher, dtype=args.dtype, components=("unet",))
+    spec = load_spec_file(args.spec) if args.spec else None
+    spec = resolve_spec(teacher.unet.config, preset=args.preset, spec=spec)
+    student = build_student(teacher.unet, spec)
+    meta = {"teacher": args.teacher, "family": teacher.family, "preset": args.preset, "spec": spec.to_dict(),
+            "params": count_params(student), "teacher_params": count_params(teacher.unet)}
+    out = save_student(student, teacher.source, args.out, meta)
+    print(json.dumps({"out": str(out), **meta}, indent=2))
+    return 0

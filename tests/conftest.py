@@ -1,0 +1,81 @@
+"""Fixtures: real local servers (moto's S3 server, an MLflow server with SQLite), a local Ray with 2
+CPUs, and tiny teachers built offline. Servers start once per session."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pipelines import local
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    # builtin teachers are built into this cache; never the user's home
+    os.environ["DISTILLERY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    yield
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = local.start_s3(log_dir=tmp_path_factory.mktemp("s3"))
+    old = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh bucket on the local S3 server; returns its s3:// URI."""
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    local.make_bucket(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    server = local.start_mlflow(tmp_path_factory.mktemp("mlflow"))
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = server.url
+    yield server
+    server.stop()
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"DISTILLERY_CACHE": os.environ["DISTILLERY_CACHE"]}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_dir(tmp_path_factory) -> Path:
+    from models.tiny import save_tiny
+
+    return save_tiny("tiny-sd1", tmp_path_factory.mktemp("tiny") / "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    from models.tiny import save_tiny
+
+    return save_tiny("tiny-sdxl", tmp_path_factory.mktemp("tiny") / "sdxl")

@@ -1,0 +1,61 @@
+"""The one config: defaults, derived URIs, errors that name the field, the CLI's config commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipelines.config import ConfigError, load_config, parse_config
+
+
+def test_defaults_and_derived_uris():
+    cfg = parse_config({"work_dir": "s3://bucket/run1"})
+    assert cfg.data.output == "s3://bucket/run1/cache"
+    assert cfg.distill.cache == cfg.data.output
+    assert cfg.evaluate.student == cfg.distill.output == "s3://bucket/run1/student"
+    assert cfg.digest() == parse_config({"work_dir": "s3://bucket/run1"}).digest()
+
+
+def test_unknown_key_names_the_field():
+    with pytest.raises(ConfigError) as e:
+        parse_config({"distill": {"max_stepz": 3}})
+    assert "distill.max_stepz: unknown field" in str(e.value)
+
+
+def test_bad_value_names_field_and_value():
+    with pytest.raises(ConfigError) as e:
+        parse_config({"distill": {"zero_stage": 5}, "data": {"crop": "diagonal"}})
+    msg = str(e.value)
+    assert "distill.zero_stage" in msg and "(got 5)" in msg
+    assert "data.crop" in msg and '"diagonal"' in msg
+
+
+def test_overrides_parse_as_yaml():
+    cfg = parse_config({}, ["distill.max_steps=7", "student.preset=bk-tiny", "tune.lr=[0.1, 0.2]"])
+    assert cfg.distill.max_steps == 7 and cfg.student.preset == "bk-tiny" and cfg.tune.lr == (0.1, 0.2)
+    with pytest.raises(ConfigError, match="not KEY=VALUE"):
+        parse_config({}, ["distill.max_steps"])
+
+
+def test_cli_config_validate_and_show(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"name": "x", "distill": {"max_steps": 3}}))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "pipelines", *a], capture_output=True, text=True)
+    ok = run("config", "validate", str(f))
+    assert ok.returncode == 0 and "ok" in ok.stdout
+    shown = yaml.safe_load(run("config", "show", str(f)).stdout)
+    assert shown["distill"]["max_steps"] == 3 and shown["data"]["resolution"] == 64
+    f.write_text("distill:\n  lr: -1\n")
+    bad = run("config", "validate", str(f))
+    assert bad.returncode == 2 and "distill.lr" in bad.stderr
+
+
+def test_repo_configs_validate():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+    for c in configs:
+        load_config(c)

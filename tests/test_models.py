@@ -1,0 +1,181 @@
+"""The model core, no Ray: teachers, students by block removal, KD losses (tiny models, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+from models.kd import KDWeights, Taps, attention_pairs, diffusion_batch, feature_pairs, kd_loss
+from models.student import (
+    RemovalSpec,
+    build_student,
+    count_params,
+    meta_unet,
+    preset_spec,
+    resolve_spec,
+    save_student,
+    student_config,
+)
+from models.teacher import encode_prompts, load_teacher, unet_conditioning
+from pipelines.student_cli import SD15_UNET, SDXL_UNET, preset_table
+
+
+def _cond(teacher, prompts):
+    emb = encode_prompts(teacher, prompts)
+    if teacher.family == "sdxl":
+        emb["time_ids"] = torch.tensor([[64, 64, 0, 0, 64, 64]] * len(prompts), dtype=torch.float32)
+    return unet_conditioning(emb, teacher.family)
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_sd1_dir):
+    return load_teacher(str(tiny_sd1_dir), dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_sdxl_dir):
+    return load_teacher(str(tiny_sdxl_dir), dtype="float32")
+
+
+def test_teacher_family_and_prediction_type(sd1, sdxl, tmp_path):
+    assert (sd1.family, sd1.prediction_type) == ("sd1", "epsilon")
+    assert sdxl.family == "sdxl" and sdxl.text_encoder_2 is not None
+    emb = encode_prompts(sdxl, ["a red circle", "two blue squares"])
+    assert emb["prompt_embeds"].shape == (2, 77, 64) and emb["pooled"].shape == (2, 32)
+    # v-prediction is read from the scheduler config
+    from models.tiny import tiny_sd1_pipeline
+
+    tiny_sd1_pipeline(prediction_type="v_prediction").save_pretrained(tmp_path / "v")
+    assert load_teacher(str(tmp_path / "v")).prediction_type == "v_prediction"
+
+
+def test_builtin_teacher_uri():
+    t = load_teacher("builtin:tiny-sd1", components=("unet",))
+    assert t.family == "sd1" and t.unet is not None and t.vae is None
+    with pytest.raises(ValueError, match="unknown builtin"):
+        load_teacher("builtin:nope")
+
+
+@pytest.mark.parametrize("which", ["sd1", "sdxl"])
+def test_identity_student_reproduces_teacher_exactly(which, request):
+    teacher = request.getfixturevalue(which)
+    spec = preset_spec("identity", teacher.unet.config)
+    student = build_student(teacher.unet, spec)
+    assert count_params(student) == count_params(teacher.unet)
+    x = torch.randn(2, 4, 16, 16)
+    t = torch.tensor([3, 700])
+    cond = _cond(teacher, ["a red circle", "a green star"])
+    with torch.no_grad():
+        assert torch.equal(student(x, t, **cond).sample, teacher.unet(x, t, **cond).sample)
+
+
+def test_published_parameter_counts_on_meta_device():
+    rows = {(r["teacher"], r["preset"]): r["params"] for r in preset_table({"sd1.5": SD15_UNET, "sdxl": SDXL_UNET})}
+    m = 1e6
+    assert round(rows["sd1.5", "identity"] / m, 1) == 859.5
+    assert round(rows["sd1.5", "bk-base"] / m, 1) == 579.4
+    assert round(rows["sd1.5", "bk-small"] / m, 1) == 482.3
+    assert round(rows["sd1.5", "bk-tiny"] / m, 1) == 323.4
+    assert round(rows["sdxl", "identity"] / 1e9, 2) == 2.57
+    assert round(rows["sdxl", "ssd-1b"] / 1e9, 1) == 1.3
+    assert round(rows["sdxl", "vega"] / 1e9, 2) == 0.75  # Segmind: 0.745B
+    # nothing was allocated: the counts came from meta tensors
+    assert next(meta_unet(SD15_UNET).parameters()).device.type == "meta"
+
+
+@pytest.mark.parametrize("preset", ["bk-base", "bk-small", "bk-tiny"])
+def test_sd1_students_save_and_generate_in_plain_diffusers(preset, sd1, tmp_path):
+    spec = preset_spec(preset, sd1.unet.config)
+    student = build_student(sd1.unet, spec)
+    out = save_student(student, sd1.source, tmp_path / preset, {"preset": preset})
+    unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
+    assert count_params(unet) == count_params(student) < count_params(sd1.unet)
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    img = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 64, 64, 3) and float(img.std()) > 0
+    # round trip: saved weights are the built student's
+    for (k, a), (_, b) in zip(student.state_dict().items(), unet.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert json.loads((out / "distillery.json").read_text())["preset"] == preset
+
+
+@pytest.mark.parametrize("preset", ["ssd-1b", "vega"])
+def test_sdxl_students_save_and_generate(preset, sdxl, tmp_path):
+    student = build_student(sdxl.unet, preset_spec(preset, sdxl.unet.config))
+    out = save_student(student, sdxl.source, tmp_path / preset, {"preset": preset})
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    img = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np").images
+    assert img.shape == (1, 64, 64, 3)
+    assert pipe.unet.config.mid_block_type == "UNetMidBlock2D"
+
+
+@pytest.mark.parametrize(
+    "which,preset,level",
+    [("sd1", "bk-small", "block"), ("sd1", "bk-tiny", "layer"), ("sd1", "bk-base", "block"),
+     ("sdxl", "ssd-1b", "layer"), ("sdxl", "vega", "block")],
+)
+def test_kd_steps_lower_the_loss_and_features_match(which, preset, level, request):
+    teacher = request.getfixturevalue(which)
+    spec = preset_spec(preset, teacher.unet.config)
+    student = build_student(teacher.unet, spec)
+    pairs = feature_pairs(student, teacher.unet, spec, level)
+    attn = attention_pairs(student, teacher.unet, spec)
+    torch.manual_seed(0)
+    latents = torch.randn(4, 4, 16, 16)
+    cond = _cond(teacher, ["a red circle", "a blue square", "two green stars", "a yellow triangle"])
+    # every mapped pair has the same shape
+    with Taps(student, [s for s, _ in pairs]) as st, Taps(teacher.unet, [t for _, t in pairs]) as tt, torch.no_grad():
+        student(latents, torch.tensor([10] * 4), **cond)
+        teacher.unet(latents, torch.tensor([10] * 4), **cond)
+        for s, t in pairs:
+            assert st.features[s].shape == tt.features[t].shape, (s, t)
+    assert not st.features and not student._forward_hooks  # taps leave nothing behind
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    weights = KDWeights(task=1.0, out=1.0, feat=1.0, attn=1.0)
+    losses = []
+    for _ in range(8):
+        noisy, t, target = diffusion_batch(teacher.scheduler, latents, teacher.prediction_type,
+                                           torch.Generator().manual_seed(1))  # same batch each step
+        parts = kd_loss(student, teacher.unet, noisy, t, cond, target, weights, pairs, attn)
+        opt.zero_grad()
+        parts["loss"].backward()
+        opt.step()
+        losses.append(parts["loss"].item())
+    assert losses[-1] < losses[0] * 0.9, losses
+    assert parts["feat"] > 0 and parts["out"] > 0 and parts["attn"] > 0
+    assert all(p.grad is None for p in teacher.unet.parameters())
+
+
+def test_bad_specs_fail_with_clear_errors(sd1, sdxl):
+    with pytest.raises(ValueError, match="for SD 1.x/2.x teachers"):
+        preset_spec("bk-small", sdxl.unet.config)
+    with pytest.raises(ValueError, match="for SDXL teachers"):
+        preset_spec("ssd-1b", sd1.unet.config)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_spec("bk-huge", sd1.unet.config)
+    with pytest.raises(ValueError, match="drop_inner=4"):
+        student_config(sd1.unet.config, RemovalSpec(down=[], up=[], drop_inner=4))
+    with pytest.raises(ValueError, match="5 down and 4 up stages"):
+        student_config(sd1.unet.config, RemovalSpec(down=[[0]] * 5, up=[[0, 2]] * 4))
+    with pytest.raises(ValueError, match="down stage 1: kept layers \\[2\\]"):
+        student_config(sd1.unet.config, RemovalSpec(down=[[0], [2], [0], [0]], up=[[0, 2]] * 4))
+    with pytest.raises(ValueError, match="one more layer than its down stage"):
+        student_config(sd1.unet.config, RemovalSpec(down=[[0]] * 4, up=[[0, 1, 2]] * 4))
+    with pytest.raises(ValueError, match="teacher's last layer"):
+        build_student(sd1.unet, RemovalSpec(down=[[0]] * 4, up=[[0, 1]] * 4))
+    with pytest.raises(ValueError, match="unknown removal spec fields"):
+        resolve_spec(sd1.unet.config, spec={"down": [[0]] * 4, "up": [[0, 2]] * 4, "middle": False})
+
+
+def test_custom_spec_builds(sd1):
+    # keep both down layers in the outer stage, one elsewhere; no mid block
+    spec = resolve_spec(sd1.unet.config, spec={"down": [[0, 1], [0], [0], [1]], "up": [[0, 2]] * 3 + [[0, 1, 2]],
+                                               "mid": "none"})
+    student = build_student(sd1.unet, spec)
+    assert list(student.config.layers_per_block) == [2, 1, 1, 1]
+    out = student(torch.randn(1, 4, 16, 16), torch.tensor([5]), **_cond(sd1, ["a red star"])).sample
+    assert out.shape == (1, 4, 16, 16)
