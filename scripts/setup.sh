@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# Install the project and its test tools into the active Python environment (a venv).
-# torch 2.14.1 + torchvision 0.29.1 first: pip takes them from the machine's wheel cache where there is
-# one; DeepSpeed builds its wheel against that torch, so it installs without build isolation.
+# Make .venv (if missing) and install the project with its test tools. Idempotent: a second run with the
+# same pyproject.toml does nothing. torch 2.14.1 + torchvision 0.29.1 come first (pip takes them from the
+# machine's wheel cache where there is one; torch-fidelity imports torchvision); DeepSpeed builds its
+# wheel against that torch, so it installs without build isolation.
 set -euo pipefail
-pip install -q --upgrade pip
-pip install -q torch==2.14.1 torchvision==0.29.1
-pip install -q --no-build-isolation deepspeed==0.19.8
-pip install -q -e '.[dev]'
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+  .venv/bin/pip install -q --no-build-isolation deepspeed==0.19.8
+  .venv/bin/pip install -q -e '.[dev]'
+  touch "$stamp"
+fi
