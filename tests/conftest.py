@@ -57,12 +57,14 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(s3_server, mlflow_server):
+    """A local Ray with 2 CPUs whose workers see the local S3 and MLflow servers (started first, so
+    their addresses and credentials are in the environment the workers inherit)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"DISTILLERY_CACHE": os.environ["DISTILLERY_CACHE"]}})
+        env = {k: os.environ[k] for k in [*s3_server.env, *mlflow_server.env, "DISTILLERY_CACHE"]}
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
 

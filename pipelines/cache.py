@@ -1,0 +1,92 @@
+"""The embedding cache that the data stage writes and the training stages read.
+
+Layout under the cache URI: train/*.parquet and val/*.parquet (one row per sample: key, caption, split,
+latent_mean+latent_std or latent, prompt_embeds, and for SDXL pooled+time_ids; tensors as Ray's Arrow
+tensor extension type, so ray.data.read_parquet gives numpy arrays back) and manifest.json, written last.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.storage import exists, filesystem, join, read_bytes, write_bytes, write_file
+
+if TYPE_CHECKING:
+    import torch
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+
+
+def read_manifest(uri: str) -> dict | None:
+    """The cache's manifest, or None when there is none (never prepared, or still being written)."""
+    path = join(uri, MANIFEST)
+    if not exists(path):
+        return None
+    manifest = json.loads(read_bytes(path))
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(
+            f"{path}: cache schema version {manifest.get('schema_version')} but this code reads "
+            f"{SCHEMA_VERSION}; prepare the data again into a new data.output"
+        )
+    return manifest
+
+
+def write_manifest(uri: str, manifest: dict) -> None:
+    write_bytes(join(uri, MANIFEST), json.dumps(manifest, indent=2).encode())
+
+
+def _tensor_column(arrays: list[np.ndarray]) -> pa.ExtensionArray:
+    from ray.data.extensions import ArrowTensorArray
+
+    return ArrowTensorArray.from_numpy(np.stack(arrays).astype(np.float32, copy=False))
+
+
+def write_rows(uri: str, columns: dict[str, list], fs: Any = None) -> int:
+    """Write one parquet file of cache rows; lists of numpy arrays (same shape) become tensor columns.
+    With `fs` (a pyarrow filesystem), `uri` is a path inside it."""
+    table = pa.table(
+        {
+            name: _tensor_column(values) if values and isinstance(values[0], np.ndarray) else values
+            for name, values in columns.items()
+        }
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    if fs is None:
+        fs, uri = filesystem(uri)
+    write_file(fs, uri, buf.getvalue())
+    return table.num_rows
+
+
+def _as_tensor(x: Any) -> torch.Tensor:
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.float()
+    x = np.asarray(x)
+    if x.dtype == object:  # a column of separately stored arrays
+        x = np.stack(list(x))
+    return torch.from_numpy(np.ascontiguousarray(x)).float()
+
+
+def sample_latents(batch: dict, manifest: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scaled latents (B, 4, h, w) for the U-Net from a cache batch of either form.
+
+    "dist": draw mean + std * noise from the cached (unscaled) distribution, then scale;
+    "sample": the cached latent, already scaled.
+    """
+    import torch
+
+    if manifest["latents"] == "sample":
+        return _as_tensor(batch["latent"])
+    mean, std = _as_tensor(batch["latent_mean"]), _as_tensor(batch["latent_std"])
+    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+    return (mean + std * noise) * float(manifest["vae_scaling_factor"])

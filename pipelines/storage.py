@@ -1,0 +1,111 @@
+"""URIs (local paths and s3://) as pyarrow filesystems, small file helpers, and the one way stages get Ray.
+
+S3 endpoint and credentials come from the standard AWS environment and config files (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, profiles); we only read the endpoint so that it travels with the pickled filesystem
+to Ray workers that may not have it in their environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from typing import Any
+
+import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path, file:// or s3:// URI."""
+    if uri.startswith("s3://"):
+        kw: dict[str, Any] = {}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            kw["endpoint_override"] = endpoint
+            kw["scheme"] = "https" if endpoint.startswith("https") else "http"
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            kw["region"] = region
+        return pafs.S3FileSystem(**kw), uri[len("s3://") :].rstrip("/")
+    if is_remote(uri):
+        return pafs.FileSystem.from_uri(uri)
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def list_files(uri: str) -> list[str]:
+    """All files under a folder URI (recursively), as paths relative to it, sorted; a file URI lists itself."""
+    fs, root = filesystem(uri)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri}: no such file or folder")
+    if info.type == pafs.FileType.File:
+        return [""]
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return sorted(i.path[len(root) + 1 :] for i in infos if i.type == pafs.FileType.File)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file so that readers never see half of it: S3 puts are atomic; locally we rename."""
+    write_file(*filesystem(uri), data)
+
+
+def write_file(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """write_bytes with a filesystem made elsewhere (Ray workers get the driver's, endpoint included)."""
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    else:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def delete_dir(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def ensure_ray(cfg: Any) -> Any:
+    """The Ray every stage uses: the one already initialized, else cfg.ray.address or RAY_ADDRESS (a cluster,
+    `ray job submit`), else a local Ray with cfg.ray.num_cpus."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    kw: dict[str, Any] = {"include_dashboard": cfg.ray.include_dashboard}
+    if cfg.ray.runtime_env:
+        kw["runtime_env"] = cfg.ray.runtime_env
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, **kw)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, **kw)
+    return ray

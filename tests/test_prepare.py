@@ -1,0 +1,257 @@
+"""The data stage: pure per-row functions without Ray, then the stage through Ray on generated datasets in
+the three formats (on the local S3 server, one on a local path), with bad rows, tiny teachers, reruns."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from datasets import caption, encode, good_image, make_samples, picture
+from PIL import Image
+
+from pipelines import prepare
+from pipelines.cache import read_manifest, sample_latents
+from pipelines.config import parse_config
+from pipelines.storage import filesystem, join, list_files
+from pipelines.writers import image_ext, write_samples
+
+# ---------------------------------------------------------------------------------------------- pure
+
+
+def test_decode_handles_modes_and_exif():
+    # good_image cycles: JPEG, RGBA, palette, CMYK, 16-bit, EXIF-rotated 64x96, 96x64, WEBP 64x80
+    sizes = []
+    for i in range(8):
+        img, (h, w) = prepare.decode_image(good_image(i))
+        assert img.mode == "RGB"
+        assert img.size == (w, h)
+        sizes.append((h, w))
+    assert sizes[5] == (64, 96)  # stored 96 high and 64 wide, rotated upright by EXIF orientation 6
+    assert sizes[6] == (64, 96) and sizes[7] == (80, 64)
+    # 16-bit values are scaled, not clipped to white
+    img, _ = prepare.decode_image(good_image(4))
+    assert np.asarray(img).max() < 255 and np.asarray(img).mean() > 10
+    # alpha is composited on white: a fully transparent image comes out white
+    clear = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    img, _ = prepare.decode_image(encode(clear, "PNG"))
+    assert np.asarray(img).min() == 255
+
+
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (b"", "empty_file"),
+        (encode(picture(1), "JPEG")[:400], "truncated"),
+        (b"not an image at all", "undecodable"),
+    ],
+)
+def test_decode_bad_bytes(data, reason):
+    with pytest.raises(prepare.Skip) as err:
+        prepare.decode_image(data)
+    assert err.value.reason == reason
+
+
+def test_preprocess_crop_and_normalize():
+    img = picture(3, 96, 64)
+    a, (top, left) = prepare.preprocess(img, 32, "center")
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+    assert (top, left) == (0, 8)  # 96x64 → 48x32, centered crop
+    r1 = prepare.preprocess(img, 32, "random", key="k", seed=1)[1]
+    assert r1 == prepare.preprocess(img, 32, "random", key="k", seed=1)[1]  # the same key crops the same way
+    x = prepare.to_model_input(a[None])
+    assert tuple(x.shape) == (1, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    assert x.min() < -0.2 and x.max() > 0.2  # a real range, not squashed
+    # buckets: about resolution² pixels, the nearest aspect ratio wins
+    buckets = prepare.aspect_buckets(64)
+    assert (64, 64) in buckets and all(0.7 < w * h / 64**2 < 1.3 for w, h in buckets)
+    bw, bh = prepare.nearest_bucket(96, 64, buckets)
+    assert bw > bh
+    a, _ = prepare.preprocess(img, 64, bucket=(bw, bh))
+    assert a.shape == (bh, bw, 3)
+
+
+def test_split_and_filters():
+    keys = [f"k{i}" for i in range(2000)]
+    splits = [prepare.split_of(k, 0.2, seed=0) for k in keys]
+    assert splits == [prepare.split_of(k, 0.2, seed=0) for k in keys]
+    assert 0.15 < splits.count("val") / len(keys) < 0.25
+    assert splits != [prepare.split_of(k, 0.2, seed=1) for k in keys]
+    cfg = parse_config({"data": {"min_caption_chars": 3, "max_caption_chars": 10, "min_score": 5}}).data
+    assert prepare.caption_skip(None, cfg) == "missing_caption"
+    assert prepare.caption_skip("  ", cfg) == "missing_caption"
+    assert prepare.caption_skip("ab", cfg) == "caption_too_short"
+    assert prepare.caption_skip("a" * 11, cfg) == "caption_too_long"
+    assert prepare.caption_skip("a cat", cfg) is None
+    assert prepare.score_skip(4.9, cfg) == "low_score" and prepare.score_skip(float("nan"), cfg) == "missing_score"
+    assert prepare.score_skip(7.5, cfg) is None
+    # duplicates: the smallest key of an image is kept; a repeated key keeps one fingerprint
+    dropped, winner, ambiguous = prepare.plan_duplicates(
+        [("b", "f1", "h1"), ("a", "f2", "h1"), ("c", "f3", "h3"), ("c", "f4", "h4"), ("d", "f5", "h5"),
+         ("d", "f5", "h5")],
+        dedup=True,
+    )
+    assert dropped == {"b"} and winner == {"c": "f3", "d": "f5"} and ambiguous == {"d"}
+
+
+# ---------------------------------------------------------------------------------------------- stage
+
+
+def _cfg(source: str, output: str, teacher: str, **data):
+    tree = {"teacher": {"uri": teacher},
+            "data": {"source": source, "output": output, "min_side": 32, "val_fraction": 0.25,
+                     "embed_batch_size": 16, **data}}
+    return parse_config(tree)
+
+
+def _read_cache(output: str) -> dict:
+    import ray
+
+    ds = ray.data.read_parquet(join(output, "train"), filesystem=filesystem(output)[0]).union(
+        ray.data.read_parquet(join(output, "val"), filesystem=filesystem(output)[0])
+    )
+    return ds.take_batch(10_000, batch_format="numpy")
+
+
+def _check_rows(batch: dict, manifest: dict, good: int):
+    n = len(batch["key"])
+    assert n == good == sum(manifest["rows"].values())
+    assert len(set(batch["key"])) == n
+    for k, s in zip(batch["key"], batch["split"]):
+        assert s == prepare.split_of(k, 0.25, seed=0)
+    assert (batch["split"] == "val").sum() == manifest["rows"]["val"] > 0
+    assert all(c.strip() for c in batch["caption"])
+
+
+def test_imagefolder_s3_bad_rows_rerun_resume(s3_server, ray_local, s3_bucket, tiny_sd1_dir):
+    samples, good, skipped = make_samples(n_good=32)  # 40 rows, 20% bad
+    src, out = f"{s3_bucket}/raw", f"{s3_bucket}/cache"
+    assert write_samples(src, "imagefolder", samples) == 40
+    assert any(f.endswith(".txt") for f in list_files(src))
+    cfg = _cfg(src, out, str(tiny_sd1_dir), rows_per_file=8)  # several files per split
+
+    result = prepare.run(cfg)
+    assert result["status"] == "prepared" and result["new_rows"] == 32
+    manifest = read_manifest(out)
+    assert manifest["complete"] and manifest["skipped"] == skipped
+    assert manifest["family"] == "sd1" and manifest["latent_shape"] == [4, 16, 16]
+    assert manifest["embed_shape"] == [77, 32] and manifest["pooled_dim"] is None
+    batch = _read_cache(out)
+    _check_rows(batch, manifest, len(good))
+    assert set(batch["key"]) == {f"{k}.{image_ext(good_image(int(k[3:])))}" for k in good}
+    assert batch["latent_mean"].shape == (32, 4, 16, 16) and batch["latent_mean"].dtype == np.float32
+    assert batch["latent_std"].shape == (32, 4, 16, 16) and (batch["latent_std"] > 0).all()
+    assert batch["prompt_embeds"].shape == (32, 77, 32) and batch["prompt_embeds"].dtype == np.float32
+    lat = sample_latents(batch, manifest)
+    assert tuple(lat.shape) == (32, 4, 16, 16)
+
+    # same config, complete output: nothing is done, nothing rewritten
+    before = list_files(out)
+    assert prepare.run(cfg)["status"] == "already complete"
+    assert list_files(out) == before
+
+    # an unfinished cache (no manifest, a shard lost) is finished, not redone
+    fs, root = filesystem(out)
+    fs.delete_file(f"{root}/manifest.json")
+    lost = [f for f in before if f.startswith("val/")][0]
+    n_lost = len(_read_cache_file(out, lost))
+    fs.delete_file(f"{root}/{lost}")
+    result = prepare.run(cfg)
+    assert result["status"] == "prepared" and result["new_rows"] == n_lost
+    assert read_manifest(out)["rows"] == manifest["rows"] and read_manifest(out)["skipped"] == skipped
+
+    # another config into the same output is refused, naming the output
+    with pytest.raises(ValueError, match="another data/teacher config"):
+        prepare.run(_cfg(src, out, str(tiny_sd1_dir), resolution=32))
+
+
+def _read_cache_file(output: str, rel: str) -> list:
+    import pyarrow.parquet as pq
+
+    fs, root = filesystem(output)
+    return pq.read_table(fs.open_input_file(f"{root}/{rel}"), columns=["key"]).column("key").to_pylist()
+
+
+def test_parquet_s3_scores_and_sampled_latents(s3_server, ray_local, s3_bucket, tiny_sd1_dir):
+    samples, good, skipped = make_samples(n_good=16, extras=True)
+    # an exact copy (bytes and caption) of a good row: with content-hash keys it has the same key
+    samples.append(("copy", good_image(1), caption(1), {"aesthetic": 8.0}))
+    skipped["duplicate"] += 1
+    src, out = f"{s3_bucket}/laion", f"{s3_bucket}/cache"
+    write_samples(src, "parquet", samples, shard_size=10)
+    assert len(list_files(src)) == 3
+    cfg = _cfg(src, out, str(tiny_sd1_dir), score_column="aesthetic", min_score=5.0, latents="sample")
+    prepare.run(cfg)
+    manifest = read_manifest(out)
+    assert manifest["skipped"] == skipped and manifest["format"] == "parquet"
+    batch = _read_cache(out)
+    _check_rows(batch, manifest, len(good))
+    assert "latent_mean" not in batch and batch["latent"].shape == (len(good), 4, 16, 16)
+    # a scaled sample: mean times the scaling factor plus noise, not the raw mean
+    assert sample_latents(batch, manifest).shape == (len(good), 4, 16, 16)
+    keys = {prepare.content_hash(good_image(int(k[3:]))) for k in good}
+    assert set(batch["key"]) == keys
+
+
+def test_webdataset_local_path(ray_local, tmp_path, tiny_sd1_dir):
+    samples, good, skipped = make_samples(n_good=16)
+    src, out = str(tmp_path / "wds"), str(tmp_path / "cache")
+    write_samples(src, "webdataset", samples, shard_size=12)
+    assert sorted(list_files(src)) == ["shard-00000.tar", "shard-00001.tar"]
+    prepare.run(_cfg(src, out, str(tiny_sd1_dir), crop="random"))
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["skipped"] == skipped and manifest["format"] == "webdataset"
+    batch = _read_cache(out)
+    _check_rows(batch, manifest, len(good))
+    assert all(k.startswith("shard-0000") for k in batch["key"])
+
+
+def test_sdxl_buckets_time_ids(s3_server, ray_local, s3_bucket, tiny_sdxl_dir):
+    samples = [(f"img{i:02d}", good_image(i), caption(i), {"src": "gen"}) for i in range(8)]
+    samples.append(("wide", encode(picture(99, 128, 64), "PNG"), "a wide picture", {}))
+    src, out = f"{s3_bucket}/raw", f"{s3_bucket}/cache"
+    write_samples(src, "imagefolder", samples)  # extras: captions in metadata.jsonl
+    assert "metadata.jsonl" in list_files(src)
+    prepare.run(_cfg(src, out, str(tiny_sdxl_dir), aspect_buckets=True, val_fraction=0.0))
+    manifest = read_manifest(out)
+    assert manifest["family"] == "sdxl" and manifest["pooled_dim"] == 32 and manifest["embed_shape"] == [77, 64]
+    assert manifest["rows"] == {"train": 9, "val": 0} and manifest["skipped"] == {}
+    import pyarrow.parquet as pq
+
+    fs, root = filesystem(out)
+    rows = {}
+    for f in list_files(join(out, "train")):
+        t = pq.read_table(fs.open_input_file(f"{root}/train/{f}")).to_pylist()
+        rows.update({r["key"]: r for r in t})
+    wide = rows["wide.png"]
+    w, h = map(int, wide["bucket"].split("x"))
+    assert w > h and w * h <= 64 * 64 * 1.3
+    assert np.asarray(wide["latent_mean"]).shape == (4, h // 4, w // 4)
+    assert np.asarray(wide["prompt_embeds"]).shape == (77, 64) and np.asarray(wide["pooled"]).shape == (32,)
+    t = np.asarray(wide["time_ids"])
+    assert t.dtype == np.float32 and t.shape == (6,)
+    assert list(t[:2]) == [64, 128] and list(t[4:]) == [h, w]  # original (h, w) ... target (h, w)
+    rotated = rows["img05.jpg"]  # stored 64 wide and 96 high; upright (EXIF orientation 6) it is 96 wide
+    assert list(np.asarray(rotated["time_ids"])[:2]) == [64, 96]
+    assert (rotated["height"], rotated["width"]) == (64, 96)
+
+
+def test_bad_source_errors(tmp_path):
+    with pytest.raises(ValueError, match="data.source is not set"):
+        prepare.read_rows(parse_config({}).data)
+    (tmp_path / "notes.md").write_text("hi")
+    with pytest.raises(ValueError, match="cannot tell the dataset format"):
+        prepare.read_rows(parse_config({"data": {"source": str(tmp_path)}}).data)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        prepare.read_rows(parse_config({"data": {"source": str(tmp_path / "missing")}}).data)
+    # a parquet without the configured caption column: the error names the column
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image": [b"x"], "text": ["a"]}), buf)
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "a.parquet").write_bytes(buf.getvalue())
+    with pytest.raises(ValueError, match="caption"):
+        prepare.read_rows(parse_config({"data": {"source": str(tmp_path / "p")}}).data)
