@@ -1,0 +1,47 @@
+"""`distillery run CONFIG`: the job entrypoint. Runs the config's stages in order, one after another.
+
+Each stage module (pipelines.cli.STAGE_MODULES) owns its idempotence: a stage whose output is already
+complete returns quickly, so rerunning a job after a failure resumes where it stopped. "serve" blocks
+until the server is stopped, so it always runs last.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from typing import Any
+
+from pipelines.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def stage_order(stages: list[str]) -> list[str]:
+    """The stages to run: the config's order, each once, with "serve" (which blocks) moved to the end."""
+    order = list(dict.fromkeys(stages))
+    if "serve" in order and order[-1] != "serve":
+        log.warning("stages: 'serve' blocks, so it runs last (after %s)", ", ".join(s for s in order if s != "serve"))
+        order = [s for s in order if s != "serve"] + ["serve"]
+    return order
+
+
+def run_all(cfg: Config) -> dict[str, Any]:
+    """Run every stage of cfg.stages; returns {stage: what its run(cfg) returned}. A failing stage raises,
+    naming the stage, and the stages after it do not run."""
+    from pipelines.cli import STAGE_MODULES
+
+    order = stage_order(list(cfg.stages))
+    results: dict[str, Any] = {}
+    t_all = time.perf_counter()
+    for i, name in enumerate(order, 1):
+        log.info("stage %d/%d %s: start", i, len(order), name)
+        t0 = time.perf_counter()
+        try:
+            results[name] = importlib.import_module(STAGE_MODULES[name]).run(cfg)
+        except Exception as err:
+            log.error("stage %d/%d %s: failed after %.1fs: %s", i, len(order), name, time.perf_counter() - t0, err)
+            raise
+        log.info("stage %d/%d %s: done in %.1fs", i, len(order), name, time.perf_counter() - t0)
+    log.info("run %s: %d stage(s) done in %.1fs", cfg.name, len(order), time.perf_counter() - t_all)
+    return results
