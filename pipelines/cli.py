@@ -39,6 +39,11 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
+    if getattr(args, "write_config", None):
+        from serving.app import write_serve_config
+
+        print(f"wrote {write_serve_config(cfg, args.write_config)} (for `serve deploy` or a RayService)")
+        return 0
     result = _stage(args.command).run(cfg)
     print(json.dumps(result, indent=2, default=str))
     return 0
@@ -91,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=text)
         sp.add_argument("config")
         with_overrides(sp)
+        if name == "serve":
+            sp.add_argument("--write-config", metavar="FILE",
+                            help="write the Serve config (serve deploy / RayService serveConfigV2) and exit")
         sp.set_defaults(func=cmd_stage)
 
     r = sub.add_parser("run", help="run the config's stages in order, skipping finished ones")

@@ -5,6 +5,10 @@
 # wheel against that torch, so it installs without build isolation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# headless Chromium for the web-page test (Debian packages); needs root, skipped otherwise
+if ! command -v chromedriver >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$stamp" ]; then

@@ -1,0 +1,125 @@
+"""Request and response shapes of the HTTP API: the OpenAI Images API (POST /v1/images/generations with
+prompt, n, size, response_format=b64_json) plus negative_prompt, num_inference_steps, guidance_scale and
+seed. Validation happens here, where requests enter: a bad request becomes an `ApiError` with a 4xx
+status and a message naming the field and what was wrong, in OpenAI's error shape."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from pipelines.config import ServeConfig
+
+MAX_SEED = 2**63 - 1
+MAX_GUIDANCE = 50.0
+
+
+class ApiError(Exception):
+    """A request the server refuses; becomes {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str = "invalid_request"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict[str, Any]:
+        kind = "authentication_error" if self.status == 401 else (
+            "invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+class ImageRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: StrictStr
+    n: StrictInt = 1
+    size: StrictStr | None = None  # "WIDTHxHEIGHT", one of serve.sizes; default the first
+    response_format: Literal["b64_json"] = "b64_json"
+    negative_prompt: StrictStr | None = None
+    num_inference_steps: StrictInt | None = None
+    guidance_scale: StrictFloat | StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
+    # accepted for OpenAI client compatibility; the server has one model
+    model: StrictStr | None = None
+    user: StrictStr | None = None
+    quality: StrictStr | None = None
+    style: StrictStr | None = None
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    seed: int  # generating again with this seed gives this image
+
+
+class ImageResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    model: str
+    latency_ms: float
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str = "distillery"
+    version: int | None = None
+    alias: str | None = None
+    teacher: str | None = None
+    preset: str | None = None
+    source: str
+
+
+def _describe(err: ValidationError) -> tuple[str, str | None]:
+    parts, first = [], None
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(body)"
+        first = first or where
+        if e["type"] == "missing":
+            parts.append(f"'{where}' is required")
+        elif e["type"] == "extra_forbidden":
+            parts.append(f"'{where}' is not a known field")
+        else:
+            got = e.get("input")
+            shown = json.dumps(got)[:60] if isinstance(got, (str, int, float, bool, type(None))) else type(got).__name__
+            parts.append(f"'{where}': {e['msg']} (got {shown})")
+    return "; ".join(parts), first
+
+
+def parse_request(raw: bytes, cfg: ServeConfig) -> ImageRequest:
+    """Validate a request body against the schema and the configured limits."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    try:
+        req = ImageRequest.model_validate(body)
+    except ValidationError as err:
+        msg, param = _describe(err)
+        raise ApiError(400, msg, param) from None
+    if not req.prompt.strip():
+        raise ApiError(400, "'prompt' is empty", "prompt")
+    if len(req.prompt) > cfg.max_prompt_chars:
+        raise ApiError(400, f"'prompt' has {len(req.prompt)} characters; the limit is {cfg.max_prompt_chars}",
+                       "prompt")
+    if req.negative_prompt is not None and len(req.negative_prompt) > cfg.max_prompt_chars:
+        raise ApiError(400, f"'negative_prompt' has {len(req.negative_prompt)} characters; the limit is "
+                            f"{cfg.max_prompt_chars}", "negative_prompt")
+    if not 1 <= req.n <= cfg.max_n:
+        raise ApiError(400, f"'n' must be between 1 and {cfg.max_n} (got {req.n})", "n")
+    if req.size is not None and req.size not in cfg.sizes:
+        raise ApiError(400, f"'size' {req.size!r} is not supported; choose one of {', '.join(cfg.sizes)}", "size")
+    if req.num_inference_steps is not None and not 1 <= req.num_inference_steps <= cfg.max_steps:
+        raise ApiError(400, f"'num_inference_steps' must be between 1 and {cfg.max_steps} "
+                            f"(got {req.num_inference_steps})", "num_inference_steps")
+    if req.guidance_scale is not None and not 0 <= req.guidance_scale <= MAX_GUIDANCE:
+        raise ApiError(400, f"'guidance_scale' must be between 0 and {MAX_GUIDANCE:g} (got {req.guidance_scale})",
+                       "guidance_scale")
+    return req
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    w, _, h = size.partition("x")
+    return int(w), int(h)

@@ -1,0 +1,131 @@
+"""The register stage against a real MLflow server (SQLite registry): champion/challenger aliases, tags,
+idempotent reruns, logging into the distill run, and the registered model loading back and generating."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import uuid
+
+import mlflow
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipelines import registry
+from pipelines.config import parse_config
+
+
+def _cfg(tmp_path, server, **registry_kw):
+    return parse_config({
+        "work_dir": str(tmp_path / "work"),
+        "mlflow": {"tracking_uri": server.url, "experiment": "test-registry"},
+        "registry": {"model_name": f"student-{uuid.uuid4().hex[:8]}", **registry_kw},
+    })
+
+
+@pytest.fixture(scope="module")
+def student_dir(tiny_sd1_dir, tmp_path_factory):
+    """The tiny pipeline as a student folder, with the distillery.json a distill stage writes."""
+    d = tmp_path_factory.mktemp("student") / "pipe"
+    shutil.copytree(tiny_sd1_dir, d)
+    (d / "distillery.json").write_text(json.dumps({"teacher": "builtin:tiny-sd1", "preset": "identity",
+                                                   "family": "sd1", "config_hash": "abc123"}))
+    return d
+
+
+def test_worse_second_model_keeps_champion(mlflow_server, student_dir, tmp_path):
+    cfg = _cfg(tmp_path, mlflow_server)
+    first = registry.register_student(student_dir, {"fid_student_vs_teacher": 10.0, "clip_score_student": 0.3}, cfg)
+    assert (first["version"], first["alias"]) == (1, "champion")
+    second = registry.register_student(student_dir, {"fid_student_vs_teacher": 12.5}, cfg)
+    assert (second["version"], second["alias"], second["champion_version"]) == (2, "challenger", 1)
+
+    client = mlflow.MlflowClient(mlflow_server.url)
+    name = cfg.registry.model_name
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
+    assert client.get_model_version_by_alias(name, "challenger").version == "2"
+    tags = client.get_model_version(name, "1").tags
+    assert tags["teacher"] == "builtin:tiny-sd1" and tags["preset"] == "identity"
+    assert tags["config_hash"] == "abc123"
+    assert float(tags["metric.fid_student_vs_teacher"]) == 10.0 and float(tags["metric.clip_score_student"]) == 0.3
+
+    # a better one takes the alias; with mode=max the comparison flips
+    third = registry.register_student(student_dir, {"fid_student_vs_teacher": 4.0}, cfg)
+    assert third["alias"] == "champion" and client.get_model_version_by_alias(name, "champion").version == "3"
+    cfg.registry.mode = "max"
+    fourth = registry.register_student(student_dir, {"fid_student_vs_teacher": 3.0}, cfg)
+    assert fourth["alias"] == "challenger"
+
+
+def test_rerun_is_idempotent(mlflow_server, student_dir, tmp_path):
+    cfg = _cfg(tmp_path, mlflow_server)
+    a = registry.register_student(student_dir, {"fid_student_vs_teacher": 7.0}, cfg)
+    b = registry.register_student(student_dir, {"fid_student_vs_teacher": 7.0}, cfg)
+    assert b["skipped"] and b["version"] == a["version"] and b["alias"] == "champion"
+    versions = mlflow.MlflowClient(mlflow_server.url).search_model_versions(f"name = '{cfg.registry.model_name}'")
+    assert len(versions) == 1
+
+
+def test_registered_model_loads_and_generates(mlflow_server, student_dir, tmp_path):
+    cfg = _cfg(tmp_path, mlflow_server)
+    registry.register_student(student_dir, {"fid_student_vs_teacher": 1.0}, cfg)
+    uri = f"models:/{cfg.registry.model_name}@champion"
+
+    # the artifacts layout the serving stage relies on: a plain diffusers folder at artifacts/pipeline
+    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path / "dl"))
+    assert (tmp_path / "dl" / "artifacts" / "pipeline" / "model_index.json").is_file(), local
+
+    model = mlflow.pyfunc.load_model(uri)
+    assert model.metadata.signature.inputs.input_names()[0] == "prompt"
+    df = pd.DataFrame([
+        {"prompt": "a red circle", "num_inference_steps": 2, "seed": 1, "width": 64, "height": 64},
+        {"prompt": "a red circle", "num_inference_steps": 2, "seed": 1, "width": 64, "height": 64},
+        {"prompt": "a red circle", "num_inference_steps": 2, "seed": 2, "width": 64, "height": 64},
+    ])
+    out = model.predict(df)
+    imgs = list(out["image"])
+    assert len(imgs) == 3
+    assert Image.open(io.BytesIO(imgs[0])).size == (64, 64)
+    assert imgs[0] == imgs[1] and imgs[0] != imgs[2]  # same seed, same image
+
+    with pytest.raises(Exception, match="prompt"):
+        model.predict(pd.DataFrame([{"seed": 1}]))
+
+
+def test_logs_into_the_distill_run(mlflow_server, student_dir, tmp_path):
+    cfg = _cfg(tmp_path, mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server.url)
+    mlflow.set_experiment("test-registry")
+    with mlflow.start_run() as run:
+        pass
+    d = tmp_path / "pipe"
+    shutil.copytree(student_dir, d)
+    meta = json.loads((d / "distillery.json").read_text())
+    (d / "distillery.json").write_text(json.dumps({**meta, "mlflow_run_id": run.info.run_id}))
+    out = registry.register_student(d, {"fid_student_vs_teacher": 2.0}, cfg)
+    assert out["run_id"] == run.info.run_id
+    mv = mlflow.MlflowClient(mlflow_server.url).get_model_version(cfg.registry.model_name, str(out["version"]))
+    assert mv.run_id == run.info.run_id
+    assert mlflow.get_run(run.info.run_id).data.metrics["fid_student_vs_teacher"] == 2.0
+
+
+def test_run_reads_evaluation_metrics(mlflow_server, student_dir, tmp_path):
+    cfg = _cfg(tmp_path, mlflow_server)
+    cfg.evaluate.student = str(student_dir)
+    cfg.evaluate.output = str(tmp_path / "eval")
+    with pytest.raises(FileNotFoundError, match="metrics.json"):
+        registry.run(cfg)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps({"clip_score_student": 0.2, "speedup_step": 1.7}))
+    with pytest.raises(ValueError, match="fid_student_vs_teacher.*clip_score_student"):
+        registry.run(cfg)
+    cfg.registry.metric, cfg.registry.mode = "speedup_step", "max"
+    out = registry.run(cfg)
+    assert out["alias"] == "champion" and out["value"] == 1.7
+
+
+def test_not_a_pipeline_folder(mlflow_server, tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        registry.register_student(tmp_path, {"fid_student_vs_teacher": 1.0}, _cfg(tmp_path, mlflow_server))

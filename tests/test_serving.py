@@ -1,0 +1,229 @@
+"""The serve stage for real: the tiny model registered in a local MLflow server, served by Ray Serve on a
+local Ray, called over HTTP (and by headless Chromium for the web page). One app for the module, with an
+API key and small autoscaling thresholds; Serve is shut down at the end."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+from pipelines import local
+from pipelines.config import parse_config
+
+KEY = "test-key-" + uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, mlflow_server, tiny_sd1_dir, tmp_path_factory):
+    from ray import serve
+
+    from pipelines import registry
+    from serving import app
+
+    tmp = tmp_path_factory.mktemp("serving")
+    student = tmp / "student"
+    shutil.copytree(tiny_sd1_dir, student)
+    (student / "distillery.json").write_text(json.dumps({"teacher": "builtin:tiny-sd1", "preset": "identity"}))
+    (tmp / "key").write_text(KEY + "\n")
+    cfg = parse_config({
+        "work_dir": str(tmp / "work"),
+        "mlflow": {"tracking_uri": mlflow_server.url},
+        "registry": {"model_name": f"serve-{uuid.uuid4().hex[:8]}"},
+        "serve": {
+            "port": local.free_port(), "num_cpus": 0.2, "min_replicas": 1, "max_replicas": 2,
+            "target_ongoing_requests": 1, "upscale_delay_s": 0, "downscale_delay_s": 2, "look_back_period_s": 1,
+            "max_batch_size": 4, "batch_wait_timeout_s": 0.05, "max_ongoing_requests": 16,
+            "api_key_file": str(tmp / "key"), "sizes": ["64x64", "32x32"], "default_steps": 2, "max_steps": 20,
+            "max_n": 4, "max_prompt_chars": 200,
+        },
+    })
+    reg = registry.register_student(student, {"fid_student_vs_teacher": 1.0}, cfg)
+    url = app.start(cfg)
+    yield {"url": url, "cfg": cfg, "version": reg["version"], "name": cfg.registry.model_name}
+    serve.shutdown()
+
+
+def post(server, body, key=KEY, **kw):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return requests.post(server["url"] + "v1/images/generations", json=body, headers=headers, timeout=120, **kw)
+
+
+def images(resp) -> list[bytes]:
+    assert resp.status_code == 200, resp.text
+    return [base64.b64decode(d["b64_json"]) for d in resp.json()["data"]]
+
+
+def test_generate_and_seed(server):
+    body = {"prompt": "a red circle", "num_inference_steps": 2, "seed": 7}
+    a = images(post(server, body))
+    assert len(a) == 1 and Image.open(io.BytesIO(a[0])).size == (64, 64)
+    assert images(post(server, body)) == a  # a fixed seed gives the same image
+    assert images(post(server, {**body, "seed": 8})) != a
+    small = images(post(server, {**body, "size": "32x32", "guidance_scale": 1.0, "negative_prompt": "blue"}))
+    assert Image.open(io.BytesIO(small[0])).size == (32, 32)
+
+
+def test_n_images(server):
+    r = post(server, {"prompt": "a blue square", "n": 3, "num_inference_steps": 2, "seed": 100})
+    imgs = images(r)
+    assert len(imgs) == 3 and len(set(imgs)) == 3
+    assert [d["seed"] for d in r.json()["data"]] == [100, 101, 102]
+    # image i of a request with seed s is the image of seed s+i alone (up to batched float rounding)
+    alone = images(post(server, {"prompt": "a blue square", "num_inference_steps": 2, "seed": 101}))[0]
+    diff = np.abs(np.asarray(Image.open(io.BytesIO(alone)), np.int16) - np.asarray(Image.open(io.BytesIO(imgs[1]))))
+    assert diff.max() <= 2
+
+
+def test_serve_config(tiny_sd1_dir, tmp_path):
+    """The generated file is a valid Serve config whose builder makes the app (a folder model: no MLflow)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving import app
+
+    cfg = parse_config({"serve": {"model": str(tiny_sd1_dir), "min_replicas": 1, "max_replicas": 3,
+                                  "num_gpus": 1, "route_prefix": "/sd"}})
+    path = app.write_serve_config(cfg, tmp_path / "serve.yaml")
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    spec = schema.applications[0]
+    assert spec.import_path == "serving.app:app_builder" and spec.route_prefix == "/sd"
+    built = app.app_builder(spec.args)
+    opts = built._bound_deployment._deployment_config
+    assert opts.autoscaling_config.max_replicas == 3
+    assert built._bound_deployment.ray_actor_options["num_gpus"] == 1
+    with pytest.raises(ValueError, match="not a diffusers pipeline folder"):
+        app.resolve_model(parse_config({"serve": {"model": str(tmp_path)}}))
+
+
+def test_models_and_health(server):
+    r = requests.get(server["url"] + "v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    card = r.json()["data"][0]
+    assert card["name"] == server["name"] and card["version"] == server["version"]
+    assert card["alias"] == "champion" and card["teacher"] == "builtin:tiny-sd1" and card["preset"] == "identity"
+    assert requests.get(server["url"] + "healthz", timeout=30).json() == {"status": "ok"}
+    assert requests.get(server["url"] + "readyz", timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize("body,key,status,words", [
+    ({"n": 1}, KEY, 400, "'prompt' is required"),
+    ({"prompt": "x" * 5000}, KEY, 400, "5000 characters; the limit is 200"),
+    ({"prompt": "a", "n": 0}, KEY, 400, "'n' must be between 1 and 4"),
+    ({"prompt": "a", "n": 50}, KEY, 400, "'n' must be between 1 and 4"),
+    ({"prompt": "a", "size": "1024x1024"}, KEY, 400, "'size' '1024x1024' is not supported"),
+    ({"prompt": "a", "n": "two"}, KEY, 400, "'n'"),
+    ({"prompt": 5}, KEY, 400, "'prompt'"),
+    ({"prompt": "a", "num_inference_steps": 1000}, KEY, 400, "'num_inference_steps' must be between 1 and 20"),
+    ({"prompt": "a", "seed": -1}, KEY, 400, "'seed'"),
+    ({"prompt": "a", "colour": "red"}, KEY, 400, "'colour' is not a known field"),
+    ({"prompt": "a", "response_format": "url"}, KEY, 400, "'response_format'"),
+    ({"prompt": "a"}, None, 401, "missing API key"),
+    ({"prompt": "a"}, "wrong", 401, "invalid API key"),
+])
+def test_bad_requests(server, body, key, status, words):
+    r = post(server, body, key=key)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]["message"]
+
+
+def test_bad_bodies_then_good(server):
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    url = server["url"] + "v1/images/generations"
+    r = requests.post(url, data=b"{not json", headers=h, timeout=30)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = requests.post(url, data=b"[1, 2]", headers=h, timeout=30)
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+    r = requests.post(url, data=json.dumps({"prompt": "y" * 100_000}).encode(), headers=h, timeout=30)
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+    r = requests.get(server["url"] + "v2/nothing", timeout=30)
+    assert r.status_code == 404 and "no route" in r.json()["error"]["message"]
+    # the server is still up and serving
+    assert len(images(post(server, {"prompt": "still here", "num_inference_steps": 2}))) == 1
+
+
+def test_web_page(server, tmp_path):
+    if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
+        pytest.skip("chromium and chromium-driver are not installed (apt-get install -y chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--disable-component-update", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"):
+        opts.add_argument(a)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    try:
+        driver.get(server["url"])
+        driver.find_element(By.ID, "prompt").send_keys("a green triangle")
+        driver.find_element(By.ID, "apikey").send_keys(KEY)
+        steps = driver.find_element(By.ID, "steps")
+        steps.clear()
+        steps.send_keys("2")
+        driver.find_element(By.ID, "generate").click()
+        img = WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#images img.result"))[0]
+        assert img.get_attribute("src").startswith("data:image/png;base64,")
+        WebDriverWait(driver, 10).until(lambda d: d.execute_script("return arguments[0].naturalWidth", img) == 64)
+        assert " ms" in driver.find_element(By.ID, "status").text
+    finally:
+        driver.quit()
+
+
+def _replicas() -> dict[str, int]:
+    from ray import serve
+
+    from serving.app import APP_NAME
+
+    dep = serve.status().applications[APP_NAME].deployments["ImageServer"]
+    return {str(k.value if hasattr(k, "value") else k): v for k, v in dep.replica_states.items()}
+
+
+def _live(states: dict[str, int]) -> int:
+    return sum(v for k, v in states.items() if k != "STOPPING")
+
+
+def test_load_and_autoscaling(server):
+    assert _live(_replicas()) == 1
+    body = {"prompt": "load", "num_inference_steps": 2, "seed": 3}
+    with ThreadPoolExecutor(50) as pool:  # 50 concurrent requests, all succeed
+        codes = list(pool.map(lambda _: post(server, body).status_code, range(50)))
+    assert codes == [200] * 50
+
+    # keep the load on until the autoscaler adds the second replica, then stop and watch it go again
+    stop, grew = threading.Event(), False
+
+    def client():
+        while not stop.is_set():
+            post(server, {**body, "num_inference_steps": 8})
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not grew:
+            grew = _live(_replicas()) >= 2
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    assert grew, f"no second replica under load: {_replicas()}"
+    deadline = time.time() + 60
+    while time.time() < deadline and _live(_replicas()) > 1:
+        time.sleep(0.5)
+    assert _live(_replicas()) == 1, f"did not scale back down: {_replicas()}"
+    assert len(images(post(server, body))) == 1
