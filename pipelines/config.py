@@ -102,6 +102,8 @@ class LossConfig(Section):
 
 
 class DistillConfig(Section):
+    """pipelines/distill.py: Ray Train workers, DeepSpeed ZeRO, KD loss, validation, checkpoints, export."""
+
     cache: str | None = None  # default data.output
     encode_on_the_fly: bool = False  # read data.source and encode with the teacher (no cache)
     num_workers: int = Field(1, ge=1)
@@ -135,56 +137,130 @@ class DistillConfig(Section):
     sample_prompts: list[str] = Field(default_factory=lambda: ["a red circle on a blue background"])
     sample_seeds: list[int] = Field(default_factory=lambda: [0])
     sample_steps: int = Field(10, ge=1)
+    guidance_scale: float = Field(7.5, ge=0)  # sample grids (classifier-free guidance)
+    log_every: int = Field(10, ge=1)  # progress lines on the driver and train metrics to MLflow
+    run_name: str | None = None  # the Ray Train run under storage_path; default "{name}-distill"
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistillConfig:
+        if self.deepspeed and self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage 3 (got zero_stage {self.zero_stage})")
+        if self.deepspeed and self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (got zero_stage 0)")
+        if not self.deepspeed and (self.offload_params or self.offload_optimizer):
+            raise ValueError("offload_optimizer/offload_params need deepspeed: true")
+        if self.ema_decay is not None and self.deepspeed and self.zero_stage == 3:
+            raise ValueError("ema_decay is not supported with zero_stage 3 (the student's weights are sharded)")
+        if len(self.sample_seeds) not in (1, len(self.sample_prompts)):
+            raise ValueError(f"sample_seeds has {len(self.sample_seeds)} seeds for {len(self.sample_prompts)} "
+                             "sample_prompts: give one seed, or one per prompt")
+        return self
 
 
 class StepsConfig(Section):
-    """Step distillation (models/steps.py), run after (or instead of) block-removal KD."""
+    """Step distillation (models/steps.py), run after (or instead of) block-removal KD.
+
+    guided: stage 1 (w input, matches the teacher's CFG output) then `rounds` progressive halvings from
+    teacher_steps; progressive: `rounds` halvings of the student's own steps; consistency: LCM with a
+    skipping-step DDIM solver on the teacher's guided ODE. Each phase runs steps_per_round optimizer steps.
+    Workers, precision, ZeRO stage, checkpoints and the data cache are the distill section's."""
 
     objective: Literal["guided", "progressive", "consistency"] = "consistency"
-    student: str | None = None  # the model to step-distill; default distill.output
-    guidance_range: tuple[float, float] = (1.0, 8.0)
-    teacher_steps: int = Field(32, ge=2)  # DDIM steps of the solver / first progressive teacher
+    student: str | None = None  # the model to step-distill (a pipeline folder/URI); default distill.output
+    guidance_range: tuple[float, float] = (1.0, 8.0)  # w (diffusers guidance_scale) sampled in training
+    guidance_scale: float = Field(7.5, ge=1.0)  # the w recorded for sampling the exported student
+    teacher_steps: int = Field(32, ge=2)  # DDIM steps of the first progressive teacher
     rounds: int = Field(2, ge=1)  # progressive: each round halves the steps
     steps_per_round: int = Field(50, ge=1)
     lcm_skip: int = Field(20, ge=1)  # consistency: skipping-step of the DDIM solver (timesteps)
-    ema_decay: float = Field(0.95, gt=0, lt=1)
-    lora_rank: int | None = Field(None, ge=1)
+    lcm_steps: int = Field(4, ge=1)  # consistency: the sampling steps recorded for the exported student
+    huber_c: float | None = Field(0.001, gt=0)  # consistency: pseudo-Huber constant; None: MSE
+    ema_decay: float = Field(0.95, gt=0, lt=1)  # consistency: the target network
+    lora_rank: int | None = Field(None, ge=1)  # train LoRA adapters (merged into the exported U-Net)
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(8, ge=1)
+    run_name: str | None = None  # the Ray Train run under distill.storage_path; default "{name}-steps"
     output: str | None = None  # default {work_dir}/student-steps
+
+    @model_validator(mode="after")
+    def _check(self) -> StepsConfig:
+        lo, hi = self.guidance_range
+        if not 1.0 <= lo <= hi:
+            raise ValueError(f"guidance_range {list(self.guidance_range)}: need 1 <= low <= high")
+        if self.objective != "progressive" and not lo <= self.guidance_scale <= hi:
+            raise ValueError(f"guidance_scale {self.guidance_scale} is outside guidance_range "
+                             f"{list(self.guidance_range)}, where the student was trained")
+        if self.objective != "consistency" and self.teacher_steps % 2**self.rounds:
+            raise ValueError(f"teacher_steps {self.teacher_steps} cannot be halved rounds={self.rounds} times")
+        return self
 
 
 class TuneConfig(Section):
-    num_samples: int = Field(4, ge=1)
+    """tuning/search.py: Ray Tune over the student's removal spec, the KD loss weights and the learning rate.
+
+    Each trial is a short distillation (the distill stage's trainer, one worker with cpus/gpus_per_trial)
+    that reports validation loss, teacher fidelity, latency per denoising step and parameter count. A
+    (low, high) range with low == high is fixed, not searched. objective "scalar": minimize `metric`, with a
+    penalty for exceeding latency_budget_ms / param_budget; "multi": Optuna over (metric, latency)."""
+
+    num_samples: int = Field(4, ge=1)  # trials
     max_concurrent: int = Field(1, ge=1)
     steps_per_trial: int = Field(20, ge=1)
+    val_every: int | None = Field(None, ge=1)  # validation = a Tune report (ASHA rung); default steps/4
     presets: list[str] = Field(default_factory=lambda: ["bk-base", "bk-small", "bk-tiny"])
-    search_spec: bool = False  # also sample per-stage kept layers and the mid block
+    # sample the spec per stage instead of a preset: resnet/attention pairs kept, transformer depth, mid block
+    search_spec: bool = False
+    mid: list[Literal["full", "resnet", "none"]] = Field(default_factory=lambda: ["full", "resnet", "none"])
+    lambda_task: tuple[float, float] = (1.0, 1.0)
     lambda_out: tuple[float, float] = (0.5, 2.0)
     lambda_feat: tuple[float, float] = (0.0, 2.0)
-    lr: tuple[float, float] = (5e-5, 5e-4)
+    lr: tuple[float, float] = (5e-5, 5e-4)  # sampled log-uniformly
     objective: Literal["scalar", "multi"] = "scalar"
-    metric: str = "val_loss"
-    latency_budget_ms: float | None = None
-    param_budget: int | None = None
+    metric: Literal["val_loss", "val_out", "val_task"] = "val_loss"  # quality (lower is better)
+    latency_budget_ms: float | None = Field(None, gt=0)  # per denoising step, on the trial's device
+    param_budget: int | None = Field(None, ge=1)  # student U-Net parameters
     scheduler: Literal["asha", "fifo"] = "asha"
-    cpus_per_trial: float = Field(1, gt=0)
+    reduction_factor: int = Field(2, ge=2)  # ASHA
+    cpus_per_trial: float = Field(1, gt=0)  # the trial's training worker (and its latency measurement)
     gpus_per_trial: float = Field(0, ge=0)
-    storage_path: str | None = None  # default {work_dir}/tune
+    latency_repeats: int = Field(5, ge=1)
+    storage_path: str | None = None  # Tune's experiments, trial checkpoints, results; default {work_dir}/tune
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> TuneConfig:
+        for name in ("lambda_task", "lambda_out", "lambda_feat", "lr"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"{name} {[lo, hi]}: need 0 <= low <= high")
+        if self.lr[0] <= 0:
+            raise ValueError(f"lr {list(self.lr)}: the learning rate must be > 0")
+        if not self.search_spec and not self.presets:
+            raise ValueError("presets is empty: give at least one preset, or set search_spec: true")
+        if self.search_spec and not self.mid:
+            raise ValueError("mid is empty: give at least one of full, resnet, none")
+        if self.val_every is not None and self.val_every > self.steps_per_trial:
+            raise ValueError(f"val_every ({self.val_every}) > steps_per_trial ({self.steps_per_trial})")
+        return self
 
 
 class EvaluateConfig(Section):
+    """pipelines/evaluate.py: teacher vs student on the same prompts and seeds; metrics, plots, report."""
+
     student: str | None = None  # default distill.output
     prompts: str | None = None  # a text file, one prompt per line; default: validation captions
     num_prompts: int = Field(16, ge=1)
     images_per_prompt: int = Field(1, ge=1)
     steps: int = Field(20, ge=1)
     guidance_scale: float = Field(7.5, ge=0)
+    resolution: int | None = Field(None, ge=8)  # default: the cache's resolution, else the teacher's native
     reference: str | None = None  # a folder of reference images; default: validation images
-    feature_extractor: str | None = None  # local path/URI of weights for torch-fidelity
-    clip_model: str | None = None  # local path / hub id of a CLIP model for the CLIP score
+    num_reference: int | None = Field(None, ge=2)  # at most this many reference images; default all
+    # torch-fidelity's Inception: None downloads its weights (network); a local path / URI of the
+    # inception-v3-compat weights; or "builtin:tiny" (offline, fixed random features: tests, demo)
+    feature_extractor: str | None = None
+    clip_model: str | None = None  # local path / hub id / s3:// of a CLIPModel; "builtin:tiny-clip" offline
     latency_repeats: int = Field(5, ge=1)
     embedding_samples: int = Field(64, ge=2)
     batch_size: int = Field(4, ge=1)
@@ -210,12 +286,17 @@ class ServeConfig(Section):
     target_ongoing_requests: float = Field(2.0, gt=0)
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0)  # window the autoscaler averages ongoing requests over
     num_gpus: float = Field(0, ge=0)
     num_cpus: float = Field(1, gt=0)
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.05, ge=0)
+    max_ongoing_requests: int | None = Field(None, ge=1)  # per replica; default 2 * max_batch_size
+    # The API key is read by each replica from its own environment or filesystem (a Kubernetes secret as
+    # an env var or a mounted file), so it never travels through Ray or the Serve config, and is never logged.
     api_key_env: str | None = None  # name of an environment variable holding the key
     api_key_file: str | None = None
+    max_body_bytes: int = Field(65536, ge=1024)
     max_prompt_chars: int = Field(1000, ge=1)
     max_n: int = Field(4, ge=1)
     sizes: list[str] = Field(default_factory=lambda: ["64x64"])
@@ -231,7 +312,19 @@ class ServeConfig(Section):
             w, _, h = s.partition("x")
             if not (w.isdigit() and h.isdigit()):
                 raise ValueError(f"size {s!r} is not WIDTHxHEIGHT")
+            if int(w) % 8 or int(h) % 8 or not int(w) or not int(h):
+                raise ValueError(f"size {s!r}: width and height must be positive multiples of 8")
+        if not v:
+            raise ValueError("give at least one size")
         return v
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        if self.default_steps > self.max_steps:
+            raise ValueError(f"default_steps ({self.default_steps}) > max_steps ({self.max_steps})")
+        return self
 
 
 STAGES = ("prepare", "distill", "steps", "tune", "evaluate", "register", "serve")
