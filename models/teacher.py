@@ -44,6 +44,15 @@ def _copy_remote_tree(uri: str, dest: Path) -> None:
     tmp.rename(dest)  # a half-copied folder is never taken for a complete one
 
 
+def _listing(uri: str) -> str:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    info = fs.find(root, detail=True)
+    return repr(sorted((k, v.get("size"), str(v.get("ETag") or v.get("LastModified") or v.get("mtime")))
+                       for k, v in info.items()))
+
+
 def resolve_model_dir(uri: str) -> str:
     """A path or hub id that from_pretrained accepts: remote URIs are copied to the local cache once,
     builtin tiny models are built there once; hub ids and local folders pass through."""
@@ -68,7 +77,8 @@ def resolve_model_dir(uri: str) -> str:
                 pass
         return str(dest)
     if "://" in uri and not uri.startswith("file://"):
-        dest = cache_root() / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+        # keyed by the URI and what is there now, so a folder rewritten in place is fetched again
+        dest = cache_root() / "models" / hashlib.sha256((uri + _listing(uri)).encode()).hexdigest()[:16]
         if not dest.exists():
             log.info("copying %s to %s", uri, dest)
             dest.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,772 @@
+"""`distillery evaluate CONFIG`: how good, how faithful, how fast and how small the student is next to its
+teacher. A plain Python stage (no Ray): the work is one process's worth of generation.
+
+    prompts (a file, or the cache's validation captions) x seeds
+      │  teacher and student generate from the same seeds, same scheduler and steps
+      ▼
+    quality    FID/KID/IS against reference images (a folder, or the cache's validation latents decoded
+               with the teacher's VAE), FID student vs teacher, CLIP score, caption accuracy (shapes)
+    fidelity   latent MSE, pixel PSNR/SSIM of student vs teacher images, per-block feature cosine
+    speed/size U-Net params, MACs per U-Net call, latency per step and per image, peak CUDA memory
+    embeddings PCA and t-SNE of teacher vs student block features and U-Net outputs
+      ▼
+    {evaluate.output}/images/{teacher,student}/*.png, plots/*.png, metrics.json, report.html, eval.json
+    and the same logged to MLflow (into the student's training run when distillery.json names one).
+
+`evaluate_pipelines` is the core, callable on any two diffusers pipelines without Ray or MLflow. The
+student runs with the teacher's VAE, text encoder(s) and scheduler (the distill stage copies them
+unchanged), so only the U-Nets differ. A rerun with the same inputs finds eval.json and returns the
+metrics it recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import html
+import inspect
+import io
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.kd import Taps, feature_pairs
+from models.student import RemovalSpec, count_params, meta_unet
+from models.teacher import Teacher, detect_family, encode_prompts, pick_dtype, resolve_model_dir, sdxl_time_ids
+from pipelines import metrics as M
+from pipelines.config import Config
+from pipelines.storage import exists, is_remote, join, list_files, read_bytes, write_bytes
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+EVAL_MANIFEST = "eval.json"  # written last: its digest says which inputs the metrics are for
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    prompts: list[str]  # one per image
+    seeds: list[int]
+    teacher_images: list[Image.Image]
+    student_images: list[Image.Image]
+    embeddings: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # name -> teacher/student (K, D)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def read_prompts(uri: str) -> list[str]:
+    """A text file (local or remote), one prompt per line; blank lines are skipped."""
+    if not exists(uri):
+        raise FileNotFoundError(f"evaluate.prompts {uri}: no such file")
+    prompts = [line.strip() for line in read_bytes(uri).decode("utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"evaluate.prompts {uri}: the file has no prompts (one per line)")
+    return prompts
+
+
+def _require_cache(cache: str, what: str) -> dict:
+    from pipelines.cache import read_manifest
+
+    manifest = read_manifest(cache)
+    if manifest is None or not manifest.get("complete"):
+        raise FileNotFoundError(
+            f"no {what}: the embedding cache {cache} has no complete manifest.json (run `distillery prepare` "
+            f"first, or set evaluate.{'prompts' if what.endswith('captions') else 'reference'})"
+        )
+    if not manifest.get("rows", {}).get("val"):
+        raise ValueError(f"no {what}: the embedding cache {cache} has no validation rows (data.val_fraction is 0?)")
+    return manifest
+
+
+def read_val_columns(cache: str, columns: list[str], limit: int | None = None) -> dict[str, Any]:
+    """Columns of the cache's validation split, in file order: strings as lists, tensors as (N, ...) arrays."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data.extensions  # noqa: F401  (registers the Arrow tensor type, so tensors read back as such)
+
+    from pipelines.storage import filesystem
+
+    root = join(cache, "val")
+    files = [f for f in list_files(root) if f.endswith(".parquet")]
+    if not files:
+        raise FileNotFoundError(f"{root}: no parquet files")
+    fs, base = filesystem(root)
+    tables, n = [], 0
+    for f in files:
+        t = pq.read_table(f"{base}/{f}", filesystem=fs, columns=columns)
+        tables.append(t)
+        n += t.num_rows
+        if limit is not None and n >= limit:
+            break
+    table = pa.concat_tables(tables)
+    if limit is not None:
+        table = table.slice(0, limit)
+    out: dict[str, Any] = {}
+    for name in columns:
+        col = table.column(name).combine_chunks()
+        if hasattr(col, "to_numpy_ndarray"):  # ray's tensor extension array
+            out[name] = col.to_numpy_ndarray()
+        elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            out[name] = col.to_pylist()
+        else:
+            out[name] = np.stack([np.asarray(v, dtype=np.float32) for v in col.to_pylist()])
+    return out
+
+
+def val_captions(cache: str, limit: int) -> list[str]:
+    _require_cache(cache, "validation captions")
+    captions = [c for c in read_val_columns(cache, ["caption"], limit)["caption"] if c and c.strip()]
+    if not captions:
+        raise ValueError(f"no validation captions: the cache {cache} has only empty captions")
+    return captions
+
+
+def read_reference_folder(uri: str, size: int, limit: int | None = None) -> list[Image.Image]:
+    """Every image under a folder (local or remote), center-cropped and resized to size x size."""
+    if not exists(uri):
+        raise FileNotFoundError(f"evaluate.reference {uri}: no such folder")
+    names = [f for f in list_files(uri) if f.lower().endswith(IMAGE_EXTS)]
+    images, bad = [], 0
+    for name in names[:limit]:
+        try:
+            images.append(M.fit_image(Image.open(io.BytesIO(read_bytes(join(uri, name)))), size))
+        except OSError:
+            bad += 1
+    if bad:
+        log.warning("evaluate.reference %s: skipped %d file(s) that are not readable images", uri, bad)
+    if len(images) < 2:
+        raise ValueError(f"evaluate.reference {uri}: found {len(images)} readable images "
+                         f"({', '.join(IMAGE_EXTS)}); FID needs at least 2")
+    return images
+
+
+@torch.no_grad()
+def decode_latents(vae: Any, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Unscaled VAE latents (N, 4, h, w) -> images (N, 3, H, W) in [0, 1]."""
+    out = []
+    device = next(vae.parameters()).device
+    for i in range(0, len(latents), batch_size):
+        x = vae.decode(latents[i : i + batch_size].to(device, vae.dtype)).sample
+        out.append(((x.float() + 1) / 2).clamp(0, 1).cpu())
+    return torch.cat(out)
+
+
+def cache_reference(cache: str, vae: Any, limit: int | None, batch_size: int) -> list[Image.Image]:
+    """The validation images as the cache holds them: latents decoded with the teacher's VAE."""
+    manifest = _require_cache(cache, "reference images")
+    if manifest.get("latents") == "sample":
+        lat = torch.from_numpy(read_val_columns(cache, ["latent"], limit)["latent"]).float()
+        lat = lat / float(manifest["vae_scaling_factor"])
+    else:  # "dist": the mean of the latent distribution, unscaled
+        lat = torch.from_numpy(read_val_columns(cache, ["latent_mean"], limit)["latent_mean"]).float()
+    images = decode_latents(vae, lat, batch_size)
+    if len(images) < 2:
+        raise ValueError(f"the cache {cache} has {len(images)} validation image(s); FID needs at least 2")
+    return to_pil(images)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+# ------------------------------------------------------------------------------------------- pipelines
+
+
+def load_pipelines(teacher_uri: str, student_uri: str, dtype: str = "auto", device: str = "cpu",
+                   revision: str | None = None, variant: str | None = None) -> tuple[Any, Any]:
+    """(teacher pipeline, student pipeline). The student pipeline is the teacher's with the student U-Net
+    (loaded from STUDENT/unet) and its own copy of the scheduler."""
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    torch_dtype = pick_dtype(dtype, device)
+    src = resolve_model_dir(teacher_uri)
+    kw: dict[str, Any] = {"dtype": torch_dtype}
+    if revision:
+        kw["revision"] = revision
+    if variant:
+        kw["variant"] = variant
+    index = DiffusionPipeline.load_config(src, **({"revision": revision} if revision else {}))
+    if "safety_checker" in index:  # we compare raw outputs; a safety checker would black some out
+        kw.update(safety_checker=None, requires_safety_checker=False)
+    teacher = DiffusionPipeline.from_pretrained(src, **kw)
+    if teacher.vae.dtype != torch.float32:  # SD VAEs overflow in fp16; decoding is a small part of the time
+        teacher.vae.to(torch.float32)
+    student_unet = UNet2DConditionModel.from_pretrained(resolve_model_dir(student_uri), subfolder="unet",
+                                                        dtype=torch_dtype)
+    student = with_unet(teacher, student_unet)
+    for pipe in (teacher, student):
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+    return teacher, student
+
+
+def with_unet(pipe: Any, unet: Any) -> Any:
+    """The same pipeline class and components with another U-Net (and a fresh scheduler)."""
+    comps = {**pipe.components, "unet": unet,
+             "scheduler": pipe.scheduler.__class__.from_config(pipe.scheduler.config)}
+    params = inspect.signature(pipe.__class__.__init__).parameters
+    for name in params:  # config-only arguments (requires_safety_checker, force_zeros_for_empty_prompt)
+        if name not in comps and name in pipe.config:
+            comps[name] = pipe.config[name]
+    return pipe.__class__(**{k: v for k, v in comps.items() if k in params})
+
+
+def image_size(pipe: Any) -> int:
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+@torch.no_grad()
+def generate(pipe: Any, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float, size: int,
+             batch_size: int) -> torch.Tensor:
+    """Scaled latents (N, 4, h, w), one per (prompt, seed). One CPU generator per image, so an image
+    depends only on its prompt and seed, not on the batching or the device."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i : i + batch_size]]
+        res = pipe(prompt=prompts[i : i + batch_size], generator=gens, num_inference_steps=steps,
+                   guidance_scale=guidance_scale, height=size, width=size, output_type="latent")
+        out.append(res.images.float().cpu())
+    return torch.cat(out)
+
+
+def decode(pipe: Any, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    return decode_latents(pipe.vae, latents / pipe.vae.config.scaling_factor, batch_size)
+
+
+def as_teacher(pipe: Any) -> Teacher:
+    """The pipeline's components as models.teacher.Teacher (for encode_prompts)."""
+    c = pipe.components
+    sdxl = c.get("text_encoder_2") is not None
+    return Teacher(source="", family="sdxl" if sdxl else detect_family(pipe.unet.config),
+                   prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"), dtype=pipe.unet.dtype,
+                   unet=pipe.unet, vae=pipe.vae, text_encoder=c["text_encoder"], tokenizer=c["tokenizer"],
+                   scheduler=pipe.scheduler, text_encoder_2=c.get("text_encoder_2"), tokenizer_2=c.get("tokenizer_2"))
+
+
+def _conditioning(teacher: Teacher, prompts: list[str], size: int) -> dict[str, Any]:
+    enc = encode_prompts(teacher, prompts)
+    dtype = teacher.unet.dtype
+    kw: dict[str, Any] = {"encoder_hidden_states": enc["prompt_embeds"].to(dtype)}
+    if teacher.family == "sdxl":
+        ids = torch.tensor([sdxl_time_ids((size, size), (0, 0), (size, size))] * len(prompts),
+                           device=enc["pooled"].device, dtype=dtype)
+        kw["added_cond_kwargs"] = {"text_embeds": enc["pooled"].to(dtype), "time_ids": ids}
+    return kw
+
+
+def _select(cond: dict[str, Any], idx: torch.Tensor) -> dict[str, Any]:
+    return {k: _select(v, idx) if isinstance(v, dict) else v[idx.to(v.device)] for k, v in cond.items()}
+
+
+@torch.no_grad()
+def feature_analysis(teacher_pipe: Any, student_pipe: Any, spec: RemovalSpec | None, prompts: list[str],
+                     latents: torch.Tensor, samples: int, batch_size: int, size: int, seed: int = 0,
+                     ) -> tuple[dict[str, float], dict[str, dict[str, np.ndarray]]]:
+    """Both U-Nets on the same noisy inputs (the teacher's own latents, noised at random timesteps, with
+    their prompts): per-block cosine similarity of student vs teacher features (the block map of the
+    removal spec) and of the outputs, and pooled features of each for the embedding plots."""
+    from diffusers import DDPMScheduler
+
+    t_unet, s_unet = teacher_pipe.unet, student_pipe.unet
+    pairs = feature_pairs(s_unet, t_unet, spec, level="block") if spec is not None else []
+    noiser = DDPMScheduler.from_config(teacher_pipe.scheduler.config)
+    cond = _conditioning(as_teacher(teacher_pipe), prompts, size)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.arange(samples) % len(latents)
+    cos: dict[str, list[torch.Tensor]] = {t: [] for _, t in pairs} | {"output": []}
+    emb: dict[str, dict[str, list[torch.Tensor]]] = {name: {"teacher": [], "student": []} for name in cos}
+    device, dtype = t_unet.device, t_unet.dtype
+    for i in range(0, samples, batch_size):
+        b = idx[i : i + batch_size]
+        x0 = latents[b]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, noiser.config.num_train_timesteps, (len(b),), generator=g)
+        noisy = noiser.add_noise(x0, noise, t).to(device, dtype)
+        kw = _select(cond, b)
+        with Taps(t_unet, [t for _, t in pairs]) as t_tap, Taps(s_unet, [s for s, _ in pairs]) as s_tap:
+            t_out = t_unet(noisy, t.to(device), **kw).sample
+            s_out = s_unet(noisy, t.to(device), **kw).sample
+            feats = [(tp, s_tap.features[sp], t_tap.features[tp]) for sp, tp in pairs]
+            feats.append(("output", s_out, t_out))
+            for name, s_f, t_f in feats:
+                cos[name].append(M.cosine_per_sample(s_f, t_f).cpu())
+                emb[name]["teacher"].append(M.pooled(t_f))
+                emb[name]["student"].append(M.pooled(s_f))
+    metrics = {f"feature_cosine_{name.replace('.', '_')}": float(torch.cat(v).mean()) for name, v in cos.items()}
+    metrics["feature_cosine_mean"] = float(np.mean([m for k, m in metrics.items() if not k.endswith("_output")]
+                                                   or [metrics["feature_cosine_output"]]))
+    embeddings = {name: {who: torch.cat(v).numpy() for who, v in d.items()} for name, d in emb.items()}
+    return metrics, embeddings
+
+
+def speed_and_size(teacher_pipe: Any, student_pipe: Any, prompt: str, seed: int, steps: int, guidance_scale: float,
+                   size: int, repeats: int) -> dict[str, float]:
+    """Parameters and MACs of each U-Net (one call, batch 1); latency per denoising step (one U-Net call at
+    the batch classifier-free guidance runs: 2, or 1 without guidance) and per image (text encoding, all
+    steps and the VAE decode, batch 1): median of `repeats` after a warm-up; peak CUDA memory per image
+    (weights of the pipeline's models + the call's peak above what was allocated before it)."""
+    device = teacher_pipe.unet.device
+    h = w = size // teacher_pipe.vae_scale_factor
+    cfg_batch = 2 if guidance_scale > 1 else 1
+    out: dict[str, float] = {}
+    for who, pipe in (("teacher", teacher_pipe), ("student", student_pipe)):
+        unet = pipe.unet
+        out[f"params_{who}"] = count_params(unet)
+        meta = meta_unet(dict(unet.config))
+        m_args, m_kw = M.unet_inputs(unet.config, 1, h, w, device="meta")
+        out[f"macs_{who}"] = M.count_macs(lambda meta=meta, a=m_args, k=m_kw: meta(*a, **k))
+        args, kw = M.unet_inputs(unet.config, cfg_batch, h, w, device=device, dtype=unet.dtype)
+        step = M.measure_latency(lambda unet=unet, a=args, k=kw: unet(*a, **k), repeats, warmup=2, device=device)
+        out[f"latency_step_ms_{who}"] = M.median(step)
+
+        def one_image(pipe: Any = pipe) -> None:
+            lat = generate(pipe, [prompt], [seed], steps, guidance_scale, size, 1)
+            decode(pipe, lat)
+
+        out[f"latency_image_ms_{who}"] = M.median(M.measure_latency(one_image, repeats, warmup=1, device=device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            one_image()
+            torch.cuda.synchronize(device)
+            weights = sum(p.numel() * p.element_size() for m in (pipe.unet, pipe.vae, *_text_encoders(pipe))
+                          for p in m.parameters())
+            peak = torch.cuda.max_memory_allocated(device) - before + weights
+            out[f"peak_mem_mb_{who}"] = peak / 2**20
+    out["param_ratio"] = out["params_student"] / out["params_teacher"]
+    out["macs_ratio"] = out["macs_student"] / out["macs_teacher"]
+    out["speedup_step"] = out["latency_step_ms_teacher"] / out["latency_step_ms_student"]
+    out["speedup_image"] = out["latency_image_ms_teacher"] / out["latency_image_ms_student"]
+    return out
+
+
+def _text_encoders(pipe: Any) -> list[Any]:
+    return [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
+
+
+def _caption_accuracy(images: list[Image.Image], prompts: list[str], who: str) -> dict[str, float]:
+    try:
+        from pipelines.shapes import caption_accuracy
+    except ImportError:
+        return {}
+    result = caption_accuracy(images, prompts)
+    if not result:
+        return {}
+    base = "caption_accuracy" + ("" if who == "student" else f"_{who}")
+    return {base if k == "overall" else f"{base}_{k}": float(v) for k, v in result.items()}
+
+
+def evaluate_pipelines(
+    teacher_pipe: Any,
+    student_pipe: Any,
+    prompts: list[str],
+    seeds: list[int] | None = None,
+    *,
+    spec: RemovalSpec | None = None,
+    steps: int = 20,
+    guidance_scale: float = 7.5,
+    size: int | None = None,
+    batch_size: int = 4,
+    reference: list[Image.Image] | None = None,
+    feature_extractor: str | None = None,
+    clip_model: str | None = None,
+    latency_repeats: int = 5,
+    embedding_samples: int = 64,
+    seed: int = 0,
+) -> Evaluation:
+    """Everything the stage measures, for two pipelines of one family. One image per (prompt, seed);
+    `spec` maps student blocks to teacher blocks for the feature comparison (None: outputs only);
+    `reference` images for FID/KID/IS (None: only student vs teacher); `feature_extractor` as in
+    pipelines.metrics.resolve_feature_extractor; `clip_model` a CLIP folder/hub id (None: no CLIP score)."""
+    if not prompts:
+        raise ValueError("no prompts to evaluate")
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
+    if len(prompts) < 2:
+        raise ValueError("FID needs at least 2 images: give at least 2 prompts (or images per prompt)")
+    size = size or image_size(teacher_pipe)
+    device = teacher_pipe.unet.device
+    extractor = M.resolve_feature_extractor(feature_extractor)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    t_lat = generate(teacher_pipe, prompts, seeds, steps, guidance_scale, size, batch_size)
+    s_lat = generate(student_pipe, prompts, seeds, steps, guidance_scale, size, batch_size)
+    t_img, s_img = decode(teacher_pipe, t_lat, batch_size), decode(student_pipe, s_lat, batch_size)
+    timings["generate"] = time.perf_counter() - t0
+
+    metrics: dict[str, float] = {"num_images": len(prompts), "steps": steps, "guidance_scale": guidance_scale,
+                                 "resolution": size}
+    metrics["latent_mse"] = M.mse(s_lat, t_lat)
+    metrics["psnr"] = M.psnr(s_img, t_img)
+    metrics["ssim"] = M.ssim(s_img, t_img)
+
+    t0 = time.perf_counter()
+    fid_kw = dict(extractor=extractor, device=device, batch_size=max(batch_size, 16))
+    if reference is not None:
+        ref = M.to_tensor([M.fit_image(im, size) for im in reference])
+        metrics.update(M.fidelity_metrics(s_img, ref, **fid_kw))
+        teacher_q = M.fidelity_metrics(t_img, ref, kid=False, **fid_kw)
+        metrics["fid_teacher"] = teacher_q["fid"]
+        metrics["is_mean_teacher"] = teacher_q["is_mean"]
+        metrics["num_reference"] = len(ref)
+    else:
+        metrics.update({k: v for k, v in M.fidelity_metrics(s_img, None, kid=False, **fid_kw).items()})
+    metrics["fid_student_vs_teacher"] = M.fidelity_metrics(s_img, t_img, isc=False, kid=False, **fid_kw)["fid"]
+    timings["fidelity"] = time.perf_counter() - t0
+
+    if clip_model:
+        model, tokenizer = M.load_clip(clip_model, device)
+        metrics["clip_score_student"] = M.clip_score(s_img, prompts, model, tokenizer)
+        metrics["clip_score_teacher"] = M.clip_score(t_img, prompts, model, tokenizer)
+        del model
+    t_pil, s_pil = to_pil(t_img), to_pil(s_img)
+    metrics.update(_caption_accuracy(s_pil, prompts, "student"))
+    metrics.update(_caption_accuracy(t_pil, prompts, "teacher"))
+
+    t0 = time.perf_counter()
+    feat_metrics, embeddings = feature_analysis(teacher_pipe, student_pipe, spec, prompts, t_lat,
+                                                embedding_samples, batch_size, size, seed)
+    metrics.update(feat_metrics)
+    timings["features"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    metrics.update(speed_and_size(teacher_pipe, student_pipe, prompts[0], seeds[0], steps, guidance_scale, size,
+                                  latency_repeats))
+    timings["speed"] = time.perf_counter() - t0
+    log.info("evaluation took %s", ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    return Evaluation(metrics, list(prompts), seeds, t_pil, s_pil, embeddings)
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _scatter_grid(embeddings: dict[str, dict[str, np.ndarray]], names: list[str], method: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
+        t, s = embeddings[name]["teacher"], embeddings[name]["student"]
+        x = np.concatenate([t, s]).astype(np.float64)
+        x = x - x.mean(0)
+        if method == "pca":
+            pca = PCA(n_components=2, random_state=0)
+            y = pca.fit_transform(x)
+            title = f"{name}\n(PC1+2: {pca.explained_variance_ratio_[:2].sum():.0%} of variance)"
+        else:
+            perplexity = float(max(2, min(30, (len(x) - 1) // 3)))
+            y = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=0, max_iter=500).fit_transform(x)
+            title = name
+        n = len(t)
+        ax.scatter(y[:n, 0], y[:n, 1], s=12, c="tab:blue", label="teacher", alpha=0.7)
+        ax.scatter(y[n:, 0], y[n:, 1], s=12, c="tab:orange", label="student", alpha=0.7, marker="x")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"{'PCA' if method == 'pca' else 't-SNE'}: teacher vs student features on the same inputs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_plots(ev: Evaluation, out: Path) -> list[str]:
+    """plots/*.png; returns their paths relative to `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    names = list(ev.embeddings)
+    written = []
+    if names:
+        _scatter_grid(ev.embeddings, names, "pca", plots / "pca.png")
+        # t-SNE is slower: a few blocks spread over the U-Net, and the output
+        blocks = [n for n in names if n != "output"]
+        pick = [blocks[i] for i in sorted({round(j * (len(blocks) - 1) / 3) for j in range(4)})] if blocks else []
+        _scatter_grid(ev.embeddings, pick + ["output"], "tsne", plots / "tsne.png")
+        written += ["plots/pca.png", "plots/tsne.png"]
+    cos = {k.removeprefix("feature_cosine_"): v for k, v in ev.metrics.items()
+           if k.startswith("feature_cosine_") and k != "feature_cosine_mean"}
+    if cos:
+        fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(cos)), 3.2))
+        ax.bar(range(len(cos)), list(cos.values()), color="tab:green")
+        ax.set_xticks(range(len(cos)), list(cos), rotation=45, ha="right", fontsize=8)
+        ax.set_ylim(min(0, *cos.values()), 1.05)
+        ax.set_ylabel("cosine similarity")
+        ax.set_title("student vs teacher features, per teacher block")
+        fig.tight_layout()
+        fig.savefig(plots / "feature_cosine.png", dpi=90)
+        plt.close(fig)
+        written.append("plots/feature_cosine.png")
+    n = min(16, len(ev.prompts))
+    fig, axes = plt.subplots(n, 2, figsize=(5, 2.6 * n + 0.4), squeeze=False)
+    for i in range(n):
+        for j, images in enumerate((ev.teacher_images, ev.student_images)):
+            axes[i, j].imshow(images[i])
+            axes[i, j].axis("off")
+        axes[i, 0].set_title(f"{ev.prompts[i][:70]} (seed {ev.seeds[i]})", fontsize=7, loc="left")
+    fig.suptitle("teacher | student")
+    fig.tight_layout()
+    fig.savefig(plots / "grid.png", dpi=90)
+    plt.close(fig)
+    written.append("plots/grid.png")
+    return written
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, float) and math.isinf(v):
+        return "∞" if v > 0 else "-∞"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+SECTIONS = [
+    ("Quality", ("fid", "kid_", "is_", "clip_score", "caption_accuracy", "num_")),
+    ("Fidelity to the teacher (same seeds)", ("psnr", "ssim", "latent_mse")),
+    ("Features (student vs teacher, cosine)", ("feature_cosine_",)),
+    ("Speed and size", ("params_", "param_ratio", "macs", "latency_", "speedup", "peak_mem")),
+]
+
+
+def write_report(ev: Evaluation, out: Path, title: str, info: dict[str, Any] | None = None) -> None:
+    """images/{teacher,student}/*.png, plots/*.png, metrics.json and report.html under a local folder."""
+    for who, images in (("teacher", ev.teacher_images), ("student", ev.student_images)):
+        d = out / "images" / who
+        d.mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(images):
+            im.save(d / f"{i:04d}.png")
+    plots = write_plots(ev, out)
+    (out / "metrics.json").write_text(json.dumps(ev.metrics, indent=2))
+    esc = html.escape
+    rows, shown = [], set()
+    for section, prefixes in SECTIONS + [("Run", ("",))]:
+        keys = [k for k in ev.metrics if k not in shown and k.startswith(prefixes)]
+        if not keys:
+            continue
+        rows.append(f'<tr><th colspan="2">{esc(section)}</th></tr>')
+        for k in keys:
+            rows.append(f"<tr><td>{esc(k)}</td><td>{esc(_fmt(ev.metrics[k]))}</td></tr>")
+            shown.add(k)
+    grid = []
+    for i, (p, s) in enumerate(zip(ev.prompts, ev.seeds)):
+        cells = "".join(f'<td><img src="images/{who}/{i:04d}.png"></td>' for who in ("teacher", "student"))
+        grid.append(f"<tr><td>{esc(p)}<br><small>seed {s}</small></td>{cells}</tr>")
+    info_rows = "".join(f"<tr><td>{esc(str(k))}</td><td>{esc(str(v))}</td></tr>" for k, v in (info or {}).items())
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; }} table {{ border-collapse: collapse; margin-bottom: 2em; }}
+td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }}
+th {{ background: #eee; }} img {{ max-width: 256px; image-rendering: pixelated; }} .plot img {{ max-width: 100%; }}
+</style></head><body>
+<h1>{esc(title)}</h1>
+<table>{info_rows}</table>
+<h2>Metrics</h2>
+<table>{"".join(rows)}</table>
+<h2>Teacher | student, same prompt and seed</h2>
+<table><tr><th>prompt</th><th>teacher</th><th>student</th></tr>{"".join(grid)}</table>
+<h2>Plots</h2>
+{"".join(f'<div class="plot"><h3>{esc(p)}</h3><img src="{esc(p)}"></div>' for p in plots)}
+</body></html>
+"""
+    (out / "report.html").write_text(page)
+
+
+# ----------------------------------------------------------------------------------------------- stage
+
+
+def _student_meta(student: str) -> dict[str, Any]:
+    if not (exists(join(student, "unet", "config.json"))):
+        raise FileNotFoundError(f"evaluate.student {student}: no student pipeline there (expected a diffusers "
+                                "folder with unet/, as the distill stage writes; run `distillery distill` first)")
+    path = join(student, "distillery.json")
+    return json.loads(read_bytes(path)) if exists(path) else {}
+
+
+def _student_spec(meta: dict[str, Any], teacher_pipe: Any, student_pipe: Any) -> RemovalSpec | None:
+    if meta.get("spec"):
+        return RemovalSpec.from_dict(meta["spec"])
+    if meta.get("preset"):
+        from models.student import preset_spec
+
+        return preset_spec(meta["preset"], teacher_pipe.unet.config)
+    t_cfg = {k: v for k, v in dict(teacher_pipe.unet.config).items() if not k.startswith("_")}
+    s_cfg = {k: v for k, v in dict(student_pipe.unet.config).items() if not k.startswith("_")}
+    if t_cfg == s_cfg:
+        from models.student import preset_spec
+
+        return preset_spec("identity", teacher_pipe.unet.config)
+    log.warning("the student has no removal spec in distillery.json: comparing U-Net outputs only, not blocks")
+    return None
+
+
+def _weights_stamp(student: str) -> list:
+    """Sizes and times of the student's U-Net files: a retrained student is a different student."""
+    from pipelines.storage import filesystem
+
+    fs, root = filesystem(join(student, "unet"))
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return sorted((i.path[len(root):], i.size, str(i.mtime)) for i in infos if i.type == pafs.FileType.File)
+
+
+def _digest(cfg: Config, meta: dict, prompts: list[str], reference: str) -> str:
+    blob = json.dumps({"evaluate": cfg.evaluate.model_dump(mode="json"), "teacher": cfg.teacher.model_dump(mode="json"),
+                       "student": meta, "weights": _weights_stamp(cfg.evaluate.student), "prompts": prompts,
+                       "reference": reference}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _upload(local: Path, uri: str, names: list[str]) -> None:
+    for name in names:
+        write_bytes(join(uri, name), (local / name).read_bytes())
+
+
+def log_to_mlflow(cfg: Config, meta: dict[str, Any], metrics: dict[str, float], folder: Path) -> str:
+    """Metrics and the report folder (as artifacts under evaluation/) into the student's training run when
+    distillery.json names one that this tracking server has, else into a new run of cfg.mlflow.experiment."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import flatten
+    from pipelines.tracking import log_metrics as _log_metrics
+
+    uri = cfg.tracking_uri()
+    client = MlflowClient(tracking_uri=uri)
+    run_id, created = meta.get("mlflow_run_id"), False
+    if run_id:
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            log.warning("distillery.json names MLflow run %s, which %s does not have: starting a new run", run_id, uri)
+            run_id = None
+    if not run_id:
+        exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(cfg.mlflow.experiment)
+        run_id = client.create_run(exp_id, run_name=f"{cfg.name}-evaluate",
+                                   tags={"distillery.stage": "evaluate"}).info.run_id
+        created = True
+        from mlflow.entities import Param
+
+        params = [Param(k, v) for k, v in flatten(cfg.model_dump(mode="json")).items()]
+        for i in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[i : i + 100])
+    _log_metrics(uri, run_id, metrics, step=0)
+    client.set_tag(run_id, "distillery.eval_output", cfg.evaluate.output)
+    client.log_artifacts(run_id, str(folder), "evaluation")
+    if created:
+        with contextlib.redirect_stdout(sys.stderr):  # MLflow prints the run's URL; stdout is the CLI's JSON
+            client.set_terminated(run_id)
+    return run_id
+
+
+def run(cfg: Config) -> dict[str, float]:
+    """The evaluate stage: returns the metrics (also in {evaluate.output}/metrics.json and MLflow)."""
+    ev = cfg.evaluate
+    out_uri = ev.output
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    # inputs first, so a bad one fails before any model loads
+    meta = _student_meta(ev.student)
+    if ev.prompts:
+        prompts = read_prompts(ev.prompts)[: ev.num_prompts]
+    else:
+        prompts = val_captions(cfg.data.output, ev.num_prompts)
+    if ev.reference:
+        if not exists(ev.reference):
+            raise FileNotFoundError(f"evaluate.reference {ev.reference}: no such folder")
+        ref_source = ev.reference
+    else:
+        _require_cache(cfg.data.output, "reference images")
+        ref_source = f"{cfg.data.output} (validation latents)"
+    image_prompts = [p for p in prompts for _ in range(ev.images_per_prompt)]
+    seeds = [ev.seed + i for i in range(len(image_prompts))]
+    if len(image_prompts) < 2:
+        raise ValueError(f"{len(image_prompts)} image to evaluate; FID needs at least 2: raise evaluate.num_prompts "
+                         "or evaluate.images_per_prompt")
+
+    digest = _digest(cfg, meta, image_prompts, ref_source)
+    done = join(out_uri, EVAL_MANIFEST)
+    if exists(done) and json.loads(read_bytes(done)).get("digest") == digest:
+        log.info("evaluate: %s already has the metrics of these inputs; skipping", out_uri)
+        return json.loads(read_bytes(join(out_uri, "metrics.json")))
+
+    teacher_pipe, student_pipe = load_pipelines(cfg.teacher.uri, ev.student, cfg.teacher.dtype, device,
+                                                cfg.teacher.revision, cfg.teacher.variant)
+    size = ev.resolution or _cache_resolution(cfg.data.output) or image_size(teacher_pipe)
+    if ev.reference:
+        reference = read_reference_folder(ev.reference, size, ev.num_reference)
+    else:
+        reference = cache_reference(cfg.data.output, teacher_pipe.vae, ev.num_reference, ev.batch_size)
+    spec = _student_spec(meta, teacher_pipe, student_pipe)
+    result = evaluate_pipelines(
+        teacher_pipe, student_pipe, image_prompts, seeds, spec=spec, steps=ev.steps,
+        guidance_scale=ev.guidance_scale, size=size, batch_size=ev.batch_size, reference=reference,
+        feature_extractor=ev.feature_extractor, clip_model=ev.clip_model, latency_repeats=ev.latency_repeats,
+        embedding_samples=ev.embedding_samples, seed=ev.seed,
+    )
+    info = {"teacher": cfg.teacher.uri, "student": ev.student, "preset": meta.get("preset"),
+            "reference": ref_source, "device": _device_name(device), "dtype": str(teacher_pipe.unet.dtype),
+            "feature extractor": ev.feature_extractor or "inception-v3-compat (torch-fidelity download)",
+            "clip model": ev.clip_model}
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(out_uri) if not is_remote(out_uri) else Path(tmp)
+        local.mkdir(parents=True, exist_ok=True)
+        write_report(result, local, f"{cfg.name}: student vs teacher", info)
+        run_id = log_to_mlflow(cfg, meta, result.metrics, local)
+        manifest = {"digest": digest, "complete": True, "mlflow_run_id": run_id, "student": ev.student,
+                    "teacher": cfg.teacher.uri, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if is_remote(out_uri):
+            names = [str(p.relative_to(local)) for p in sorted(local.rglob("*")) if p.is_file()]
+            _upload(local, out_uri, names)
+        write_bytes(done, json.dumps(manifest, indent=2).encode())  # last: the outputs are complete
+    log.info("evaluate: wrote %s (MLflow run %s)", out_uri, run_id)
+    return result.metrics
+
+
+def _cache_resolution(cache: str | None) -> int | None:
+    from pipelines.cache import read_manifest
+
+    try:
+        manifest = read_manifest(cache) if cache else None
+    except (OSError, ValueError):
+        return None
+    return int(manifest["resolution"]) if manifest and manifest.get("resolution") else None
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
