@@ -1,0 +1,295 @@
+"""`distillery steps CONFIG`: step-distill a student (or the teacher itself) into a 1-8 step sampler.
+
+The same machinery as the distill stage (pipelines/distill.py): Ray Data streams the embedding cache to a
+Ray Train TorchTrainer, each worker trains the student as a DeepSpeed ZeRO engine (or DDP) with the
+distill section's workers, precision, ZeRO stage and checkpoint settings, rank 0 logs to MLflow. What
+differs is the loss, from models/steps.py, and that training runs in phases (`StepDistiller`):
+
+    guided       stage 1 (w input, teacher's CFG output) | round 1: 2N -> N steps | round 2 ... (DDIM)
+    progressive  round 1: 2N -> N | round 2: N -> N/2 | ...                           (DDIM)
+    consistency  one LCM phase: the teacher's guided ODE, an EMA target               (LCMScheduler)
+
+Each phase runs steps.steps_per_round optimizer steps. Checkpoints carry the DeepSpeed state plus the
+phase's frozen teacher or EMA target, so a stopped run resumes mid-phase; a run whose output already
+records this job at its last step is skipped. The driver saves a pipeline folder (steps.output) with the
+student U-Net (LoRA adapters merged, w-embedding in its config), the matching scheduler and
+distillery.json (objective, steps, guidance_scale), which plain diffusers loads and samples in one
+forward per step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.steps import Schedule, StepDistiller, plan, save_steps_student, student_scheduler
+from models.teacher import load_teacher, resolve_model_dir
+from pipelines import tracking
+from pipelines.config import Config, DistillConfig
+from pipelines.distill import (
+    StudentEngine,
+    _all_mean,
+    _datasets,
+    _manifest,
+    _train_batches,
+    _upload,
+    cache_batch,
+    prompt_conditioning,
+    teacher_dtype,
+)
+from pipelines.storage import ensure_ray, exists, filesystem, is_remote, join, read_bytes
+
+log = logging.getLogger(__name__)
+
+STATE = "state.json"  # step, phase, MLflow run id (rank 0, in every checkpoint)
+AUX = "aux.pt"  # the phase's frozen teacher (progressive) or EMA target (consistency)
+FINAL = "student_unet"  # the exported U-Net, in the last checkpoint
+
+
+def job_name(cfg: Config) -> str:
+    return cfg.steps.run_name or f"{cfg.name}-steps"
+
+
+def train_config(cfg: Config) -> DistillConfig:
+    """The distill section with this stage's learning rate, batch size and length (the LR schedule and
+    the DeepSpeed config read these)."""
+    sc = cfg.steps
+    total = len(plan(sc.objective, sc.teacher_steps, sc.rounds, sc.lcm_steps)) * sc.steps_per_round
+    return cfg.distill.model_copy(update={"lr": sc.lr, "batch_size": sc.batch_size, "max_steps": total,
+                                          "grad_accum": 1, "ema_decay": None})
+
+
+def _load_student(uri: str) -> tuple[str, Any]:
+    from diffusers import UNet2DConditionModel
+
+    src = resolve_model_dir(uri)
+    if not (Path(src) / "model_index.json").exists() or not (Path(src) / "unet").is_dir():
+        raise FileNotFoundError(f"steps.student {uri}: no diffusers pipeline folder with a unet/ there; run the "
+                                "distill stage first, or set steps.student to the teacher's URI to step-distill "
+                                "the teacher itself")
+    return src, UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=torch.float32)
+
+
+def _scheduler(src: str) -> Any:
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_pretrained(src, subfolder="scheduler")  # any SD scheduler config: same betas
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker. `config`: {"cfg": Config as JSON, "manifest": cache manifest, "tracking_uri",
+    "mlflow_run_id"}."""
+    import ray.train
+
+    cfg = Config.model_validate(config["cfg"])
+    sc, dc = cfg.steps, train_config(cfg)
+    if not dc.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = torch.device("cuda", ctx.get_local_rank()) if dc.use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(dc.seed + rank)
+    manifest, run_id, uri = config["manifest"], config.get("mlflow_run_id"), config["tracking_uri"]
+
+    src, student = _load_student(sc.student)
+    schedule = Schedule.from_scheduler(_scheduler(src))
+    guide, uncond = None, None
+    if sc.objective in ("guided", "consistency"):  # the teacher's CFG output guides
+        teacher = load_teacher(cfg.teacher.uri, dtype="float32", components=("unet", "text"),
+                               revision=cfg.teacher.revision, variant=cfg.teacher.variant)
+        uncond = prompt_conditioning(teacher, [""], int(manifest["resolution"]))
+        guide = teacher.unet.to(device, teacher_dtype(cfg.teacher.dtype, dc.precision, device))
+        del teacher
+    d = StepDistiller(sc.objective, student, guide, schedule, uncond=uncond, teacher_steps=sc.teacher_steps,
+                      rounds=sc.rounds, guidance_range=tuple(sc.guidance_range), lcm_skip=sc.lcm_skip,
+                      lcm_steps=sc.lcm_steps, ema_decay=sc.ema_decay, lora_rank=sc.lora_rank, huber_c=sc.huber_c)
+    eng = StudentEngine(d.student, dc, world, device)
+    d.student = eng.engine  # forwards go through the engine (DeepSpeed/DDP hooks); copies unwrap it
+    total, per = dc.max_steps, sc.steps_per_round
+
+    step, aux = 0, None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as folder:
+            step = eng.load(Path(folder))
+            if (Path(folder) / AUX).exists():
+                aux = torch.load(Path(folder) / AUX, map_location=device)
+        if rank == 0:
+            print(f"[steps] resumed from step {step}", flush=True)
+
+    def checkpoint(at: int, metrics: dict[str, float]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            eng.save(folder, at, rank)
+            if rank == 0:
+                (folder / STATE).write_text(json.dumps({"step": at, "phase": d.phase, "mlflow_run_id": run_id}))
+                if at < total and at % per:  # mid-phase: keep what the phase compares against
+                    if d.target is not None:
+                        torch.save({"target": d.target.state_dict()}, folder / AUX)
+                    elif d.phases[d.phase].objective == "progressive":
+                        torch.save({"teacher": d.teacher.state_dict()}, folder / AUX)
+                if at == total:
+                    d.export_student().save_pretrained(folder / FINAL)
+            ray.train.report({"step": at, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"checkpoint_{at:06d}")
+
+    batches = _train_batches(ray.train.get_dataset_shard("train"), dc, rank)
+    gen = torch.Generator(device=device).manual_seed(dc.seed * 7919 + rank * 104729 + step)
+    window, window_n, t_log = torch.zeros(1), 0, time.perf_counter()
+    last = float("nan")
+    while step < total:
+        if d.phase != step // per:
+            ph = d.start_phase(step // per)
+            if aux is not None:  # resumed mid-phase: the same teacher / target as before the stop
+                (d.target if "target" in aux else d.teacher).load_state_dict(aux.get("target", aux.get("teacher")))
+                aux = None
+            if rank == 0:
+                print(f"[steps] phase {d.phase + 1}/{len(d.phases)}: {ph.objective}, student samples in "
+                      f"{ph.steps} steps", flush=True)
+        _, batch = next(batches)
+        latents, cond = cache_batch(batch, manifest, manifest["family"], device, None)
+        with eng.autocast():
+            loss = d.loss(latents, cond, gen)["loss"]
+        eng.backward_step(loss)
+        d.after_step()
+        step += 1
+        window += loss.detach().float().cpu()
+        window_n += 1
+        end_of_phase = step % per == 0
+        if step % dc.log_every == 0 or end_of_phase or step == total:
+            now = time.perf_counter()
+            last = float(_all_mean(window / max(1, window_n), world)[0])
+            if rank == 0:
+                print(f"[steps] step {step}/{total} loss {last:.4f} "
+                      f"{dc.batch_size * world * window_n / max(now - t_log, 1e-9):.1f} samples/s", flush=True)
+                if run_id:
+                    tracking.log_metrics(uri, run_id, {"loss": last, "phase": d.phase,
+                                                       "student_steps": d.phases[d.phase].steps,
+                                                       "lr": eng.lr()}, step)
+            window.zero_()
+            window_n, t_log = 0, now
+        if step % dc.checkpoint_every == 0 or end_of_phase or step == total:
+            checkpoint(step, {"loss": last, "phase": d.phase})
+
+
+# ---------------------------------------------------------------------------------------------------
+# The driver.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _finished(cfg: Config, job_key: str, total: int) -> dict | None:
+    meta_uri = join(cfg.steps.output, "distillery.json")
+    if not exists(meta_uri):
+        return None
+    meta = json.loads(read_bytes(meta_uri)).get("steps_distillation", {})
+    if meta.get("job_key") == job_key and meta.get("step") == total:
+        return meta
+    return None
+
+
+def _check(cfg: Config) -> None:
+    """Errors the workers would otherwise hit minutes later, named by the fields to change."""
+    dc = cfg.distill
+    if dc.deepspeed and dc.zero_stage == 3:
+        raise ValueError("steps: distill.zero_stage 3 is not supported here (the progressive teacher and the "
+                         "consistency target are copies of the whole student); use zero_stage 0-2")
+    if dc.encode_on_the_fly:
+        raise ValueError("steps: reads the embedding cache (distill.cache); distill.encode_on_the_fly is not "
+                         "supported here, run `distillery prepare` first")
+
+
+def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
+    """Step-distill (or resume) cfg.steps.student; returns the output folder, the sampling steps, the last
+    loss and the MLflow run id."""
+    from diffusers import UNet2DConditionModel
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    sc, dc = cfg.steps, train_config(cfg)
+    _check(cfg)
+    job_key = join(dc.storage_path, job_name(cfg))
+    done = _finished(cfg, job_key, dc.max_steps)
+    if done is not None:
+        log.info("steps: %s already holds the final student of %s; nothing to do", sc.output, job_key)
+        return {"output": sc.output, "steps": done["steps"], "loss": done.get("loss"),
+                "mlflow_run_id": done.get("mlflow_run_id"), "skipped": True}
+    manifest = _manifest(cfg)
+    src, student = _load_student(sc.student)
+    t_cfg = UNet2DConditionModel.load_config(resolve_model_dir(cfg.teacher.uri), subfolder="unet")
+    if t_cfg["cross_attention_dim"] != student.config.cross_attention_dim:
+        raise ValueError(f"steps.student {sc.student} (cross_attention_dim {student.config.cross_attention_dim}) "
+                         f"does not fit teacher.uri {cfg.teacher.uri} ({t_cfg['cross_attention_dim']})")
+    del student
+
+    ensure_ray(cfg)
+    uri = cfg.tracking_uri()
+    run_id, resumed = tracking.start_run(uri, cfg.mlflow.experiment, job_key, job_name(cfg),
+                                         cfg.model_dump(mode="json"),
+                                         tags={"distillery.stage": "steps", "distillery.config_digest": cfg.digest(),
+                                               "distillery.objective": sc.objective})
+    log.info("steps: %s MLflow run %s", "resuming" if resumed else "starting", run_id)
+    env = {"DS_ACCELERATOR": "cpu"} if not dc.use_gpu else {}
+    env["RAY_DATA_DISABLE_PROGRESS_BARS"] = os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    for k in ("DISTILLERY_CACHE", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI"):
+        if os.environ.get(k):
+            env[k] = os.environ[k]
+    fs, path = filesystem(dc.storage_path)
+    storage = {"storage_path": path, "storage_filesystem": fs} if is_remote(dc.storage_path) else {
+        "storage_path": path}
+    datasets = _datasets(cfg, manifest)
+    datasets.pop("val", None)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "manifest": manifest, "tracking_uri": uri,
+                           "mlflow_run_id": run_id},
+        scaling_config=ScalingConfig(num_workers=dc.num_workers, use_gpu=dc.use_gpu,
+                                     resources_per_worker=dc.resources_per_worker or None),
+        torch_config=TorchConfig(backend="nccl" if dc.use_gpu else "gloo"),
+        run_config=RunConfig(name=job_name(cfg), failure_config=FailureConfig(max_failures=dc.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=dc.keep_checkpoints),
+                             worker_runtime_env={"env_vars": env}, callbacks=callbacks or [], **storage),
+        datasets=datasets,
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise
+    if result.checkpoint is None:
+        raise RuntimeError(f"steps: the run {job_key} finished without a checkpoint")
+    phases = plan(sc.objective, sc.teacher_steps, sc.rounds, sc.lcm_steps)
+    guided = sc.objective != "progressive" or student_w(src)
+    meta = {"objective": sc.objective, "steps": phases[-1].steps,
+            "guidance_scale": sc.guidance_scale if guided else 1.0, "guidance_range": list(sc.guidance_range),
+            "phases": [vars(p) for p in phases], "teacher": cfg.teacher.uri, "source": sc.student,
+            "lora_rank": sc.lora_rank, "job_key": job_key, "step": dc.max_steps,
+            "loss": (result.metrics or {}).get("loss"), "mlflow_run_id": run_id, "config_digest": cfg.digest()}
+    with result.checkpoint.as_directory() as d:
+        unet = UNet2DConditionModel.from_pretrained(Path(d) / FINAL, torch_dtype=torch.float32)
+        scheduler = student_scheduler(sc.objective, _scheduler(src), meta["steps"], sc.lcm_skip)
+        meta["scheduler"] = type(scheduler).__name__
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = save_steps_student(unet, src, Path(tmp) / "student", scheduler, meta)
+            tracking.log_artifact(uri, run_id, folder / "distillery.json", "student")
+            _upload(folder, sc.output)
+    tracking.set_tags(uri, run_id, {"distillery.output": sc.output, "distillery.student_steps": meta["steps"]})
+    tracking.end_run(uri, run_id)
+    return {"output": sc.output, "steps": meta["steps"], "guidance_scale": meta["guidance_scale"],
+            "scheduler": meta["scheduler"], "loss": meta["loss"], "mlflow_run_id": run_id}
+
+
+def student_w(src: str) -> bool:
+    """Whether a pipeline folder's U-Net takes the guidance weight w as an input."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.load_config(src, subfolder="unet").get("time_cond_proj_dim") is not None

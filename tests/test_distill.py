@@ -1,0 +1,288 @@
+"""The distill stage: pure helpers without Ray, then real distillations on tiny-sd1 (local Ray with 2 CPU
+workers, DeepSpeed on CPU with gloo, a real MLflow server): loss goes down, checkpoints, MLflow contents,
+a stopped run resumes, a killed worker is replaced and the run resumes from its last checkpoint, and the
+exported student (ZeRO-3 shards consolidated) loads in plain diffusers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+import yaml
+
+from pipelines.config import ConfigError, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+SHAPES = ("circle", "square")
+
+
+# --- pure helpers ---------------------------------------------------------------------------------
+
+
+def test_lr_schedule_warmup_and_decay():
+    from pipelines.distill import lr_at
+
+    dc = parse_config({"distill": {"lr": 1e-3, "warmup_steps": 4, "max_steps": 14, "lr_schedule": "cosine"}}).distill
+    assert lr_at(0, dc) == pytest.approx(2.5e-4) and lr_at(3, dc) == pytest.approx(1e-3)
+    assert lr_at(4, dc) == pytest.approx(1e-3) and lr_at(9, dc) == pytest.approx(5e-4)
+    assert lr_at(14, dc) == pytest.approx(0.0, abs=1e-12)
+    dc.lr_schedule = "linear"
+    assert lr_at(9, dc) == pytest.approx(5e-4)
+    dc.lr_schedule = "constant"
+    assert lr_at(13, dc) == 1e-3
+
+
+def test_ds_config_and_optimizer():
+    from pipelines.distill import ds_config, make_optimizer
+
+    dc = parse_config({"distill": {"zero_stage": 3, "precision": "bf16", "batch_size": 4, "grad_accum": 2,
+                                   "offload_params": True, "offload_optimizer": True, "grad_clip": 0.5}}).distill
+    c = ds_config(dc, world_size=8)
+    assert c["train_batch_size"] == 64 and c["train_micro_batch_size_per_gpu"] == 4
+    assert c["gradient_accumulation_steps"] == 2 and c["gradient_clipping"] == 0.5
+    assert c["bf16"]["enabled"] and not c["fp16"]["enabled"]
+    assert c["zero_optimization"]["stage"] == 3
+    assert c["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert c["zero_allow_untested_optimizer"] is True
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    opt = make_optimizer(model, dc)
+    decay, no_decay = opt.param_groups
+    assert [p.ndim for p in decay["params"]] == [2] and decay["weight_decay"] == dc.weight_decay
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ConfigError, match="offload_params needs zero_stage 3"):
+        parse_config({"distill": {"offload_params": True, "zero_stage": 2}})
+    with pytest.raises(ConfigError, match="ema_decay is not supported with zero_stage 3"):
+        parse_config({"distill": {"ema_decay": 0.99, "zero_stage": 3}})
+    with pytest.raises(ConfigError, match="sample_seeds has 2 seeds for 3"):
+        parse_config({"distill": {"sample_prompts": ["a", "b", "c"], "sample_seeds": [1, 2]}})
+
+
+def test_tracking_flatten_limits():
+    from pipelines.tracking import MAX_PARAM_CHARS, flatten
+
+    flat = flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x" * 7000, "e": None, "f": {}})
+    assert flat["a.b"] == "1" and flat["a.c"] == "[1, 2]" and flat["e"] == "null" and flat["f"] == "{}"
+    assert len(flat["d"]) == MAX_PARAM_CHARS and flat["d"].endswith("...")
+
+
+# --- a tiny embedding cache, as the data stage writes it --------------------------------------------
+
+
+def _image(color: tuple[int, int, int], shape: str, size: int = 64) -> np.ndarray:
+    img = np.full((size, size, 3), 245, np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    c = size / 2
+    mask = (yy - c) ** 2 + (xx - c) ** 2 < (size / 4) ** 2 if shape == "circle" else (
+        (abs(yy - c) < size / 4) & (abs(xx - c) < size / 4))
+    img[mask] = color
+    return img
+
+
+def make_cache(uri: str, teacher_uri: str, n_train: int = 64, n_val: int = 8) -> dict:
+    """Encode colored-shape images with the tiny teacher and write the cache by the contract."""
+    from models.teacher import encode_prompts, load_teacher
+    from pipelines.cache import write_manifest, write_rows
+    from pipelines.storage import join
+
+    teacher = load_teacher(teacher_uri, dtype="float32", components=("vae", "text"))
+    combos = [(c, s) for c in COLORS for s in SHAPES]
+    rows = {"train": [], "val": []}
+    for i in range(n_train + n_val):
+        color, shape = combos[i % len(combos)]
+        rows["train" if i < n_train else "val"].append((f"k{i}", f"a {color} {shape}", _image(COLORS[color], shape)))
+    for split, items in rows.items():
+        imgs = torch.tensor(np.stack([x[2] for x in items])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.no_grad():
+            dist = teacher.vae.encode(imgs).latent_dist
+            emb = encode_prompts(teacher, [x[1] for x in items])["prompt_embeds"]
+        write_rows(join(uri, split, "part-0.parquet"), {
+            "key": [x[0] for x in items], "caption": [x[1] for x in items], "split": [split] * len(items),
+            "latent_mean": list(dist.mean.numpy()), "latent_std": list(dist.std.numpy()),
+            "prompt_embeds": list(emb.numpy()),
+        })
+    manifest = {"schema_version": 1, "complete": True, "teacher": teacher_uri, "family": "sd1",
+                "prediction_type": "epsilon", "resolution": 64, "dtype": "float32", "latents": "dist",
+                "vae_scaling_factor": teacher.vae_scale, "latent_shape": [4, 16, 16], "embed_shape": [77, 32],
+                "pooled_dim": None, "rows": {"train": n_train, "val": n_val}, "skipped": {}, "source": "test",
+                "config_digest": "test", "created": "now"}
+    write_manifest(uri, manifest)
+    return manifest
+
+
+# --- real distillations ------------------------------------------------------------------------------
+
+
+def _config(work: Path, **distill) -> dict:
+    return {"name": "t", "work_dir": str(work), "teacher": {"uri": "builtin:tiny-sd1"},
+            "distill": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}, "batch_size": 4, "lr": 3e-4,
+                        "sample_steps": 2, "sample_prompts": ["a red circle", "a blue square"], "log_every": 1,
+                        "max_failures": 2, **distill}}
+
+
+def _wait_for_checkpoint(run_dir: Path, step: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Until Ray Train has registered the checkpoint of `step` (its manager's snapshot names it)."""
+    snapshot, name = run_dir / "checkpoint_manager_snapshot.json", f"checkpoint_{step:06d}"
+    deadline = time.time() + timeout
+    while not (snapshot.exists() and name in snapshot.read_text()):
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the distill process exited ({proc.returncode}) before {name} was registered")
+        if time.time() > deadline:
+            raise AssertionError(f"{name} was not registered in {run_dir} within {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+def _train_workers(since: float) -> list[psutil.Process]:
+    """Ray Train worker processes of our local Ray (children of this process) started after `since`."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()) and p.create_time() >= since:
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, ray_local, mlflow_server):
+    """One distillation job run twice: first as `distillery distill` in its own process, killed after the
+    checkpoint of step 4; then the same config again here, during which one training worker is killed
+    after the checkpoint of step 8. It must resume twice and finish at step 12."""
+    from pipelines import distill
+    from pipelines.config import load_config
+
+    t0 = time.time()
+    work = tmp_path_factory.mktemp("distill")
+    make_cache(str(work / "cache"), "builtin:tiny-sd1")
+    cfg_path = work / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(work, max_steps=12, val_every=4, checkpoint_every=4,
+                                               keep_checkpoints=2, zero_stage=2)))
+    ckpts = work / "train" / "t-distill"
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    with open(work / "first.log", "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines", "distill", str(cfg_path)], cwd=REPO, env=env,
+                                stdout=out, stderr=out, start_new_session=True)
+        try:
+            _wait_for_checkpoint(ckpts, 4, 240, proc)
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)  # a stopped job: no chance to clean up
+            proc.wait()
+    time.sleep(2)
+
+    print(f"[test] first run stopped after {time.time() - t0:.0f}s", flush=True)
+    started, killed = time.time(), []
+
+    def kill_one_worker():
+        _wait_for_checkpoint(ckpts, 8, 240)
+        workers = _train_workers(started)
+        if workers:
+            workers[-1].kill()
+            killed.append(workers[-1].pid)
+
+    killer = threading.Thread(target=kill_one_worker, daemon=True)
+    killer.start()
+    cfg = load_config(cfg_path)
+    result = distill.run(cfg)
+    killer.join(10)
+    print(f"[test] second run finished after {time.time() - started:.0f}s", flush=True)
+    return {"cfg": cfg, "result": result, "work": work, "ckpts": ckpts, "killed": killed}
+
+
+def _history(run_id: str, key: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    return sorted(MlflowClient().get_metric_history(run_id, key), key=lambda m: (m.timestamp, m.step))
+
+
+def test_distill_resumes_after_stop_and_worker_failure(job):
+    r = job["result"]
+    assert r["step"] == 12 and job["killed"], "the run did not finish, or no worker was killed"
+    resumed = [m.value for m in _history(r["mlflow_run_id"], "resumed_from_step")]
+    # a fresh start, the rerun after the stop (from step 4), the restart after the killed worker (>= 4)
+    assert resumed == [0, 4, 8]
+    steps = {m.step for m in _history(r["mlflow_run_id"], "loss")}
+    assert set(range(1, 13)) <= steps  # nothing lost: every step was trained and logged
+
+
+def test_distill_loss_goes_down_and_checkpoints_exist(job):
+    r = job["result"]
+    val = {m.step: m.value for m in _history(r["mlflow_run_id"], "val_loss")}
+    assert val[12] < val[0], val
+    kept = sorted(p.name for p in job["ckpts"].glob("checkpoint_0*"))
+    assert kept == ["checkpoint_000008", "checkpoint_000012"]  # keep_checkpoints=2
+    assert (job["ckpts"] / "checkpoint_000012" / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()
+
+
+def test_distill_mlflow_run_contents(job):
+    from mlflow.tracking import MlflowClient
+
+    r = job["result"]
+    client = MlflowClient()
+    run = client.get_run(r["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["distill.max_steps"] == "12" and run.data.params["student.preset"] == "bk-small"
+    assert run.data.params["distill.loss.feat"] == "1.0"
+    for key in ("loss_task", "loss_out", "loss_feat", "lr", "samples_per_s", "val_loss", "val_out"):
+        assert key in run.data.metrics, key
+    grids = {f.path for f in client.list_artifacts(r["mlflow_run_id"], "grids")}
+    assert {"grids/step_000000.png", "grids/step_000012.png"} <= grids
+    student = {f.path for f in client.list_artifacts(r["mlflow_run_id"], "student")}
+    assert "student/unet" in student and "student/model_index.json" in student
+
+
+def test_exported_student_loads_in_plain_diffusers_and_rerun_is_skipped(job):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from pipelines import distill
+
+    out = Path(job["result"]["output"])
+    unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    assert unet.mid_block is None  # bk-small
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    img = pipe("a red circle", num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
+    again = distill.run(job["cfg"])
+    assert again.get("skipped") and again["step"] == 12
+
+
+def test_distill_zero3_on_s3_exports_consolidated_student(tmp_path, ray_local, mlflow_server, s3_bucket):
+    from diffusers import UNet2DConditionModel
+
+    from models.student import build_student, preset_spec
+    from models.teacher import load_teacher
+    from pipelines import distill
+    from pipelines.storage import list_files, read_bytes
+
+    make_cache(str(tmp_path / "cache"), "builtin:tiny-sd1", n_train=32, n_val=4)
+    tree = _config(tmp_path, max_steps=2, val_every=2, checkpoint_every=2, zero_stage=3,
+                   storage_path=f"{s3_bucket}/train", output=f"{s3_bucket}/student", lr=1e-3)
+    tree["data"] = {"output": str(tmp_path / "cache")}
+    result = distill.run(parse_config(tree))
+    assert result["step"] == 2
+    files = list_files(f"{s3_bucket}/train/t-distill/checkpoint_000002/ds")
+    assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= set(files)
+    local = tmp_path / "exported"
+    local.mkdir()
+    for name in list_files(f"{s3_bucket}/student/unet"):
+        (local / name).write_bytes(read_bytes(f"{s3_bucket}/student/unet/{name}"))
+    trained = UNet2DConditionModel.from_pretrained(local)
+    teacher = load_teacher("builtin:tiny-sd1", components=("unet",), dtype="float32")
+    init = build_student(teacher.unet, preset_spec("bk-small", teacher.unet.config))
+    a, b = init.state_dict(), trained.state_dict()
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    moved = sum(float((a[k] - b[k]).abs().max()) > 0 for k in a)
+    assert moved > len(a) // 2  # the whole student was consolidated from the shards, trained
