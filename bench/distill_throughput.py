@@ -188,7 +188,9 @@ def ours(args: argparse.Namespace) -> dict:
     gpus = 0 if args.tiny else int(ray.cluster_resources().get("GPU", 0))
     workers = 1 if args.tiny else max(1, min(args.gpus or gpus, gpus))
     env = {"DS_ACCELERATOR": "cpu"} if args.tiny else {}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    # the repo first, then whatever the driver already had (site bundles on GPU hosts)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(Path(__file__).resolve().parents[1]),
+                                                   os.environ.get("PYTHONPATH")] if p)
     metrics = {}
 
     # by reference (the module, importable on workers through PYTHONPATH), not pickled from __main__
