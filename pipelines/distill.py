@@ -644,6 +644,24 @@ def _upload(local: Path, uri: str) -> None:
     pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
+def worker_env(use_gpu: bool) -> dict[str, str]:
+    """Environment of the training workers: DeepSpeed's CPU accelerator off-GPU, and the standard variables
+    workers need to reach the same storage and servers as the driver (a cluster's nodes usually have their
+    own: these only fill in what a worker started earlier does not have)."""
+    env = {"DS_ACCELERATOR": "cpu"} if not use_gpu else {}
+    env["RAY_DATA_DISABLE_PROGRESS_BARS"] = os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    for k in ("DISTILLERY_CACHE", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI", *AWS_ENV):
+        if os.environ.get(k):
+            env[k] = os.environ[k]
+    return env
+
+
+def run_storage(uri: str) -> dict[str, Any]:
+    """RunConfig keyword arguments that put a Train run's checkpoints at `uri` (local or s3://)."""
+    fs, path = filesystem(uri)
+    return {"storage_path": path, "storage_filesystem": fs} if is_remote(uri) else {"storage_path": path}
+
+
 def trainer_for(cfg: Config, spec: RemovalSpec, manifest: dict, mlflow_run_id: str | None,
                 callbacks: list | None = None) -> Any:
     """The TorchTrainer of a distillation job (Ray Tune wraps this with its own storage and callbacks)."""
@@ -651,16 +669,8 @@ def trainer_for(cfg: Config, spec: RemovalSpec, manifest: dict, mlflow_run_id: s
     from ray.train.torch import TorchConfig, TorchTrainer
 
     dc = cfg.distill
-    env = {"DS_ACCELERATOR": "cpu"} if not dc.use_gpu else {}
-    env["RAY_DATA_DISABLE_PROGRESS_BARS"] = os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    # the standard variables workers need to reach the same storage and servers as the driver (a cluster's
-    # nodes usually have their own: these only fill in what a worker started earlier does not have)
-    for k in ("DISTILLERY_CACHE", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI", *AWS_ENV):
-        if os.environ.get(k):
-            env[k] = os.environ[k]
-    fs, path = filesystem(dc.storage_path)
-    storage = {"storage_path": path, "storage_filesystem": fs} if is_remote(dc.storage_path) else {
-        "storage_path": path}
+    env = worker_env(dc.use_gpu)
+    storage = run_storage(dc.storage_path)
     import ray
 
     datasets = _datasets(cfg, manifest)

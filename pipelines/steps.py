@@ -42,9 +42,11 @@ from pipelines.distill import (
     _upload,
     cache_batch,
     prompt_conditioning,
+    run_storage,
     teacher_dtype,
+    worker_env,
 )
-from pipelines.storage import ensure_ray, exists, filesystem, is_remote, join, read_bytes
+from pipelines.storage import ensure_ray, exists, join, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -238,14 +240,8 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
                                          tags={"distillery.stage": "steps", "distillery.config_digest": cfg.digest(),
                                                "distillery.objective": sc.objective})
     log.info("steps: %s MLflow run %s", "resuming" if resumed else "starting", run_id)
-    env = {"DS_ACCELERATOR": "cpu"} if not dc.use_gpu else {}
-    env["RAY_DATA_DISABLE_PROGRESS_BARS"] = os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    for k in ("DISTILLERY_CACHE", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI"):
-        if os.environ.get(k):
-            env[k] = os.environ[k]
-    fs, path = filesystem(dc.storage_path)
-    storage = {"storage_path": path, "storage_filesystem": fs} if is_remote(dc.storage_path) else {
-        "storage_path": path}
+    env = worker_env(dc.use_gpu)
+    storage = run_storage(dc.storage_path)
     datasets = _datasets(cfg, manifest)
     datasets.pop("val", None)
     trainer = TorchTrainer(

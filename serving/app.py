@@ -365,16 +365,10 @@ def write_serve_config(cfg: Config, path: str | os.PathLike) -> Path:
 
 def start(cfg: Config, blocking: bool = False) -> str:
     """Start Serve (HTTP on serve.host:port) and deploy the app; returns its URL."""
-    import ray
+    from pipelines.storage import ensure_ray
 
     c = cfg.serve
-    if not ray.is_initialized():
-        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-        if address:  # a running cluster brings its own resources
-            ray.init(address=address, runtime_env=cfg.ray.runtime_env or None)
-        else:
-            ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
-                     include_dashboard=cfg.ray.include_dashboard, runtime_env=cfg.ray.runtime_env or None)
+    ensure_ray(cfg)
     serve.start(http_options={"host": c.host, "port": c.port, "request_timeout_s": c.request_timeout_s + 10})
     serve.run(build_app(cfg), name=APP_NAME, route_prefix=c.route_prefix, blocking=blocking)
     return f"http://{c.host}:{c.port}{c.route_prefix.rstrip('/')}/"
