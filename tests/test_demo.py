@@ -1,0 +1,72 @@
+"""`distillery demo` end to end with reduced sizes, as a user runs it (its own process): local S3 and
+MLflow servers, the built-in shapes data on S3, prepare → distill → tune → evaluate → register, then
+Ray Serve answering over real HTTP until Ctrl-C stops everything."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from PIL import Image
+
+from pipelines.local import free_port
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    port = free_port()
+    work = tmp_path / "demo"
+    log = open(tmp_path / "demo.log", "wb")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for k in ("AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):  # the demo brings its own
+        env.pop(k, None)
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "demo", "--small", "--port", str(port),
+                             "--work-dir", str(work)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 1200
+        ready = False
+        while time.time() < deadline and proc.poll() is None and not ready:
+            try:
+                ready = requests.get(url + "/readyz", timeout=2).status_code == 200
+            except requests.RequestException:
+                time.sleep(3)
+        tail = (tmp_path / "demo.log").read_text(errors="replace")[-4000:]
+        assert ready, f"the demo never served (exit code {proc.poll()}):\n{tail}"
+        r = requests.post(url + "/v1/images/generations",
+                          json={"prompt": "a red circle at the top left on a blue background", "seed": 1,
+                                "num_inference_steps": 2}, timeout=120)
+        assert r.status_code == 200, r.text
+        img = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
+        assert img.size == (64, 64)
+        assert "distillery-student" in requests.get(url + "/v1/models", timeout=10).text
+        deadline = time.time() + 60
+        while "Ctrl-C stops the servers" not in (tmp_path / "demo.log").read_text(errors="replace"):
+            assert time.time() < deadline, "the demo did not print its serving banner"
+            time.sleep(1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, (tmp_path / "demo.log").read_text(errors="replace")[-4000:]
+    summary = json.loads((work / "demo-summary.json").read_text())
+    results = summary["results"]
+    assert set(results) == {"prepare", "distill", "tune", "evaluate", "register"}
+    assert results["register"]["alias"] == "champion"
+    metrics = json.loads((work / "eval" / "metrics.json").read_text())
+    assert metrics["params_student"] < metrics["params_teacher"]
+    # Ctrl-C stopped the servers it started
+    with pytest.raises(requests.RequestException):
+        requests.get(url + "/healthz", timeout=3)
