@@ -41,15 +41,12 @@ from models.student import count_params, meta_unet, preset_spec, student_config 
 from models.tiny import SD1_UNET, VAE  # noqa: E402
 from models.tiny import SDXL_UNET as TINY_SDXL_UNET  # noqa: E402
 from pipelines.metrics import count_macs, measure_latency, median, unet_inputs  # noqa: E402
-from pipelines.student_cli import SD15_UNET, SDXL_UNET  # noqa: E402
+from pipelines.student_cli import SD15_UNET, SD15_VAE, SDXL_UNET  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Evaluation / latency"
 
-# the public SD/SDXL VAE config (the two differ in scaling factor and fp16 behaviour, not in shape)
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-              in_channels=3, out_channels=3)
+SD_VAE = {k: v for k, v in SD15_VAE.items() if k not in ('sample_size', 'scaling_factor')}
 
 # family -> (teacher U-Net config, image size, VAE config, students, VAE dtype policy)
 FAMILIES = {

@@ -32,17 +32,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.config import parse_config  # noqa: E402
-
-SD_VAE = dict(  # stable-diffusion-v1-5/vae/config.json
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    latent_channels=4,
-    layers_per_block=2,
-    norm_num_groups=32,
-    sample_size=512,
-    scaling_factor=0.18215,
-)
+from pipelines.student_cli import SD15_VAE  # noqa: E402
 
 
 def make_images(folder: Path, n: int, size: tuple[int, int]) -> None:
@@ -119,7 +109,7 @@ def bench_vae(args, tmp: Path) -> list[str]:
     pipe = tiny_sd1_pipeline()
     if args.vae == "full":
         torch.manual_seed(0)
-        pipe.register_modules(vae=AutoencoderKL(**SD_VAE))
+        pipe.register_modules(vae=AutoencoderKL(**SD15_VAE))
     teacher = tmp / "teacher"
     pipe.save_pretrained(teacher)
     vae = AutoencoderKL.from_pretrained(teacher, subfolder="vae").to(args.device).eval()

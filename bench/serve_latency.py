@@ -48,18 +48,13 @@ def build_models(tiny: bool, root: Path) -> dict[str, Path]:
         from transformers import CLIPTextConfig, CLIPTextModel
 
         from models.tiny import build_tokenizer
-        from pipelines.student_cli import SD15_UNET
+        from pipelines.student_cli import SD15_TEXT, SD15_UNET, SD15_VAE
 
         torch.manual_seed(0)
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             unet = UNet2DConditionModel(**SD15_UNET)
-            vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
-                                sample_size=512)
-            te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                              num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                              hidden_act="quick_gelu", projection_dim=768, bos_token_id=0,
-                                              eos_token_id=1, pad_token_id=1))
+            vae = AutoencoderKL(**SD15_VAE)
+            te = CLIPTextModel(CLIPTextConfig(**SD15_TEXT, bos_token_id=0, eos_token_id=1, pad_token_id=1))
         sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
         pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=te, tokenizer=build_tokenizer(root / "tok"),

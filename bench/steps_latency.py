@@ -43,17 +43,9 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from models.steps import add_guidance_embedding, student_scheduler  # noqa: E402
 from models.student import build_student, count_params, preset_spec  # noqa: E402
 from models.tiny import SD1_UNET, VAE, _load_tokenizer, _sd1_scheduler, _text_config  # noqa: E402
-from pipelines.student_cli import SD15_UNET  # noqa: E402
+from pipelines.student_cli import SD15_TEXT, SD15_UNET, SD15_VAE  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
-
-# SD 1.5's public VAE and text-encoder configs (stable-diffusion-v1-5/stable-diffusion-v1-5)
-SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
-                norm_num_groups=32, sample_size=512, scaling_factor=0.18215, in_channels=3, out_channels=3)
-SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-
 
 def build(tiny: bool, device: str, dtype: torch.dtype) -> dict:
     """Components: the teacher U-Net, the bk-small student (with and without w input), VAEs, text encoder."""

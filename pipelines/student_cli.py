@@ -38,6 +38,14 @@ SDXL_UNET = dict(
     projection_class_embeddings_input_dim=2816,
 )
 
+# SD 1.5's VAE and text encoder (stable-diffusion-v1-5/stable-diffusion-v1-5); SDXL's VAE has the same
+# shape with scaling_factor 0.13025. The benchmarks build full-size models from these, with no download.
+SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
+                norm_num_groups=32, sample_size=512, scaling_factor=0.18215, in_channels=3, out_channels=3)
+SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+
 
 def preset_table(teacher_configs: dict[str, dict]) -> list[dict]:
     """One row per (teacher, preset that applies to it): parameters and what is removed."""
