@@ -662,16 +662,31 @@ def run_storage(uri: str) -> dict[str, Any]:
     return {"storage_path": path, "storage_filesystem": fs} if is_remote(uri) else {"storage_path": path}
 
 
+def trainer_configs(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
+    """Scaling, backend and run configs of a training job on cfg.distill (distill and steps share them)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    dc = cfg.distill
+    return {
+        "scaling_config": ScalingConfig(num_workers=dc.num_workers, use_gpu=dc.use_gpu,
+                                        resources_per_worker=dc.resources_per_worker or None),
+        "torch_config": TorchConfig(backend="nccl" if dc.use_gpu else "gloo"),
+        "run_config": RunConfig(name=job_name(cfg), failure_config=FailureConfig(max_failures=dc.max_failures),
+                                checkpoint_config=CheckpointConfig(num_to_keep=dc.keep_checkpoints),
+                                worker_runtime_env={"env_vars": worker_env(dc.use_gpu)},
+                                callbacks=callbacks or [], **run_storage(dc.storage_path)),
+    }
+
+
 def trainer_for(cfg: Config, spec: RemovalSpec, manifest: dict, mlflow_run_id: str | None,
                 callbacks: list | None = None) -> Any:
     """The TorchTrainer of a distillation job (Ray Tune wraps this with its own storage and callbacks)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    import ray
+    from ray.train import DataConfig
+    from ray.train.torch import TorchTrainer
 
     dc = cfg.distill
-    env = worker_env(dc.use_gpu)
-    storage = run_storage(dc.storage_path)
-    import ray
 
     datasets = _datasets(cfg, manifest)
     # the validation rows are few and fixed: taken once here, shared with every worker through the object store
@@ -684,14 +699,9 @@ def trainer_for(cfg: Config, spec: RemovalSpec, manifest: dict, mlflow_run_id: s
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "manifest": manifest, "spec": spec.to_dict(),
                            "tracking_uri": cfg.tracking_uri(), "mlflow_run_id": mlflow_run_id,
                            "val_rows": val_rows},
-        scaling_config=ScalingConfig(num_workers=dc.num_workers, use_gpu=dc.use_gpu,
-                                     resources_per_worker=dc.resources_per_worker or None),
-        torch_config=TorchConfig(backend="nccl" if dc.use_gpu else "gloo"),
-        run_config=RunConfig(name=job_name(cfg), failure_config=FailureConfig(max_failures=dc.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=dc.keep_checkpoints),
-                             worker_runtime_env={"env_vars": env}, callbacks=callbacks or [], **storage),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split="all"),
+        **trainer_configs(cfg, callbacks),
     )
 
 

@@ -42,9 +42,8 @@ from pipelines.distill import (
     _upload,
     cache_batch,
     prompt_conditioning,
-    run_storage,
     teacher_dtype,
-    worker_env,
+    trainer_configs,
 )
 from pipelines.storage import ensure_ray, exists, join, read_bytes
 
@@ -214,8 +213,7 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     """Step-distill (or resume) cfg.steps.student; returns the output folder, the sampling steps, the last
     loss and the MLflow run id."""
     from diffusers import UNet2DConditionModel
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     sc, dc = cfg.steps, train_config(cfg)
     _check(cfg)
@@ -240,21 +238,14 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
                                          tags={"distillery.stage": "steps", "distillery.config_digest": cfg.digest(),
                                                "distillery.objective": sc.objective})
     log.info("steps: %s MLflow run %s", "resuming" if resumed else "starting", run_id)
-    env = worker_env(dc.use_gpu)
-    storage = run_storage(dc.storage_path)
     datasets = _datasets(cfg, manifest)
     datasets.pop("val", None)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "manifest": manifest, "tracking_uri": uri,
                            "mlflow_run_id": run_id},
-        scaling_config=ScalingConfig(num_workers=dc.num_workers, use_gpu=dc.use_gpu,
-                                     resources_per_worker=dc.resources_per_worker or None),
-        torch_config=TorchConfig(backend="nccl" if dc.use_gpu else "gloo"),
-        run_config=RunConfig(name=job_name(cfg), failure_config=FailureConfig(max_failures=dc.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=dc.keep_checkpoints),
-                             worker_runtime_env={"env_vars": env}, callbacks=callbacks or [], **storage),
         datasets=datasets,
+        **trainer_configs(cfg, callbacks),
     )
     try:
         result = trainer.fit()
