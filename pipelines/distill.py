@@ -377,14 +377,10 @@ def _encode_images(teacher: Any, batch: dict[str, np.ndarray], resolution: int,
     return out
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """One Ray Train worker. `config`: {"cfg": Config as JSON, "manifest": cache manifest, "spec": removal spec,
-    "tracking_uri": str, "mlflow_run_id": str | None, "val_rows": object ref of the validation rows | None}."""
-    import ray
+def worker_setup(dc: DistillConfig) -> tuple[int, int, torch.device]:
+    """A Train worker's rank, world size and device, with its accelerator settings and seed."""
     import ray.train
 
-    cfg = Config.model_validate(config["cfg"])
-    dc = cfg.distill
     if not dc.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported in this process
     ctx = ray.train.get_context()
@@ -395,6 +391,18 @@ def train_loop_per_worker(config: dict) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(dc.seed + rank)
+    return rank, world, device
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker. `config`: {"cfg": Config as JSON, "manifest": cache manifest, "spec": removal spec,
+    "tracking_uri": str, "mlflow_run_id": str | None, "val_rows": object ref of the validation rows | None}."""
+    import ray
+    import ray.train
+
+    cfg = Config.model_validate(config["cfg"])
+    dc = cfg.distill
+    rank, world, device = worker_setup(dc)
     manifest = config["manifest"]
     run_id, uri = config.get("mlflow_run_id"), config["tracking_uri"]
     resolution = int(manifest["resolution"])

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ from pipelines.distill import (
     prompt_conditioning,
     teacher_dtype,
     trainer_configs,
+    worker_setup,
 )
 from pipelines.storage import ensure_ray, exists, join, read_bytes
 
@@ -91,15 +91,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = Config.model_validate(config["cfg"])
     sc, dc = cfg.steps, train_config(cfg)
-    if not dc.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device("cuda", ctx.get_local_rank()) if dc.use_gpu else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-    torch.manual_seed(dc.seed + rank)
+    rank, world, device = worker_setup(dc)
     manifest, run_id, uri = config["manifest"], config.get("mlflow_run_id"), config["tracking_uri"]
 
     src, student = _load_student(sc.student)
