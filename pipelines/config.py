@@ -252,8 +252,14 @@ class EvaluateConfig(Section):
     prompts: str | None = None  # a text file, one prompt per line; default: validation captions
     num_prompts: int = Field(16, ge=1)
     images_per_prompt: int = Field(1, ge=1)
-    steps: int = Field(20, ge=1)
+    steps: int = Field(20, ge=1)  # the teacher's steps (always with classifier-free guidance at guidance_scale)
     guidance_scale: float = Field(7.5, ge=0)
+    # the student's own steps and guidance weight; default: those its distillery.json records (a step-distilled
+    # student, from the steps stage), else steps / guidance_scale. A student with its own scheduler/ samples
+    # with it; one that takes w as an input (guided, consistency) runs one U-Net forward per step, no CFG.
+    student_steps: int | None = Field(None, ge=1)
+    student_guidance_scale: float | None = Field(None, ge=0)
+    steps_sweep: list[int] = Field(default_factory=list)  # also the student at each of these steps, e.g. [1, 2, 4, 8]
     resolution: int | None = Field(None, ge=8)  # default: the cache's resolution, else the teacher's native
     reference: str | None = None  # a folder of reference images; default: validation images
     num_reference: int | None = Field(None, ge=2)  # at most this many reference images; default all
@@ -266,6 +272,16 @@ class EvaluateConfig(Section):
     batch_size: int = Field(4, ge=1)
     output: str | None = None  # default {work_dir}/eval
     seed: int = 0
+
+    @field_validator("steps_sweep")
+    @classmethod
+    def _sweep(cls, v: list[int]) -> list[int]:
+        if any(k < 1 for k in v):
+            raise ValueError("every step count must be >= 1")
+        dup = sorted({k for k in v if v.count(k) > 1})
+        if dup:
+            raise ValueError(f"step counts must not repeat ({', '.join(map(str, dup))} more than once)")
+        return v
 
 
 class RegistryConfig(Section):

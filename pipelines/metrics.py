@@ -103,7 +103,8 @@ def pooled(features: torch.Tensor, max_side: int = 8) -> torch.Tensor:
 def unet_inputs(config: Any, batch: int, height: int, width: int, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32, text_len: int = 77) -> tuple[tuple, dict]:
     """Random (args, kwargs) for one UNet2DConditionModel forward: latents (B, C, h, w) at latent size
-    h x w, a timestep and the text conditioning its config asks for (SDXL: pooled text + time ids)."""
+    h x w, a timestep and the conditioning its config asks for (SDXL: pooled text + time ids; a U-Net
+    with `time_cond_proj_dim`, which takes the guidance weight w as an input: the w-embedding)."""
     cfg = dict(config)
     kw: dict[str, Any] = {"dtype": dtype, "device": device}
     sample = torch.randn(batch, cfg["in_channels"], height, width, **kw)
@@ -116,6 +117,8 @@ def unet_inputs(config: Any, batch: int, height: int, width: int, device: str | 
         pooled_dim = cfg["projection_class_embeddings_input_dim"] - n_time * cfg["addition_time_embed_dim"]
         kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled_dim, **kw),
                                        "time_ids": torch.randn(batch, n_time, **kw).abs() * 512}
+    if cfg.get("time_cond_proj_dim") is not None:  # step-distilled guided/consistency students
+        kwargs["timestep_cond"] = torch.randn(batch, cfg["time_cond_proj_dim"], **kw)
     return (sample, t), kwargs
 
 

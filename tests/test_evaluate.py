@@ -279,3 +279,136 @@ def test_evaluate_pipelines_core_without_stage(tiny_sd1_dir, students):
     assert "fid" not in ev.metrics and "is_mean" in ev.metrics  # no reference: IS only, and student vs teacher
     assert ev.metrics["fid_student_vs_teacher"] > 0
     assert set(ev.embeddings["output"]) == {"teacher", "student"} and ev.embeddings["output"]["teacher"].shape[0] == 4
+
+
+# --------------------------------------------------------------------------- step-distilled students
+
+
+@pytest.fixture(scope="module")
+def guided_student(tiny_sd1_dir, tmp_path_factory) -> Path:
+    """A guided step student as the steps stage exports it, without training: the teacher's U-Net with a w
+    input (its projection random, so that w changes the output), DDIM with trailing spacing, and
+    distillery.json recording 2 steps at guidance 5."""
+    from models.steps import add_guidance_embedding, save_steps_student, student_scheduler
+    from models.teacher import load_teacher
+
+    teacher = load_teacher(str(tiny_sd1_dir), components=("unet", "scheduler"))
+    unet = add_guidance_embedding(teacher.unet)
+    with torch.no_grad():
+        proj = unet.time_embedding.cond_proj.weight
+        proj.copy_(torch.randn(proj.shape, generator=torch.Generator().manual_seed(0)) * 0.1)
+    return save_steps_student(unet, str(tiny_sd1_dir), tmp_path_factory.mktemp("steps") / "guided",
+                              student_scheduler("guided", teacher.scheduler, 2),
+                              {"objective": "guided", "steps": 2, "guidance_scale": 5.0})
+
+
+def test_step_student_runs_its_own_scheduler_steps_and_sweep(tiny_sd1_dir, guided_student, clip_dir, tmp_path,
+                                                             mlflow_server):
+    """The stage on a guided step student: its own DDIM (trailing) scheduler, the steps and guidance its
+    distillery.json records as a w input (one U-Net call per step), and the sweep's metrics at 1 and 2 steps."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from pipelines.evaluate import load_pipelines, run
+
+    teacher, student = load_pipelines(str(tiny_sd1_dir), str(guided_student))
+    assert isinstance(student.scheduler, DDIMScheduler) and student.scheduler.config.timestep_spacing == "trailing"
+    assert teacher.scheduler.config.timestep_spacing == "leading"  # the teacher keeps its own
+    del teacher, student
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i in range(4):
+        shape_image(i).save(ref / f"{i}.png")
+    cfg = parse_config({"work_dir": str(tmp_path / "work"), "teacher": {"uri": str(tiny_sd1_dir)},
+                        "mlflow": {"experiment": "eval-steps"},
+                        "evaluate": small_eval(student=str(guided_student), prompts=str(prompts), reference=str(ref),
+                                               clip_model=str(clip_dir), steps_sweep=[1, 2])})
+    metrics = run(cfg)
+
+    assert (metrics["steps_teacher"], metrics["guidance_scale_teacher"], metrics["cfg_batch_teacher"]) == (2, 3.0, 2)
+    assert (metrics["steps_student"], metrics["guidance_scale_student"], metrics["cfg_batch_student"]) == (2, 5.0, 1)
+    assert metrics["steps"] == 2 and metrics["guidance_scale"] == 3.0  # the names other code reads, unchanged
+    for k in (1, 2):
+        for name in ("fid_student_vs_teacher", "fid", "kid_mean", "clip_score_student", "caption_accuracy", "psnr",
+                     "ssim", "latent_mse", "latency_image_ms_student", "speedup_image"):
+            assert math.isfinite(metrics[f"{name}_{k}steps"]), (name, k)
+        assert metrics[f"latent_mse_{k}steps"] > 0 and metrics[f"latency_image_ms_student_{k}steps"] > 0
+        assert 0 <= metrics[f"caption_accuracy_{k}steps"] <= 1
+    for name in ("psnr", "latent_mse", "fid_student_vs_teacher", "clip_score_student", "caption_accuracy"):
+        assert metrics[f"{name}_2steps"] == metrics[name]  # 2 steps is the student's own: the main comparison
+    assert metrics["latent_mse_1steps"] != metrics["latent_mse_2steps"]
+    assert metrics["latency_image_ms_student_2steps"] == metrics["latency_image_ms_student"]
+
+    out = Path(cfg.evaluate.output)
+
+    def image(folder: str, i: int = 0) -> np.ndarray:
+        return np.asarray(Image.open(out / "images" / folder / f"{i:04d}.png"), dtype=np.int16)
+
+    assert not np.array_equal(image("student_1steps"), image("student_2steps"))
+    assert np.array_equal(image("student_2steps"), image("student"))
+    assert len(list((out / "images" / "student_1steps").glob("*.png"))) == 4
+    # plain diffusers on the student folder at the recorded steps and guidance draws the same image; the
+    # teacher's guidance (3) would not, so w reached the U-Net
+    pipe = StableDiffusionPipeline.from_pretrained(guided_student)
+    pipe.set_progress_bar_config(disable=True)
+    size = int(metrics["resolution"])
+
+    def plain(w: float) -> np.ndarray:
+        im = pipe(PROMPTS[0], num_inference_steps=2, guidance_scale=w, height=size, width=size,
+                  generator=torch.Generator().manual_seed(cfg.evaluate.seed)).images[0]
+        return np.asarray(im, dtype=np.int16)
+
+    assert np.abs(plain(5.0) - image("student")).max() <= 1
+    assert np.abs(plain(3.0) - image("student")).max() > 10
+
+    report = (out / "report.html").read_text()
+    assert "<h2>Steps sweep</h2>" in report and 'src="plots/steps_sweep.png"' in report
+    assert (out / "plots" / "steps_sweep.png").stat().st_size > 1000
+    assert 'src="images/student_1steps/0003.png"' in report
+    assert "DDIMScheduler (trailing spacing), 2 steps, guidance scale 5, w input" in report
+    for key in metrics:
+        assert key in report, key
+
+
+def test_guided_student_runs_one_forward_per_step(tiny_sd1_dir, guided_student):
+    """evaluate_pipelines: the teacher's U-Net sees the CFG pair (batch 2B) at its steps, the guided student's
+    only batch B with the w-embedding, at its own steps and then at each step count of the sweep."""
+    from collections import Counter
+
+    from pipelines.evaluate import evaluate_pipelines, load_pipelines
+
+    teacher, student = load_pipelines(str(tiny_sd1_dir), str(guided_student))
+    calls: dict[str, Counter] = {"teacher": Counter(), "student": Counter()}
+    w_inputs = []
+
+    def record(who):
+        def hook(_m, args, kwargs):
+            calls[who][args[0].shape[0]] += 1
+            if who == "student":
+                w_inputs.append(kwargs.get("timestep_cond") is not None)
+        return hook
+
+    teacher.unet.register_forward_pre_hook(record("teacher"), with_kwargs=True)
+    student.unet.register_forward_pre_hook(record("student"), with_kwargs=True)
+    ev = evaluate_pipelines(teacher, student, PROMPTS[:3], steps=3, guidance_scale=3.0, student_steps=2,
+                            student_guidance_scale=5.0, steps_sweep=[1, 2], batch_size=3,
+                            feature_extractor="builtin:tiny", latency_repeats=1, embedding_samples=2)
+    assert calls["teacher"][6] == 3 and calls["student"][6] == 0  # generation: 3 teacher steps of the CFG pair
+    assert calls["student"][3] == 2 + 1  # 2 steps, and 1 for the sweep (its 2 steps are the main run's)
+    assert all(w_inputs) and len(w_inputs) > 3  # every student call, latency and features included, gets w
+    assert ev.metrics["cfg_batch_teacher"] == 2 and ev.metrics["cfg_batch_student"] == 1
+    assert set(ev.sweep_images) == {1, 2} and ev.sweep_images[2] is ev.student_images
+
+    with pytest.raises(ValueError, match="steps_sweep"):
+        evaluate_pipelines(teacher, student, PROMPTS[:2], steps_sweep=[0])
+
+
+def test_bad_steps_sweep_names_the_field():
+    from pipelines.config import ConfigError
+
+    for bad, why in (([0], ">= 1"), ([1, 2, 2], "must not repeat")):
+        with pytest.raises(ConfigError, match=rf"evaluate\.steps_sweep: .*{why}"):
+            parse_config({"evaluate": {"steps_sweep": bad}})
+    assert parse_config({"evaluate": {"steps_sweep": [1, 2, 4, 8]}}).evaluate.steps_sweep == [1, 2, 4, 8]
