@@ -1,27 +1,41 @@
-"""Serving benchmark: p50/p95 latency and images/s of the Ray Serve app under 1, 8 and 32 concurrent HTTP
-clients, for the teacher pipeline and its student at the same steps, with dynamic batching on and off,
-next to a plain diffusers reference (the pipeline called in-process, one image at a time) in the same run.
+"""Serving benchmark (issue 6): p50/p95 latency and images/s of the Ray Serve app under 1, 8 and 32 concurrent
+HTTP clients, for the teacher pipeline and its bk-small student at the same steps, with dynamic batching on
+(max_batch_size --max-batch) and off (max_batch_size 1), next to plain diffusers references measured in the
+same run: the pipeline called in-process one image at a time, and one call of --max-batch images (what
+batching could reach without Serve, HTTP and queueing).
 
 Goals: student >= 1.6x the teacher's images/s at equal steps; batching >= 2x the images/s of unbatched
 serving at 32 clients.
 
-  python bench/serve_latency.py --tiny                       # CPU smoke run: tiny-sd1 and its bk-small student
-  python bench/serve_latency.py --device cuda                # random-weight SD 1.5 and bk-small at 512 px
-  python bench/serve_latency.py --device cuda --append-results bench/RESULTS.md
+Each (model, batching) pair is deployed as its own one-replica Serve app (Ray started with no dashboard,
+HTTP on 127.0.0.1; no network, no MLflow: the replica loads a diffusers folder). Each level sends a fixed
+number of requests: every one of `c` clients posts --requests-per-client requests back to back (n=1,
+guidance 7.5); images/s = requests / (first post -> last answer). Before a level series the deployment is
+warmed up: a full batch of short (2-step) requests when batching is on (the batch shapes), then full-step
+requests for at least --warmup-s seconds (GPU clocks).
 
-Full-size models are built from their public configs with random weights (no download): timings do not
-depend on the weights. Each (model, batching) pair is deployed as its own Serve app with one replica.
+  python bench/serve_latency.py --tiny --requests-per-client 2,1,1       # CPU smoke run: tiny-sd1 and bk-small
+  python bench/serve_latency.py --device cuda --append-results bench/RESULTS.md   # SD 1.5 vs bk-small, 512 px
+
+Full-size models are built from their public configs with random weights (no download), fp16 on the GPU:
+timings do not depend on the weights.
 """
 
+from __future__ import annotations
+
 import argparse
+import contextlib
+import datetime
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import requests
@@ -30,6 +44,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines import local  # noqa: E402
 from pipelines.config import parse_config  # noqa: E402
+
+SECTION = "## Serving"
+
+
+def interrupt_once() -> None:
+    """The first SIGINT (e.g. from `timeout -s INT`) raises KeyboardInterrupt; later ones are ignored, so
+    the partial results are still cleaned up after and written."""
+    seen = []
+
+    def handler(signum, frame):
+        if not seen:
+            seen.append(signum)
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
 
 
 def build_models(tiny: bool, root: Path) -> dict[str, Path]:
@@ -61,7 +90,9 @@ def build_models(tiny: bool, root: Path) -> dict[str, Path]:
                                        scheduler=sched, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
         pipe.to(torch.float16).save_pretrained(teacher_dir)
-        del pipe
+        del pipe, unet, vae, te
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     from diffusers import UNet2DConditionModel
 
     t_unet = UNet2DConditionModel.from_pretrained(teacher_dir, subfolder="unet")
@@ -73,166 +104,294 @@ def build_models(tiny: bool, root: Path) -> dict[str, Path]:
     return {"teacher": teacher_dir, "student": root / "student"}
 
 
-def reference_ips(folder: Path, device: str, size: int, steps: int, seconds: float) -> float:
-    """Plain diffusers, in-process, one image per call: images/s."""
+def reference(folder: Path, device: str, size: int, steps: int, images: int, batch: int, warmup_s: float) -> dict:
+    """Plain diffusers, in-process: images/s one image per call, and one call of `batch` images."""
     import torch
 
     from pipelines.registry import ImageJob, generate_images, load_pipeline
 
     if device == "cpu":
         torch.set_num_threads(1)  # as in a replica with num_cpus=1 (Ray sets OMP_NUM_THREADS=1)
-
     pipe = load_pipeline(str(folder), device)
     job = ImageJob("a photo of a cat", num_inference_steps=steps, width=size, height=size)
-    generate_images(pipe, [job])  # warm-up
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    short = ImageJob("a photo of a cat", num_inference_steps=2, width=size, height=size)
+    t0 = time.perf_counter()
+    generate_images(pipe, [job])
+    while time.perf_counter() - t0 < warmup_s:  # clocks up
+        generate_images(pipe, [short])
+    times = []
+    for _ in range(images):
+        t1 = time.perf_counter()
         generate_images(pipe, [job])
-        n += 1
+        times.append(time.perf_counter() - t1)
+    out = {"ips_1": 1 / statistics.median(times), "ms_1": 1000 * statistics.median(times)}
+    if batch > 1:
+        jobs = [ImageJob("a photo of a cat", num_inference_steps=steps, width=size, height=size, seed=i)
+                for i in range(batch)]
+        generate_images(pipe, [ImageJob("a photo of a cat", num_inference_steps=2, width=size, height=size,
+                                        seed=i) for i in range(batch)])  # batch shapes warm
+        t1 = time.perf_counter()
+        generate_images(pipe, jobs)
+        dt = time.perf_counter() - t1
+        out.update(ips_batch=batch / dt, ms_batch=1000 * dt)
     del pipe
-    return n / (time.perf_counter() - t0)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out
 
 
-def load_test(url: str, clients: int, seconds: float, body: dict) -> dict:
-    """`clients` threads post back to back for `seconds`; latencies of the requests that finished."""
+def load_test(url: str, clients: int, per_client: int, body: dict) -> dict:
+    """`clients` threads, released together, each posting `per_client` requests back to back."""
     lat: list[float] = []
-    errors = [0]
+    errors: list[str] = []
     lock = threading.Lock()
-    stop = time.perf_counter() + seconds
+    start = threading.Barrier(clients + 1)
 
     def client():
         s = requests.Session()
-        while time.perf_counter() < stop:
+        start.wait()
+        for _ in range(per_client):
             t0 = time.perf_counter()
-            r = s.post(url, json=body, timeout=600)
+            try:
+                r = s.post(url, json=body, timeout=900)
+                ok, why = r.status_code == 200, f"HTTP {r.status_code}: {r.text[:200]}"
+            except requests.RequestException as err:
+                ok, why = False, f"{type(err).__name__}: {err}"
             dt = time.perf_counter() - t0
             with lock:
-                if r.status_code == 200:
-                    lat.append(dt)
-                else:
-                    errors[0] += 1
+                (lat.append(dt) if ok else errors.append(why))
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
     for t in threads:
         t.start()
+    start.wait()
+    t0 = time.perf_counter()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
     lat.sort()
-    q = statistics.quantiles(lat, n=20) if len(lat) >= 2 else lat * 19
-    return {"clients": clients, "requests": len(lat), "errors": errors[0], "p50_ms": 1000 * statistics.median(lat),
-            "p95_ms": 1000 * q[18], "images_per_s": len(lat) / wall}
+    row = {"clients": clients, "requests": len(lat), "errors": len(errors), "wall_s": wall,
+           "p50_ms": 1000 * statistics.median(lat) if lat else float("nan"),
+           "p95_ms": 1000 * (statistics.quantiles(lat, n=20, method="inclusive")[18] if len(lat) >= 2
+                             else (lat[0] if lat else float("nan"))),
+           "images_per_s": len(lat) / wall}
+    if errors:
+        row["first_error"] = errors[0]
+    return row
+
+
+def warm_up(url: str, body: dict, batched: int, seconds: float) -> None:
+    """A full batch of 2-step requests (the batch shapes), then full-step requests for `seconds`."""
+    if batched > 1:
+        load_test(url, batched, 1, {**body, "num_inference_steps": 2})
+    t0 = time.perf_counter()
+    while True:
+        load_test(url, 1, 1, body)
+        if time.perf_counter() - t0 >= seconds:
+            break
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny-sd1 at 64 px on CPU (a smoke run)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--steps", type=int, default=None, help="inference steps (default 25; --tiny 4)")
+    p.add_argument("--steps", type=int, default=None, help="inference steps, both models (default 25; --tiny 4)")
     p.add_argument("--size", type=int, default=None, help="image side (default 512; --tiny 64)")
-    p.add_argument("--clients", default="1,8,32")
+    p.add_argument("--clients", default="1,8,32", help="concurrent clients per level")
+    p.add_argument("--requests-per-client", default="4,2,1",
+                   help="requests each client sends, per level (one number for all levels, or one per level)")
     p.add_argument("--max-batch", type=int, default=16, help="max_batch_size when batching is on")
-    p.add_argument("--batch-wait", type=float, default=0.05)
-    p.add_argument("--seconds", type=float, default=None, help="per measurement (default 20; --tiny 5)")
+    p.add_argument("--batch-wait", type=float, default=0.05, help="batch_wait_timeout_s when batching is on")
+    p.add_argument("--ref-images", type=int, default=3, help="in-process reference: timed single images")
+    p.add_argument("--warmup-s", type=float, default=2.0, help="full-step warm-up per deployment, seconds")
+    p.add_argument("--models", default="teacher,student")
     p.add_argument("--work-dir", default=None)
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--append-results", default=None, help="append a markdown section to this file")
+    p.add_argument("--append-results", type=Path, default=None, metavar="RESULTS.md",
+                   help="add a section under '## Serving' of this file")
     args = p.parse_args()
+    interrupt_once()
     tiny = args.tiny
     steps = args.steps or (4 if tiny else 25)
     size = args.size or (64 if tiny else 512)
-    seconds = args.seconds or (5.0 if tiny else 20.0)
     clients = [int(c) for c in args.clients.split(",")]
+    rpc = [int(r) for r in args.requests_per_client.split(",")]
+    if len(rpc) == 1:
+        rpc = rpc * len(clients)
+    if len(rpc) != len(clients):
+        p.error(f"--requests-per-client has {len(rpc)} values for {len(clients)} client levels")
     gpu = args.device == "cuda"
+    names = [m for m in args.models.split(",") if m]
+    if not set(names) <= {"teacher", "student"}:
+        p.error(f"--models: choose from teacher,student (got {args.models})")
 
-    import ray
     import torch
-    from ray import serve
 
-    from serving.app import build_app
-
+    if gpu and not torch.cuda.is_available():
+        p.error("--device cuda but CUDA is not available")
+    t_start = time.perf_counter()
     root = Path(args.work_dir or tempfile.mkdtemp(prefix="serve-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DISTILLERY_CACHE", str(root / "cache"))
     print(f"building models in {root} ...", flush=True)
     models = build_models(tiny, root)
+    models = {k: v for k, v in models.items() if k in names}
+    print(f"built in {time.perf_counter() - t_start:.0f}s", flush=True)
 
-    results: dict = {"steps": steps, "size": size, "device": args.device, "reference": {}, "serve": []}
+    results: dict = {"steps": steps, "size": size, "device": args.device, "reference": {}, "serve": [],
+                     "notes": [], "stopped": False}
     for name, folder in models.items():
-        results["reference"][name] = reference_ips(folder, args.device, size, steps, seconds)
-        print(f"reference {name}: {results['reference'][name]:.2f} images/s", flush=True)
-        if gpu:
-            torch.cuda.empty_cache()
+        t0 = time.perf_counter()
+        try:
+            results["reference"][name] = reference(folder, args.device, size, steps, args.ref_images,
+                                                   args.max_batch, args.warmup_s)
+        except KeyboardInterrupt:  # SIGINT (e.g. `timeout -s INT`): report what was measured
+            results["stopped"] = True
+            results["notes"].append(f"stopped early (SIGINT) during the {name} reference")
+            break
+        except Exception as err:
+            traceback.print_exc()
+            results["notes"].append(f"reference {name} failed: {type(err).__name__}: {err}")
+        print(f"reference {name}: {results['reference'].get(name)} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
-    ray.init(include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"DISTILLERY_CACHE": os.environ["DISTILLERY_CACHE"]}})
-    port = local.free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 600})
-    url = f"http://127.0.0.1:{port}/v1/images/generations"
-    body = {"prompt": "a photo of a cat", "n": 1, "size": f"{size}x{size}", "num_inference_steps": steps,
-            "guidance_scale": 7.5, "seed": 0}
-    for name, folder in models.items():
-        for batched in (False, True):
-            cfg = parse_config({"work_dir": str(root / "work"), "serve": {
-                "model": str(folder), "num_gpus": 1 if gpu else 0, "num_cpus": 1,
-                "max_batch_size": args.max_batch if batched else 1, "batch_wait_timeout_s": args.batch_wait,
-                "max_ongoing_requests": 2 * max(clients), "sizes": [f"{size}x{size}"], "max_steps": max(steps, 100),
-                "request_timeout_s": 600}})
-            serve.run(build_app(cfg), name="bench", route_prefix="/")
-            load_test(url, min(4, max(clients)), min(seconds, 5), body)  # warm-up (cuDNN autotune, allocator)
-            for c in clients:
-                row = {"model": name, "batching": batched, **load_test(url, c, seconds, body)}
-                results["serve"].append(row)
-                print(json.dumps(row), flush=True)
-            serve.delete("bench")
-    serve.shutdown()
-    ray.shutdown()
-
-    def ips(model: str, batched: bool, c: int) -> float:
-        return next(r["images_per_s"] for r in results["serve"]
-                    if r["model"] == model and r["batching"] == batched and r["clients"] == c)
+    if not results["stopped"]:
+        serve_levels(args, models, results, root, steps, size, clients, rpc, gpu)
 
     top = max(clients)
-    results["student_speedup"] = {c: ips("student", True, c) / ips("teacher", True, c) for c in clients}
-    results["batching_gain"] = {m: ips(m, True, top) / ips(m, False, top) for m in models}
+    results["student_speedup"] = {
+        f"{'on' if b else 'off'}@{c}": _ratio(ips(results, "student", b, c), ips(results, "teacher", b, c))
+        for b in (True, False) for c in clients}
+    results["batching_gain"] = {m: _ratio(ips(results, m, True, top), ips(results, m, False, top)) for m in models}
     device_name = torch.cuda.get_device_name(0) if gpu else platform.processor() or platform.machine()
     results["hardware"] = f"{device_name}, {os.cpu_count()} CPUs"
-    md = markdown(results, args, clients)
+    results["wall_s"] = time.perf_counter() - t_start
+    md = markdown(results, args, clients, rpc)
     print(md)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     if args.append_results:
-        with open(args.append_results, "a") as f:
-            f.write("\n" + md)
-    return 0
+        append_results(args.append_results, md)
+        print(f"appended to {args.append_results}")
+    return 0 if results["serve"] and not results["notes"] else 1
 
 
-def markdown(res: dict, args, clients: list[int]) -> str:
+def serve_levels(args, models: dict, results: dict, root: Path, steps: int, size: int, clients: list[int],
+                 rpc: list[int], gpu: bool) -> None:
+    """Deploy each (model, batching) pair in turn and run the client levels against it."""
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    ray.init(include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"DISTILLERY_CACHE": os.environ["DISTILLERY_CACHE"]}})
+    interrupt_once()  # after ray.init, in case it installed its own handler
+    try:
+        port = local.free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 900})
+        url = f"http://127.0.0.1:{port}/v1/images/generations"
+        body = {"prompt": "a photo of a cat", "n": 1, "size": f"{size}x{size}", "num_inference_steps": steps,
+                "guidance_scale": 7.5, "seed": 0}
+        for name, folder, batched in [(n, f, b) for n, f in models.items() for b in (False, True)]:
+            t0 = time.perf_counter()
+            mb = args.max_batch if batched else 1
+            what = f"{name} batching {'on' if batched else 'off'}"
+            cfg = parse_config({"work_dir": str(root / "work"), "serve": {
+                "model": str(folder), "num_gpus": 1 if gpu else 0, "num_cpus": 1,
+                "max_batch_size": mb, "batch_wait_timeout_s": args.batch_wait,
+                "max_ongoing_requests": max(2 * max(clients), 2 * mb), "sizes": [f"{size}x{size}"],
+                "max_steps": max(steps, 100), "request_timeout_s": 900}})
+            try:
+                serve.run(build_app(cfg), name="bench", route_prefix="/")
+                warm_up(url, body, mb, args.warmup_s)
+                for c, r in zip(clients, rpc):
+                    row = {"model": name, "batching": batched, **load_test(url, c, r, body)}
+                    results["serve"].append(row)
+                    print(json.dumps(row), flush=True)
+            except KeyboardInterrupt:  # SIGINT (e.g. `timeout -s INT`): report what was measured
+                results["stopped"] = True
+                results["notes"].append(f"stopped early (SIGINT) during {what}")
+            except Exception as err:  # one deployment failing costs its rows, not the run
+                traceback.print_exc()
+                first = str(err).splitlines()[0][:200] if str(err) else ""
+                results["notes"].append(f"{what} failed: {type(err).__name__}: {first}")
+            finally:
+                with contextlib.suppress(Exception):
+                    serve.delete("bench")
+            print(f"# {what}: {time.perf_counter() - t0:.0f}s", flush=True)
+            if results["stopped"]:
+                break
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+
+
+def ips(res: dict, model: str, batched: bool, c: int) -> float | None:
+    return next((r["images_per_s"] for r in res["serve"]
+                 if r["model"] == model and r["batching"] == batched and r["clients"] == c), None)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def markdown(res: dict, args, clients: list[int], rpc: list[int]) -> str:
     top = max(clients)
+    what = "tiny-sd1 vs its bk-small (--tiny)" if args.tiny else "SD 1.5 vs bk-small (random weights, fp16)"
     lines = [
-        f"### serve_latency: {'tiny-sd1 (--tiny)' if args.tiny else 'SD 1.5 vs bk-small (random weights)'}, "
-        f"{res['size']} px, {res['steps']} steps, {res['device']} ({res['hardware']})",
+        f"### serve_latency: {what}, {res['size']} px, {res['steps']} steps, {res['device']} ({res['hardware']})",
         "",
-        f"`python bench/serve_latency.py {' '.join(sys.argv[1:])}`; one replica; max_batch_size "
-        f"{args.max_batch} when batching; guidance 7.5.",
+        f"{datetime.date.today().isoformat()}; `python bench/serve_latency.py {' '.join(sys.argv[1:])}`; one replica; "
+        f"max_batch_size {args.max_batch} (wait {args.batch_wait:g}s) when batching; guidance 7.5 (CFG); requests "
+        f"per level = clients × {'/'.join(map(str, rpc))}; whole run {res['wall_s']:.0f}s.",
         "",
-        "| model | batching | clients | p50 ms | p95 ms | images/s |",
-        "|---|---|---|---|---|---|",
+        "| model | batching | clients | requests | p50 ms | p95 ms | images/s | errors |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in res["serve"]:
-        lines.append(f"| {r['model']} | {'on' if r['batching'] else 'off'} | {r['clients']} | {r['p50_ms']:.0f} | "
-                     f"{r['p95_ms']:.0f} | {r['images_per_s']:.2f} |")
+        lines.append(f"| {r['model']} | {'on' if r['batching'] else 'off'} | {r['clients']} | {r['requests']} | "
+                     f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['images_per_s']:.2f} | {r['errors']} |")
     for name, v in res["reference"].items():
-        lines.append(f"| {name} (plain diffusers, in-process) | - | 1 | {1000 / v:.0f} | - | {v:.2f} |")
-    sp = res["student_speedup"][top]
-    lines += ["",
-              f"- student / teacher images/s at {top} clients (batching on): {sp:.2f}x "
-              f"(goal >= 1.6x: {'met' if sp >= 1.6 else 'not met'})"]
+        lines.append(f"| {name} (plain diffusers, in-process, 1 image per call) | - | 1 | {args.ref_images} | "
+                     f"{v['ms_1']:.0f} | - | {v['ips_1']:.2f} | - |")
+        if "ips_batch" in v:
+            lines.append(f"| {name} (plain diffusers, in-process, {args.max_batch} images in one call) | - | - | "
+                         f"{args.max_batch} | {v['ms_batch']:.0f} | - | {v['ips_batch']:.2f} | - |")
+    sp = res["student_speedup"]
+    lines += ["", f"- student / teacher images/s at equal steps, {top} clients: batching on "
+                  f"{_x(sp.get(f'on@{top}'))}, off {_x(sp.get(f'off@{top}'))}; 1 client (off) "
+                  f"{_x(sp.get(f'off@{clients[0]}'))} (goal >= 1.6x: "
+                  f"{'met' if (sp.get(f'on@{top}') or 0) >= 1.6 else 'not met'} with batching on)"]
     for m, g in res["batching_gain"].items():
-        verdict = "met" if g >= 2 else "not met"
-        lines.append(f"- {m}: batching on / off at {top} clients: {g:.2f}x (goal >= 2x: {verdict})")
+        verdict = "met" if (g or 0) >= 2 else "not met"
+        ref = res["reference"].get(m, {})
+        served = ips(res, m, True, top)
+        eff = f"; served/in-process batch of {args.max_batch}: {_x(_ratio(served, ref.get('ips_batch')))}" \
+            if ref.get("ips_batch") and served else ""
+        lines.append(f"- {m}: batching on / off at {top} clients: {_x(g)} (goal >= 2x: {verdict}){eff}")
+    for r in res["serve"]:
+        if r.get("first_error"):
+            lines.append(f"- errors: {r['model']} batching {'on' if r['batching'] else 'off'} {r['clients']} clients: "
+                         f"{r['errors']}, first: {r['first_error'][:200]}")
+    lines += [f"- note: {n}" for n in res["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def append_results(path: Path, text: str) -> None:
+    """The section goes last under '## Serving' (made if missing), before the next '## ' section."""
+    doc = path.read_text() if path.exists() else "# Benchmark results\n"
+    if f"\n{SECTION}\n" not in doc:
+        doc = doc.rstrip("\n") + f"\n\n{SECTION}\n"
+    start = doc.index(f"\n{SECTION}\n") + len(SECTION) + 2
+    nxt = doc.find("\n## ", start)
+    end = len(doc) if nxt < 0 else nxt + 1
+    path.write_text(doc[:end].rstrip("\n") + "\n\n" + text + ("\n" + doc[end:] if end < len(doc) else ""))
 
 
 if __name__ == "__main__":
