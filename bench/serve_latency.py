@@ -108,7 +108,7 @@ def reference(folder: Path, device: str, size: int, steps: int, images: int, bat
     """Plain diffusers, in-process: images/s one image per call, and one call of `batch` images."""
     import torch
 
-    from pipelines.registry import ImageJob, generate_images, load_pipeline
+    from serving.images import ImageJob, generate_images, load_pipeline
 
     if device == "cpu":
         torch.set_num_threads(1)  # as in a replica with num_cpus=1 (Ray sets OMP_NUM_THREADS=1)

@@ -9,22 +9,19 @@ metric (`registry.metric`, `registry.mode`); otherwise it becomes the `challenge
 record the teacher, the preset or spec, every metric and the config hash. Registering the same student
 with the same metrics twice returns the existing version (the stage is idempotent).
 
-`DiffusersImageModel` and `generate_images` are also what the serving stage generates with, so
+`DiffusersImageModel` generates with serving/images.py's `generate_images`, as the serving stage does, so
 `mlflow.pyfunc.load_model("models:/NAME@champion")` and the HTTP API give the same images.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
 import os
 import shutil
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +31,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from pipelines.config import Config
+from serving.images import ImageJob, generate_images, load_pipeline  # noqa: F401 (load_pipeline: re-export)
 
 log = logging.getLogger(__name__)
 
@@ -57,80 +55,6 @@ INPUT_EXAMPLE = pd.DataFrame([{
     "guidance_scale": 7.5, "seed": 0, "width": 64, "height": 64,
 }])
 PIP_REQUIREMENTS = ["torch", "diffusers==0.42.1", "transformers==5.23.0", "accelerate==1.15.0", "pillow", "pandas"]
-
-
-# ---------------------------------------------------------------------------------------------------
-# generation: shared by the pyfunc model and the serving stage
-
-
-@dataclass(frozen=True)
-class ImageJob:
-    """One image to generate. Jobs with the same `settings` run in one pipeline call."""
-
-    prompt: str
-    negative_prompt: str = ""
-    num_inference_steps: int = 20
-    guidance_scale: float = 7.5
-    seed: int = 0
-    width: int = 64
-    height: int = 64
-
-    @property
-    def settings(self) -> tuple[int, int, int, float]:
-        return (self.width, self.height, self.num_inference_steps, self.guidance_scale)
-
-
-def load_pipeline(folder: str, device: str = "cpu"):
-    """A diffusers pipeline from a folder (or anything models.teacher.resolve_model_dir accepts)."""
-    import torch
-    from diffusers import DiffusionPipeline
-
-    from models.teacher import resolve_model_dir
-
-    src = resolve_model_dir(folder)
-    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    # fp16 on GPU: the SDXL pipelines upcast their VAE themselves where its config says force_upcast
-    pipe = DiffusionPipeline.from_pretrained(src, dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def generate_images(pipe: Any, jobs: list[ImageJob]) -> list[bytes]:
-    """PNG bytes for each job, in order. Jobs are grouped by settings (size, steps, guidance) so a
-    batch mixing settings is split into one pipeline call per group; each image has its own seeded
-    generator, so an image depends on its own seed only, not on what it was batched with."""
-    import torch
-
-    out: list[bytes | None] = [None] * len(jobs)
-    groups: dict[tuple, list[int]] = {}
-    for i, job in enumerate(jobs):
-        groups.setdefault(job.settings, []).append(i)
-    device = getattr(pipe, "device", torch.device("cpu"))
-    gen_device = "cpu" if torch.device(device).type == "mps" else device
-    for (width, height, steps, guidance), idx in groups.items():
-        gens = [torch.Generator(device=gen_device).manual_seed(jobs[i].seed) for i in idx]
-        with torch.inference_mode():
-            images = pipe(
-                prompt=[jobs[i].prompt for i in idx],
-                negative_prompt=[jobs[i].negative_prompt for i in idx],
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                width=width,
-                height=height,
-                generator=gens,
-                output_type="pil",
-            ).images
-        # PNG encoding is zlib, which releases the GIL: a batch's images are encoded in parallel
-        with ThreadPoolExecutor(max_workers=min(8, len(images))) as pool:
-            for i, png in zip(idx, pool.map(_png, images)):
-                out[i] = png
-    return out  # type: ignore[return-value]
-
-
-def _png(img: Any) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _cell(row: pd.Series, key: str, default: Any) -> Any:

@@ -5,7 +5,7 @@ CPU), loaded from `models:/NAME@ALIAS` in MLflow (the alias is resolved to a ver
 built, so every replica serves the same version) or from a diffusers folder/URI, and generates one
 warm-up image before it reports ready. Requests are split into single images and batched across requests
 with @serve.batch; a batch mixing sizes, steps or guidance runs one pipeline call per group
-(pipelines/registry.py: generate_images), and every image has its own seed.
+(serving/images.py: generate_images), and every image has its own seed.
 
 Routes: POST /v1/images/generations (OpenAI Images API + negative_prompt, num_inference_steps,
 guidance_scale, seed), GET /v1/models, /healthz, /readyz, and / (a small web page).
@@ -36,7 +36,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.config import Config, ServeConfig, parse_config
-from pipelines.registry import ImageJob
+from serving.images import ImageJob
 from serving.schemas import ApiError, ImageData, ImageResponse, ModelCard, parse_request, parse_size
 
 log = logging.getLogger("distillery.serve")
@@ -151,7 +151,7 @@ def resolve_model(cfg: Config) -> dict[str, Any]:
 def fetch_model(model: dict[str, Any]) -> str:
     """A local diffusers folder for the model: MLflow models are downloaded once per node and version."""
     if not model["uri"].startswith("models:/"):
-        return model["uri"]  # registry.load_pipeline resolves s3:// and builtin: itself
+        return model["uri"]  # serving.images.load_pipeline resolves s3:// and builtin: itself
     import mlflow
 
     from models.teacher import cache_root
@@ -200,7 +200,7 @@ class ImageServer:
     def __init__(self, serve_cfg: dict[str, Any], model: dict[str, Any]):
         import torch
 
-        from pipelines.registry import generate_images, load_pipeline
+        from serving.images import generate_images, load_pipeline
 
         self.cfg = ServeConfig.model_validate(serve_cfg)
         self.model = model

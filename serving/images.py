@@ -1,0 +1,80 @@
+"""Generation shared by the serving stage and the registered MLflow pyfunc model (pipelines/registry.py):
+one image per job, each with its own seeded generator, PNG bytes out. No MLflow and no Ray here, so a
+diffusers folder can be served or benchmarked with neither installed."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image to generate. Jobs with the same `settings` run in one pipeline call."""
+
+    prompt: str
+    negative_prompt: str = ""
+    num_inference_steps: int = 20
+    guidance_scale: float = 7.5
+    seed: int = 0
+    width: int = 64
+    height: int = 64
+
+    @property
+    def settings(self) -> tuple[int, int, int, float]:
+        return (self.width, self.height, self.num_inference_steps, self.guidance_scale)
+
+
+def load_pipeline(folder: str, device: str = "cpu"):
+    """A diffusers pipeline from a folder (or anything models.teacher.resolve_model_dir accepts)."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from models.teacher import resolve_model_dir
+
+    src = resolve_model_dir(folder)
+    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    # fp16 on GPU: the SDXL pipelines upcast their VAE themselves where its config says force_upcast
+    pipe = DiffusionPipeline.from_pretrained(src, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def generate_images(pipe: Any, jobs: list[ImageJob]) -> list[bytes]:
+    """PNG bytes for each job, in order. Jobs are grouped by settings (size, steps, guidance) so a
+    batch mixing settings is split into one pipeline call per group; each image has its own seeded
+    generator, so an image depends on its own seed only, not on what it was batched with."""
+    import torch
+
+    out: list[bytes | None] = [None] * len(jobs)
+    groups: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault(job.settings, []).append(i)
+    device = getattr(pipe, "device", torch.device("cpu"))
+    gen_device = "cpu" if torch.device(device).type == "mps" else device
+    for (width, height, steps, guidance), idx in groups.items():
+        gens = [torch.Generator(device=gen_device).manual_seed(jobs[i].seed) for i in idx]
+        with torch.inference_mode():
+            images = pipe(
+                prompt=[jobs[i].prompt for i in idx],
+                negative_prompt=[jobs[i].negative_prompt for i in idx],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                width=width,
+                height=height,
+                generator=gens,
+                output_type="pil",
+            ).images
+        # PNG encoding is zlib, which releases the GIL: a batch's images are encoded in parallel
+        with ThreadPoolExecutor(max_workers=min(8, len(images))) as pool:
+            for i, png in zip(idx, pool.map(_png, images)):
+                out[i] = png
+    return out  # type: ignore[return-value]
+
+
+def _png(img: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
