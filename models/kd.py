@@ -8,6 +8,11 @@ v_prediction). Features are taken with forward hooks at block level (each down/m
 as BK-SDM) or layer level (each resnet and transformer output, as SSD-1B); the map between them comes
 from the removal spec, so every pair has the same shape. Hooks live only inside a `Taps` context and
 features are dropped when it closes: nothing is kept past the step.
+
+Two lifetimes for the hooks, same loss: `kd_loss(...)` alone registers them for its one call (simple, eager);
+`with KDTaps(student, teacher, ...) as taps: kd_loss(..., taps=taps)` registers them once for a whole run, so
+teacher and student forwards can run under torch.compile as one graph each (registering or removing a hook
+changes the module, which breaks or recompiles the graph).
 """
 
 from __future__ import annotations
@@ -50,7 +55,10 @@ def _attention_map(attn: torch.nn.Module, hidden: torch.Tensor, context: torch.T
 
 
 class Taps:
-    """Forward hooks that record the outputs of named submodules (and cross-attention maps)."""
+    """Forward hooks that record the outputs of named submodules (and cross-attention maps).
+
+    As a context: hooks registered on enter, removed (and what they recorded dropped) on exit.
+    `attach()`/`detach()` do the same for hooks that stay for a run; `clear()` drops what they recorded."""
 
     def __init__(self, model: torch.nn.Module, paths: list[str], attn_paths: list[str] = ()):
         self.model, self.paths, self.attn_paths = model, list(paths), list(attn_paths)
@@ -58,7 +66,9 @@ class Taps:
         self.maps: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
 
-    def __enter__(self) -> Taps:
+    def attach(self) -> Taps:
+        if self._handles:
+            return self
         for path in self.paths:
             def hook(_m, _inp, out, path=path):
                 self.features[path] = _hidden(out)
@@ -74,12 +84,65 @@ class Taps:
             self._handles.append(module.register_forward_hook(attn_hook, with_kwargs=True))
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def clear(self) -> None:
+        self.features.clear()
+        self.maps.clear()
+
+    def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self.features.clear()
-        self.maps.clear()
+        self.clear()
+
+    def __enter__(self) -> Taps:
+        return self.attach()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.detach()
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP/DeepSpeed (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        inner = inner if isinstance(inner, torch.nn.Module) else getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+class KDTaps:
+    """The taps of the KD loss on teacher and student, registered once for as long as the context is open.
+
+    The pairs taken are those the weights use (features when feat > 0, attention maps when attn > 0). Hooks
+    go on the modules inside wrappers (DDP, DeepSpeed, torch.compile), so the wrapped and compiled forwards
+    fire them; kd_loss(..., taps=self) clears what they recorded before and after each call."""
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, weights: KDWeights,
+                 pairs: list[tuple[str, str]] = (), attn_pairs: list[tuple[str, str]] = ()):
+        self.feat_pairs = list(pairs) if weights.feat > 0 else []
+        self.map_pairs = list(attn_pairs) if weights.attn > 0 else []
+        self.student = Taps(unwrapped(student), [s for s, _ in self.feat_pairs], [s for s, _ in self.map_pairs])
+        self.teacher = Taps(unwrapped(teacher), [t for _, t in self.feat_pairs], [t for _, t in self.map_pairs])
+
+    def attach(self) -> KDTaps:
+        self.teacher.attach()
+        self.student.attach()
+        return self
+
+    def clear(self) -> None:
+        self.teacher.clear()
+        self.student.clear()
+
+    def detach(self) -> None:
+        self.teacher.detach()
+        self.student.detach()
+
+    def __enter__(self) -> KDTaps:
+        return self.attach()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.detach()
 
 
 def _has_down(unet: UNet2DConditionModel, s: int) -> bool:
@@ -181,7 +244,7 @@ def _cast(cond: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
 
 def kd_loss(
     student: torch.nn.Module,
-    teacher: UNet2DConditionModel,
+    teacher: torch.nn.Module,
     noisy: torch.Tensor,
     timesteps: torch.Tensor,
     cond: dict[str, Any],
@@ -189,19 +252,22 @@ def kd_loss(
     weights: KDWeights,
     pairs: list[tuple[str, str]] = (),
     attn_pairs: list[tuple[str, str]] = (),
+    taps: KDTaps | None = None,
 ) -> dict[str, torch.Tensor]:
     """The KD loss and its parts for one batch. `cond` holds the U-Net's keyword arguments
-    (encoder_hidden_states, added_cond_kwargs). `student` may be wrapped (DDP/DeepSpeed): hooks go on
-    the module inside."""
-    inner = getattr(student, "module", student)
+    (encoder_hidden_states, added_cond_kwargs). `student` and `teacher` may be wrapped (DDP, DeepSpeed,
+    torch.compile): hooks go on the modules inside. Without `taps`, the hooks of `pairs` and `attn_pairs` are
+    registered for this call only; with `taps` (open for the run, built with the same pairs and weights),
+    those are used and `pairs`/`attn_pairs` are ignored."""
+    if taps is None:
+        with KDTaps(student, teacher, weights, pairs, attn_pairs) as step_taps:
+            return kd_loss(student, teacher, noisy, timesteps, cond, target, weights, taps=step_taps)
     use_teacher = weights.out > 0 or weights.feat > 0 or weights.attn > 0
-    feat_pairs = list(pairs) if weights.feat > 0 else []
-    map_pairs = list(attn_pairs) if weights.attn > 0 else []
     zero = torch.zeros((), device=noisy.device)
     parts = {"task": zero, "out": zero, "feat": zero, "attn": zero}
-    t_tap = Taps(teacher, [t for _, t in feat_pairs], [t for _, t in map_pairs])
-    s_tap = Taps(inner, [s for s, _ in feat_pairs], [s for s, _ in map_pairs])
-    with t_tap, s_tap:
+    s_tap, t_tap = taps.student, taps.teacher
+    taps.clear()  # nothing left from forwards outside the loss (sampling): a compiled graph sees empty stores
+    try:
         if use_teacher:
             with torch.no_grad():
                 t_dtype = next(teacher.parameters()).dtype
@@ -210,10 +276,12 @@ def kd_loss(
         parts["task"] = _mse(s_out, target)
         if use_teacher:
             parts["out"] = _mse(s_out, t_out)
-        if feat_pairs:
-            parts["feat"] = sum(_mse(s_tap.features[s], t_tap.features[t]) for s, t in feat_pairs)
-        if map_pairs:
-            parts["attn"] = sum(_mse(s_tap.maps[s], t_tap.maps[t]) for s, t in map_pairs)
+        if taps.feat_pairs:
+            parts["feat"] = sum(_mse(s_tap.features[s], t_tap.features[t]) for s, t in taps.feat_pairs)
+        if taps.map_pairs:
+            parts["attn"] = sum(_mse(s_tap.maps[s], t_tap.maps[t]) for s, t in taps.map_pairs)
+    finally:
+        taps.clear()
     total = (weights.task * parts["task"] + weights.out * parts["out"] + weights.feat * parts["feat"]
              + weights.attn * parts["attn"])
     return {"loss": total, **parts}

@@ -125,7 +125,8 @@ class DistillConfig(Section):
     ema_decay: float | None = Field(None, gt=0, lt=1)
     gradient_checkpointing: bool = False
     channels_last: bool = False
-    compile: bool = False
+    compile: bool = False  # torch.compile the student's and the teacher's forwards (first steps compile, ~minutes)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     loss: LossConfig = Field(default_factory=LossConfig)
     val_every: int = Field(50, ge=1)
     val_batches: int = Field(2, ge=1)
@@ -152,6 +153,8 @@ class DistillConfig(Section):
             raise ValueError("offload_optimizer/offload_params need deepspeed: true")
         if self.ema_decay is not None and self.deepspeed and self.zero_stage == 3:
             raise ValueError("ema_decay is not supported with zero_stage 3 (the student's weights are sharded)")
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"compile_mode {self.compile_mode!r} needs compile: true")
         if len(self.sample_seeds) not in (1, len(self.sample_prompts)):
             raise ValueError(f"sample_seeds has {len(self.sample_seeds)} seeds for {len(self.sample_prompts)} "
                              "sample_prompts: give one seed, or one per prompt")

@@ -8,6 +8,10 @@ of models/kd.py:
 
     latents (cache) -> noise at random t (teacher's scheduler) -> teacher and student U-Nets -> KD loss
 
+The KD feature taps are registered once for the run (models.kd.KDTaps), so with distill.compile both
+forwards run as torch.compile graphs (the student compiled in place inside its engine, the teacher through a
+compiled wrapper); validation and sampling run eagerly.
+
 Every `val_every` steps: the loss on fixed validation batches (fixed noise and timesteps, so the curve is
 comparable over time and across runs) and an image grid, teacher next to student, from fixed prompts and
 seeds. Every `checkpoint_every` steps: a DeepSpeed checkpoint reported to Ray Train, which keeps the latest
@@ -36,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.kd import KDWeights, attention_pairs, diffusion_batch, feature_pairs, kd_loss
+from models.kd import KDTaps, KDWeights, attention_pairs, diffusion_batch, feature_pairs, kd_loss
 from models.student import RemovalSpec, count_params, resolve_spec, student_config
 from models.teacher import encode_prompts, load_teacher, resolve_model_dir, unet_conditioning
 from pipelines import tracking
@@ -120,6 +124,22 @@ def teacher_dtype(teacher_cfg_dtype: str, precision: str, device: torch.device) 
     if device.type != "cuda":
         return torch.float32
     return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+def compile_kwargs(dc: DistillConfig) -> dict[str, Any]:
+    """torch.compile's keyword arguments for distill.compile_mode."""
+    return {} if dc.compile_mode == "default" else {"mode": dc.compile_mode}
+
+
+def kd_teacher(unet: torch.nn.Module, dc: DistillConfig) -> torch.nn.Module:
+    """The teacher U-Net as the KD loss calls it: compiled (a wrapper; `unet` itself stays eager, for sampling)
+    when distill.compile is set. Its KD taps go on `unet` (KDTaps) and fire inside the compiled graph."""
+    return torch.compile(unet, **compile_kwargs(dc)) if dc.compile else unet
+
+
+def eager_if_compiled(dc: DistillConfig) -> Any:
+    """Validation and sampling run eagerly: other shapes and no-grad would each compile the forwards again."""
+    return torch.compiler.set_stance("force_eager") if dc.compile else nullcontext()
 
 
 def job_name(cfg: Config) -> str:
@@ -244,8 +264,8 @@ class StudentEngine:
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=student, optimizer=opt, lr_scheduler=sched, config=ds_config(dc, world_size, use_gpu),
                 dist_init_required=False)
-            if dc.compile:
-                self.engine.compile()
+            if dc.compile:  # the student module compiled in place (its state_dict keys stay as they are)
+                self.engine.compile(compile_kwargs=compile_kwargs(dc))
             self.module = self.engine.module
             # DeepSpeed casts the module for bf16/fp16; inputs must match it
             self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dc.precision, torch.float32)
@@ -255,7 +275,7 @@ class StudentEngine:
 
             student.to(device)
             if dc.compile:
-                student.compile()
+                student.compile(**compile_kwargs(dc))
             self.module = student
             self.optimizer = make_optimizer(student, dc, use_gpu)
             self.scheduler = sched(self.optimizer)
@@ -435,6 +455,9 @@ def train_loop_per_worker(config: dict) -> None:
     student.train()
     eng = StudentEngine(student, dc, world, device)
     ema = EMA(eng.module, dc.ema_decay) if dc.ema_decay else None
+    # KD hooks registered once for the run (per-step hooks would break or recompile compiled forwards)
+    taps = KDTaps(eng.module, teacher.unet, weights, pairs, attn_pairs).attach()
+    t_unet = kd_teacher(teacher.unet, dc)
 
     # resume: the latest checkpoint Ray Train knows (after a worker failure, or a rerun of the same job)
     step = 0
@@ -471,6 +494,12 @@ def train_loop_per_worker(config: dict) -> None:
     teacher_images = None
 
     def validate(at: int) -> dict[str, float]:
+        with eager_if_compiled(dc):
+            metrics = _validate(at)
+        taps.clear()  # the sampling forwards fired the taps too
+        return metrics
+
+    def _validate(at: int) -> dict[str, float]:
         nonlocal teacher_images
         eng.train(False)
         metrics: dict[str, float] = {}
@@ -479,8 +508,7 @@ def train_loop_per_worker(config: dict) -> None:
             with torch.no_grad(), eng.autocast():
                 for noisy, t, cond, target in val_set:
                     parts = kd_loss(eng.module, teacher.unet, noisy.to(device, eng.input_dtype), t.to(device),
-                                    _to(cond, device, eng.input_dtype), target.to(device), weights, pairs,
-                                    attn_pairs)
+                                    _to(cond, device, eng.input_dtype), target.to(device), weights, taps=taps)
                     sums += torch.stack([parts[k].detach().float().cpu() for k in ("task", "out", "feat", "attn")])
             sums = _all_mean(sums / len(val_set), world)
             metrics = {f"val_{k}": float(v) for k, v in zip(("task", "out", "feat", "attn"), sums)}
@@ -535,8 +563,8 @@ def train_loop_per_worker(config: dict) -> None:
             if dc.channels_last:
                 noisy = noisy.contiguous(memory_format=torch.channels_last)
             with eng.autocast():
-                parts = kd_loss(eng.engine, teacher.unet, noisy.to(eng.input_dtype), t,
-                                _to(cond, device, eng.input_dtype), target, weights, pairs, attn_pairs)
+                parts = kd_loss(eng.engine, t_unet, noisy.to(eng.input_dtype), t,
+                                _to(cond, device, eng.input_dtype), target, weights, taps=taps)
             eng.backward_step(parts["loss"])
             window += torch.stack([parts[k].detach().float().cpu() for k in ("loss", "task", "out", "feat", "attn")])
             window_n += 1

@@ -70,6 +70,18 @@ def test_config_errors_name_the_problem():
         parse_config({"distill": {"sample_prompts": ["a", "b", "c"], "sample_seeds": [1, 2]}})
 
 
+def test_compile_settings():
+    from pipelines.distill import compile_kwargs
+
+    with pytest.raises(ConfigError, match="compile_mode 'max-autotune' needs compile: true"):
+        parse_config({"distill": {"compile_mode": "max-autotune"}})
+    with pytest.raises(ConfigError, match="compile_mode"):
+        parse_config({"distill": {"compile": True, "compile_mode": "fastest"}})
+    assert compile_kwargs(parse_config({"distill": {"compile": True}}).distill) == {}
+    dc = parse_config({"distill": {"compile": True, "compile_mode": "max-autotune-no-cudagraphs"}}).distill
+    assert compile_kwargs(dc) == {"mode": "max-autotune-no-cudagraphs"}
+
+
 def test_tracking_flatten_limits():
     from pipelines.tracking import MAX_PARAM_CHARS, flatten
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
-from models.kd import KDWeights, Taps, attention_pairs, diffusion_batch, feature_pairs, kd_loss
+from models.kd import KDTaps, KDWeights, Taps, attention_pairs, diffusion_batch, feature_pairs, kd_loss
 from models.student import (
     RemovalSpec,
     build_student,
@@ -148,6 +148,55 @@ def test_kd_steps_lower_the_loss_and_features_match(which, preset, level, reques
     assert losses[-1] < losses[0] * 0.9, losses
     assert parts["feat"] > 0 and parts["out"] > 0 and parts["attn"] > 0
     assert all(p.grad is None for p in teacher.unet.parameters())
+
+
+@pytest.mark.parametrize("level", ["block", "layer"])
+def test_run_long_taps_give_the_per_step_loss_eager_and_compiled(level, sd1):
+    """kd_loss with hooks registered per call, with KDTaps registered once, and with KDTaps under
+    torch.compile(fullgraph=True) (dynamo's graph, run eagerly): the same loss parts at every step of a short
+    training, and the compiled forwards trace once (no graph break, no recompilation from the taps)."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    spec = preset_spec("bk-small", sd1.unet.config)
+    base = build_student(sd1.unet, spec)
+    students = [copy.deepcopy(base) for _ in range(3)]  # per-step taps, run-long taps, run-long taps compiled
+    teachers = [copy.deepcopy(sd1.unet).requires_grad_(False) for _ in range(3)]
+    pairs = feature_pairs(base, sd1.unet, spec, level)
+    attn = attention_pairs(base, sd1.unet, spec)
+    weights = KDWeights(task=1.0, out=0.5, feat=1.0, attn=2.0)
+    opts = [torch.optim.SGD(s.parameters(), lr=0.5) for s in students]
+    torch._dynamo.reset()
+    c_student = torch.compile(students[2], backend="eager", fullgraph=True)
+    c_teacher = torch.compile(teachers[2], backend="eager", fullgraph=True)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = _cond(sd1, ["a red circle", "a blue square"])
+    graphs, before = [], counters["stats"]["unique_graphs"]
+    with KDTaps(students[1], teachers[1], weights, pairs, attn) as taps, \
+            KDTaps(c_student, c_teacher, weights, pairs, attn) as c_taps:
+        for step in range(2):  # the second step: after an update, and must not trace again
+            noisy, t, target = diffusion_batch(sd1.scheduler, latents, "epsilon", torch.Generator().manual_seed(step))
+            runs = [kd_loss(students[0], teachers[0], noisy, t, cond, target, weights, pairs, attn),
+                    kd_loss(students[1], teachers[1], noisy, t, cond, target, weights, taps=taps),
+                    kd_loss(c_student, c_teacher, noisy, t, cond, target, weights, taps=c_taps)]
+            graphs.append(counters["stats"]["unique_graphs"] - before)
+            for key in ("loss", "task", "out", "feat", "attn"):
+                ref = runs[0][key].item()
+                assert ref > 0, key
+                for other in runs[1:]:
+                    assert other[key].item() == pytest.approx(ref, rel=1e-6, abs=1e-6), (step, key)
+            for parts, opt in zip(runs, opts):
+                opt.zero_grad()
+                parts["loss"].backward()
+                opt.step()
+            assert not taps.student.features and not c_taps.teacher.maps  # nothing kept past the step
+    assert graphs[0] == 2 and graphs[-1] == graphs[0], graphs  # teacher and student: one graph each, traced once
+    for model in students + teachers:  # closed taps leave no hooks behind
+        assert not any(m._forward_hooks for m in model.modules())
+    for a, b in zip(students[0].parameters(), students[2].parameters()):  # the compiled path trained the same
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
 
 
 def test_bad_specs_fail_with_clear_errors(sd1, sdxl):
