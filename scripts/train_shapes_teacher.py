@@ -180,12 +180,15 @@ def train_unet(lat: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor, ar
 
 
 @torch.no_grad()
-def sample(pipe: StableDiffusionPipeline, prompts: list[str], args, seed: int = 0) -> list[Image.Image]:
+def sample(pipe: StableDiffusionPipeline, prompts: list[str], steps: int, guidance: float, seed: int = 0,
+           batch: int = 100) -> list[Image.Image]:
+    """64 px images for the prompts, in chunks of `batch` (chunk i's generator seeded seed + i): the model
+    card's evaluation, which scripts/train_shapes_student.py repeats for its students."""
     out = []
-    for i in range(0, len(prompts), 100):
+    for i in range(0, len(prompts), batch):
         g = torch.Generator(pipe.device).manual_seed(seed + i)
-        out += pipe(prompts[i : i + 100], height=64, width=64, num_inference_steps=args.eval_steps,
-                    guidance_scale=args.guidance, generator=g).images
+        out += pipe(prompts[i : i + batch], height=64, width=64, num_inference_steps=steps,
+                    guidance_scale=guidance, generator=g).images
     return out
 
 
@@ -277,7 +280,7 @@ def main() -> None:
                            for i in range(0, len(xe), 256)])
     vae_acc = shapes.caption_accuracy(to_pil(recon), ev_prompts)
     t0 = time.time()
-    gen = sample(pipe.to(device), ev_prompts, args)
+    gen = sample(pipe.to(device), ev_prompts, args.eval_steps, args.guidance)
     gen_s = time.time() - t0
     gen_acc = shapes.caption_accuracy(gen, ev_prompts)
     grid(gen[:32]).save(out / "samples.png")

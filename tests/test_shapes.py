@@ -200,3 +200,111 @@ def test_shipped_teacher_draws_its_captions():
 # with margin below what the shipped teacher measured (32 prompts: one miss is 0.031)
 SHIPPED_MIN = {"overall": 0.7, "shape": 0.8, "color": 0.9, "size": 0.8, "position": 0.8, "count": 0.75,
                "background": 0.9}
+
+
+def _student_script():
+    """scripts/train_shapes_student.py as a module (scripts/ is no package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_shapes_student.py"
+    spec = importlib.util.spec_from_file_location("train_shapes_student", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def one_thread():
+    """Two torch threads on a shared 2-core machine stall at every OpenMP barrier (minutes instead of seconds)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir(SHIPPED), reason="shipped teacher not trained yet")
+def test_train_shapes_student_end_to_end(tmp_path, one_thread):
+    """The whole script on CPU with tiny numbers: KD and scratch students, step distillation, evaluation, exports."""
+    import math
+
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    script = _student_script()
+    out = tmp_path / "students"
+    results = script.main([
+        "--device", "cpu", "--out", str(out), "--images", "256", "--kd-steps", "3", "--batch", "8",
+        "--teacher-steps", "4", "--final-steps", "2", "--steps-per-round", "2", "--eval-prompts", "4",
+        "--eval-steps", "8", "--reference-steps", "10", "--step-counts", "1", "2", "--latency-repeats", "1",
+        "--latency-warmup", "0", "--reference-images", "3", "--append-results", str(tmp_path / "RESULTS.md"),
+    ])
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert results["data"]["images"] == 256 and results["data"]["distinct_captions"] > 100
+    # the same budget: the scratch student took the distilled student's steps, batch and LR schedule
+    assert results["kd"]["steps"] == results["scratch"]["steps"] == 3
+    assert results["kd"]["batch"] == results["scratch"]["batch"] == 8
+    assert results["kd"]["final_loss"]["feat"] > 0 and results["scratch"]["final_loss"]["feat"] == 0
+    assert [p["steps"] for p in results["steps"]["phases"]] == [4, 2]  # guided stage 1, then 4 -> 2
+
+    rows = {(r["name"], r["steps"]): r for r in results["rows"]}
+    want = {("teacher", 8), ("teacher", 10), ("distilled", 8), ("scratch", 8), ("teacher_few_steps", 1),
+            ("teacher_few_steps", 2), ("steps", 1), ("steps", 2), ("steps_phase1", 4)}
+    assert set(rows) == want
+    numbers = ("params", "macs_per_forward", "macs_per_image", "latency_ms", "param_ratio", "macs_ratio",
+               "speedup_vs_reference", "accuracy_vs_teacher")
+    for key, r in rows.items():
+        for k in numbers:
+            assert isinstance(r[k], (int, float)) and math.isfinite(r[k]) and r[k] >= 0, (key, k, r[k])
+        assert r["params"] > 0 and r["macs_per_forward"] > 0 and r["latency_ms"] > 0, key
+        acc = r["caption_accuracy"]
+        assert acc["n"] == 4 and all(0.0 <= acc[k] <= 1.0 for k in ("overall", *shapes.ATTRIBUTES)), key
+        # MACs per image: one forward per step, two with classifier-free guidance
+        assert r["macs_per_image"] == r["macs_per_forward"] * r["steps"] * (2 if r["cfg"] else 1), key
+    teacher, ref = rows[("teacher", 8)], rows[("teacher", 10)]
+    # the teacher draws these 4 prompts right at 8 steps (0.875 of 8 prompts at 8 steps on CPU), so ratios exist
+    assert teacher["caption_accuracy"]["overall"] > 0, teacher
+    assert teacher["cfg"] and ref["speedup_vs_reference"] == 1.0 and teacher["accuracy_vs_teacher"] == 1.0
+    assert ref["macs_ratio"] == 1.0 and teacher["macs_ratio"] == 0.8  # 8 of 10 steps
+    assert teacher["params"] == results["teacher"]["params"] == 2_491_844
+    assert rows[("distilled", 8)]["params"] == rows[("scratch", 8)]["params"] < 0.7 * teacher["params"]
+    assert rows[("distilled", 8)]["macs_per_forward"] < teacher["macs_per_forward"]
+    step = rows[("steps", 2)]
+    assert step["w_input"] and not step["cfg"] and step["guidance"] == 5.0
+    assert step["params"] > rows[("distilled", 8)]["params"]  # + the w-embedding projection
+    goal = results["goal"]
+    assert goal["target"] == 0.95 and goal["met"] == (goal["distilled_over_teacher"] >= 0.95)
+    assert goal["distilled_over_teacher"] == rows[("distilled", 8)]["accuracy_vs_teacher"]
+    assert all(results["timings_seconds"][k] >= 0 for k in ("data", "kd", "scratch", "steps", "eval", "total"))
+
+    # the exported students load in plain diffusers; the step student carries its own scheduler and w input
+    pipes = {name: StableDiffusionPipeline.from_pretrained(out / name) for name in ("distilled", "scratch", "steps")}
+    configs = [{**pipes[n].unet.config, "_name_or_path": ""} for n in ("distilled", "scratch")]
+    assert configs[0] == configs[1]
+    assert pipes["distilled"].unet.config.mid_block_type is None  # bk-small: no mid block
+    assert pipes["distilled"].scheduler.config.timestep_spacing == "leading"  # the teacher's
+    s_pipe = pipes["steps"]
+    assert isinstance(s_pipe.scheduler, DDIMScheduler) and s_pipe.scheduler.config.timestep_spacing == "trailing"
+    assert s_pipe.unet.config.time_cond_proj_dim == 256
+    d_state, s_state = pipes["distilled"].unet.state_dict(), pipes["scratch"].unet.state_dict()
+    assert any(not torch.equal(d_state[k], s_state[k]) for k in d_state)
+    meta = {name: json.loads((out / name / "distillery.json").read_text()) for name in pipes}
+    assert meta["distilled"]["preset"] == meta["scratch"]["preset"] == "bk-small" and meta["distilled"]["spec"]
+    assert meta["distilled"]["method"] == "kd" and meta["scratch"]["method"] == "scratch"
+    assert meta["steps"]["steps"] == 2 and meta["steps"]["guidance_scale"] == 5.0
+    assert meta["steps"]["steps_distillation"]["objective"] == "guided" and meta["steps"]["preset"] == "bk-small"
+    calls = []
+    s_pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    s_pipe.set_progress_bar_config(disable=True)
+    image = s_pipe("a red circle at the center on a black background", height=64, width=64, num_inference_steps=2,
+                   guidance_scale=5.0, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64) and len(calls) == 2  # one U-Net forward per step: w is an input, no CFG
+
+    assert (out / "prompts.txt").read_text().split("\n")[:4] == shapes.prompts(4, seed=10_000)
+    assert sorted(p.name for p in (out / "reference").iterdir()) == ["00000.png", "00001.png", "00002.png"]
+    # one row per model (teacher, distilled, scratch, step student), one column per prompt
+    assert Image.open(out / "samples.png").size == (4 * 128, 4 * 128)
+    section = (tmp_path / "RESULTS.md").read_text()
+    assert "### Shapes students" in section and section.count("\n| ") == len(want) + 1
