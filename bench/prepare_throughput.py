@@ -283,7 +283,8 @@ def bench_vae(args, tmp: Path, folder: Path) -> list[str]:
         "data": {"source": str(folder), "output": str(tmp / "cache"), "resolution": args.resolution,
                  "dedup": False, "val_fraction": 0.0, "embed_batch_size": args.batch_size,
                  "rows_per_file": args.rows_per_file, "embed_concurrency": args.actors,
-                 "embed_num_gpus": (1.0 / args.actors) if gpu else 0},
+                 "embed_num_gpus": (1.0 / args.actors) if gpu else 0,
+                 "decode_batch_size": args.decode_batch_size, "read_parallelism": args.read_parallelism},
     })
     start_ray(args)
     t0 = time.time()
@@ -389,6 +390,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=32, help="data.embed_batch_size and the loop's batch")
     p.add_argument("--actors", type=int, default=2, help="data.embed_concurrency (GPU actors sharing the GPU)")
     p.add_argument("--rows-per-file", type=int, default=256, help="data.rows_per_file")
+    p.add_argument("--decode-batch-size", type=int, default=64, help="data.decode_batch_size (vae part)")
+    p.add_argument("--read-parallelism", type=int, default=None, help="data.read_parallelism (vae part; default: Ray's)")
     p.add_argument("--warmup-s", type=float, default=2.0, help="loop reference warm-up seconds")
     p.add_argument("--append-results", type=Path, default=None, metavar="RESULTS.md")
     args = p.parse_args()

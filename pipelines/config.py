@@ -68,6 +68,12 @@ class DataConfig(Section):
     embed_concurrency: int = Field(1, ge=1)
     embed_num_gpus: float | None = Field(None, ge=0)  # None: 1 if CUDA is visible, else 0
     rows_per_file: int = Field(1024, ge=1)
+    # CPU side of the stage (none of these changes what is cached): rows per decode/resize/crop task call,
+    # CPUs Ray reserves per decode task (0.5 packs two per core; 2 leaves room for PIL's own threads), and
+    # read tasks (Ray Data's override_num_blocks; None lets Ray choose from the cluster and the input size)
+    decode_batch_size: int = Field(64, ge=1)
+    decode_num_cpus: float = Field(1.0, gt=0)
+    read_parallelism: int | None = Field(None, ge=1)
 
 
 class RemovalSpecConfig(Section):

@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
 STATE = "_state.json"  # written first: which config this (possibly unfinished) cache belongs to
 # config fields that do not change what is written (so changing them keeps the cache)
-RUNTIME_FIELDS = {"output", "embed_batch_size", "embed_concurrency", "embed_num_gpus", "rows_per_file"}
+RUNTIME_FIELDS = {"output", "embed_batch_size", "embed_concurrency", "embed_num_gpus", "rows_per_file",
+                  "decode_batch_size", "decode_num_cpus", "read_parallelism"}
 
 
 class Skip(Exception):
@@ -347,6 +348,8 @@ def read_rows(cfg: DataConfig) -> tuple[Any, str, int]:
     fmt = cfg.format if cfg.format != "auto" else detect_format(files)
     fs, root = filesystem(cfg.source)
 
+    blocks = {"override_num_blocks": cfg.read_parallelism} if cfg.read_parallelism else {}
+
     def paths(exts: set[str]) -> list[str]:
         return [f"{root}/{f}" if f else root for f in files if f.rsplit(".", 1)[-1].lower() in exts]
 
@@ -356,7 +359,7 @@ def read_rows(cfg: DataConfig) -> tuple[Any, str, int]:
             raise ValueError(f"{cfg.source}: no image files ({', '.join(sorted(IMAGE_EXTS))})")
         meta = _imagefolder_metadata(cfg.source, files, cfg)
         sidecars = {f for f in files if f.endswith(".txt")}
-        ds = ray.data.read_binary_files(images, filesystem=fs, include_paths=True)
+        ds = ray.data.read_binary_files(images, filesystem=fs, include_paths=True, **blocks)
         ds = ds.map_batches(_rows_imagefolder, fn_kwargs=dict(root=root, fs=fs, meta=meta, sidecars=sidecars),
                             batch_format="numpy", zero_copy_batch=True)
         n_files = len(images)
@@ -369,14 +372,14 @@ def read_rows(cfg: DataConfig) -> tuple[Any, str, int]:
         missing = [c for c in wanted if c and c not in schema.names]
         if missing:
             raise ValueError(f"{shards[0]}: no column(s) {missing} (has {schema.names}); set data.*_column")
-        ds = ray.data.read_parquet(shards, filesystem=fs, columns=[c for c in wanted if c])
+        ds = ray.data.read_parquet(shards, filesystem=fs, columns=[c for c in wanted if c], **blocks)
         ds = ds.map_batches(_rows_parquet, fn_kwargs=dict(cfg=cfg), batch_format="numpy")
         n_files = len(shards)
     elif fmt == "webdataset":
         shards = paths({"tar"})
         if not shards:
             raise ValueError(f"{cfg.source}: no .tar shards")
-        ds = ray.data.read_webdataset(shards, filesystem=fs, decoder=_wds_sample(cfg))
+        ds = ray.data.read_webdataset(shards, filesystem=fs, decoder=_wds_sample(cfg), **blocks)
         ds = ds.map_batches(_rows_webdataset, fn_kwargs=dict(root=root), batch_format="numpy")
         n_files = len(shards)
     else:
@@ -655,7 +658,8 @@ def _run(cfg: Config, facts: dict, buckets: list | None, digest: str) -> dict:
         fn_kwargs=dict(cfg=d, done=done, dropped=dropped, winner=winner, ambiguous=ambiguous, claims=claims,
                        buckets=buckets),
         batch_format="numpy",
-        batch_size=64,
+        batch_size=d.decode_batch_size,
+        num_cpus=d.decode_num_cpus,
     )
     gpus = d.embed_num_gpus
     if gpus is None:

@@ -199,12 +199,30 @@ def test_webdataset_local_path(ray_local, tmp_path, tiny_sd1_dir):
     src, out = str(tmp_path / "wds"), str(tmp_path / "cache")
     write_samples(src, "webdataset", samples, shard_size=12)
     assert sorted(list_files(src)) == ["shard-00000.tar", "shard-00001.tar"]
-    prepare.run(_cfg(src, out, str(tiny_sd1_dir), crop="random"))
+    # the CPU-side knobs: small decode batches, half a CPU per decode task, one read task per shard
+    knobs = dict(decode_batch_size=5, decode_num_cpus=0.5, read_parallelism=2)
+    prepare.run(_cfg(src, out, str(tiny_sd1_dir), crop="random", **knobs))
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["skipped"] == skipped and manifest["format"] == "webdataset"
     batch = _read_cache(out)
     _check_rows(batch, manifest, len(good))
     assert all(k.startswith("shard-0000") for k in batch["key"])
+    # they change how the stage runs, not what it caches: other values find the cache complete
+    again = prepare.run(_cfg(src, out, str(tiny_sd1_dir), crop="random", decode_batch_size=64, read_parallelism=None))
+    assert again["status"] == "already complete"
+
+
+def test_read_parallelism_sets_read_tasks(ray_local, tmp_path):
+    samples, _, _ = make_samples(n_good=16)
+    src = str(tmp_path / "images")
+    write_samples(src, "imagefolder", samples)
+    counts = set()
+    for tasks in (3, 7):
+        ds, fmt, _ = prepare.read_rows(_cfg(src, str(tmp_path / "out"), "unused", read_parallelism=tasks).data)
+        m = ds.materialize()
+        assert fmt == "imagefolder" and m.num_blocks() == tasks
+        counts.add(m.count())
+    assert len(counts) == 1  # the same rows however they are split
 
 
 def test_sdxl_buckets_time_ids(s3_server, ray_local, s3_bucket, tiny_sdxl_dir):
