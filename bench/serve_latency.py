@@ -255,8 +255,21 @@ def main() -> int:
         print(f"reference {name}: {results['reference'].get(name)} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
     if not results["stopped"]:
-        serve_levels(args, models, results, root, steps, size, clients, rpc, gpu)
+        try:
+            serve_levels(args, models, results, root, steps, size, clients, rpc, gpu)
+        except KeyboardInterrupt:  # SIGINT between levels or while a deployment was being deleted
+            results["stopped"] = True
+            results["notes"].append("stopped early (SIGINT) between serve levels")
+    try:
+        write_results(results, args, models, clients, rpc, gpu, t_start)
+    finally:  # results first: `timeout -k` may kill the process while Ray shuts down
+        stop_ray()
+    return 0 if results["serve"] and not results["notes"] else 1
 
+
+def write_results(results: dict, args, models: dict, clients: list[int], rpc: list[int], gpu: bool,
+                  t_start: float) -> None:
+    """Ratios, hardware and the table: printed, to --out as JSON and appended to --append-results."""
     top = max(clients)
     results["student_speedup"] = {
         f"{'on' if b else 'off'}@{c}": _ratio(ips(results, "student", b, c), ips(results, "teacher", b, c))
@@ -272,7 +285,6 @@ def main() -> int:
     if args.append_results:
         append_results(args.append_results, md)
         print(f"appended to {args.append_results}")
-    return 0 if results["serve"] and not results["notes"] else 1
 
 
 def serve_levels(args, models: dict, results: dict, root: Path, steps: int, size: int, clients: list[int],
@@ -321,11 +333,20 @@ def serve_levels(args, models: dict, results: dict, root: Path, steps: int, size
             print(f"# {what}: {time.perf_counter() - t0:.0f}s", flush=True)
             if results["stopped"]:
                 break
-    finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        with contextlib.suppress(Exception):
-            ray.shutdown()
+    except KeyboardInterrupt:  # e.g. during serve.delete: the rows measured so far stand
+        results["stopped"] = True
+        results["notes"].append("stopped early (SIGINT) while a deployment was cleaned up")
+
+
+def stop_ray() -> None:
+    """Serve and Ray down, ignoring a further SIGINT or a failure (nothing is left to report)."""
+    import ray
+    from ray import serve
+
+    for fn in (serve.shutdown, ray.shutdown):
+        if ray.is_initialized():
+            with contextlib.suppress(BaseException):
+                fn()
 
 
 def ips(res: dict, model: str, batched: bool, c: int) -> float | None:
