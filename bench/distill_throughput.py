@@ -59,6 +59,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import append_to_section  # noqa: E402
 from models.kd import KDTaps, KDWeights, diffusion_batch, feature_pairs, kd_loss  # noqa: E402
 from models.student import build_student, preset_spec  # noqa: E402
 from pipelines.student_cli import SD15_TEXT, SD15_UNET, SD15_VAE, SDXL_UNET  # noqa: E402
@@ -524,14 +525,7 @@ def table(args: argparse.Namespace, rows: list[dict], total_s: float) -> str:
 
 def append_results(path: Path, text: str) -> None:
     """Put the table at the end of the "Distillation" section of RESULTS.md (made if missing)."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    head = "\n## Distillation\n"
-    if head not in old:
-        old = old.rstrip("\n") + "\n" + head + "\n" + SECTION
-    start = old.index(head) + len(head)
-    end = old.find("\n## ", start)
-    end = len(old) if end < 0 else end
-    path.write_text(old[:end].rstrip("\n") + "\n\n" + text + ("\n" + old[end:].lstrip("\n") if end < len(old) else ""))
+    append_to_section(path, "## Distillation", text, intro=SECTION)
 
 
 def hardware(args: argparse.Namespace) -> str:

@@ -36,7 +36,6 @@ import datetime
 import math
 import os
 import platform
-import signal
 import statistics
 import sys
 import time
@@ -50,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
+from bench.common import append_to_section, interrupt_once  # noqa: E402
 from models.student import count_params, meta_unet, preset_spec, student_config  # noqa: E402
 from models.tiny import SD1_UNET, VAE  # noqa: E402
 from models.tiny import SDXL_UNET as TINY_SDXL_UNET  # noqa: E402
@@ -80,17 +80,6 @@ COMPILE_ORDER = {"sd15": ["bk-small", "sd15", "bk-tiny", "bk-base"], "sdxl": ["v
 PUBLISHED = {"ssd-1b": 1.6, "vega": 2.0}
 
 
-def interrupt_once() -> None:
-    """The first SIGINT (e.g. from `timeout -s INT`) raises KeyboardInterrupt; later ones are ignored, so
-    the partial results are still cleaned up after and written."""
-    seen = []
-
-    def handler(signum, frame):
-        if not seen:
-            seen.append(signum)
-            raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, handler)
 
 
 def unet_config(family: dict, preset: str | None) -> dict:
@@ -494,16 +483,8 @@ def table(rows: list[dict], notes: list[str], args: argparse.Namespace, wall_s: 
 
 def append_results(path: Path, text: str) -> None:
     """Put the table at the end of the "Evaluation / latency" section of RESULTS.md (made if missing)."""
-    doc = path.read_text() if path.exists() else "# Benchmark results\n"
-    if SECTION not in doc:
-        doc = doc.rstrip("\n") + (
-            f"\n\n{SECTION}\n\nWritten by bench/latency.py (issue 7): U-Net latency per step and per image of the "
-            "teachers and the block-removal students, random weights, native resolution.\n")
-    start = doc.index(SECTION)
-    nxt = doc.find("\n## ", start + len(SECTION))
-    end = len(doc) if nxt < 0 else nxt + 1
-    section = doc[start:end].rstrip("\n") + "\n\n" + text
-    path.write_text(doc[:start] + section + ("\n" + doc[end:] if end < len(doc) else ""))
+    append_to_section(path, SECTION, text, intro="Written by bench/latency.py (issue 7): U-Net latency per step and "
+                      "per image of the teachers and the block-removal students, random weights, native resolution.")
 
 
 def gpu_warm(seconds: float) -> None:

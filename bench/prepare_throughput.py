@@ -33,7 +33,6 @@ import multiprocessing as mp
 import os
 import platform
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -45,23 +44,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import append_to_section, interrupt_once  # noqa: E402
 from pipelines.config import parse_config  # noqa: E402
 from pipelines.student_cli import SD15_TEXT, SD15_VAE  # noqa: E402
 
 SECTION = "## Data"
 
 
-def interrupt_once() -> None:
-    """The first SIGINT (e.g. from `timeout -s INT`) raises KeyboardInterrupt; later ones are ignored, so
-    the partial results are still cleaned up after and written."""
-    seen = []
-
-    def handler(signum, frame):
-        if not seen:
-            seen.append(signum)
-            raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, handler)
 
 
 # ----------------------------------------------------------------------------------------------- images
@@ -363,13 +352,7 @@ def section(results: dict[str, dict], args, wall_s: float) -> str:
 
 def append_results(path: Path, text: str) -> None:
     """The section goes last under '## Data' (made if missing), before the next '## ' section."""
-    doc = path.read_text() if path.exists() else "# Benchmark results\n"
-    if f"\n{SECTION}\n" not in doc:
-        doc = doc.rstrip("\n") + f"\n\n{SECTION}\n"
-    start = doc.index(f"\n{SECTION}\n") + len(SECTION) + 2
-    nxt = doc.find("\n## ", start)
-    end = len(doc) if nxt < 0 else nxt + 1
-    path.write_text(doc[:end].rstrip("\n") + "\n\n" + text + ("\n" + doc[end:] if end < len(doc) else ""))
+    append_to_section(path, SECTION, text)
 
 
 def main() -> int:
@@ -391,7 +374,8 @@ def main() -> int:
     p.add_argument("--actors", type=int, default=2, help="data.embed_concurrency (GPU actors sharing the GPU)")
     p.add_argument("--rows-per-file", type=int, default=256, help="data.rows_per_file")
     p.add_argument("--decode-batch-size", type=int, default=64, help="data.decode_batch_size (vae part)")
-    p.add_argument("--read-parallelism", type=int, default=None, help="data.read_parallelism (vae part; default: Ray's)")
+    p.add_argument("--read-parallelism", type=int, default=None,
+                   help="data.read_parallelism (vae part; default: Ray chooses)")
     p.add_argument("--warmup-s", type=float, default=2.0, help="loop reference warm-up seconds")
     p.add_argument("--append-results", type=Path, default=None, metavar="RESULTS.md")
     args = p.parse_args()

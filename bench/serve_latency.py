@@ -29,7 +29,6 @@ import datetime
 import json
 import os
 import platform
-import signal
 import statistics
 import sys
 import tempfile
@@ -42,23 +41,13 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import append_to_section, interrupt_once  # noqa: E402
 from pipelines import local  # noqa: E402
 from pipelines.config import parse_config  # noqa: E402
 
 SECTION = "## Serving"
 
 
-def interrupt_once() -> None:
-    """The first SIGINT (e.g. from `timeout -s INT`) raises KeyboardInterrupt; later ones are ignored, so
-    the partial results are still cleaned up after and written."""
-    seen = []
-
-    def handler(signum, frame):
-        if not seen:
-            seen.append(signum)
-            raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, handler)
 
 
 def build_models(tiny: bool, root: Path) -> dict[str, Path]:
@@ -275,7 +264,12 @@ def write_results(results: dict, args, models: dict, clients: list[int], rpc: li
         f"{'on' if b else 'off'}@{c}": _ratio(ips(results, "student", b, c), ips(results, "teacher", b, c))
         for b in (True, False) for c in clients}
     results["batching_gain"] = {m: _ratio(ips(results, m, True, top), ips(results, m, False, top)) for m in models}
-    device_name = torch.cuda.get_device_name(0) if gpu else platform.processor() or platform.machine()
+    if gpu:
+        import torch
+
+        device_name = torch.cuda.get_device_name(0)
+    else:
+        device_name = platform.processor() or platform.machine()
     results["hardware"] = f"{device_name}, {os.cpu_count()} CPUs"
     results["wall_s"] = time.perf_counter() - t_start
     md = markdown(results, args, clients, rpc)
@@ -406,13 +400,7 @@ def markdown(res: dict, args, clients: list[int], rpc: list[int]) -> str:
 
 def append_results(path: Path, text: str) -> None:
     """The section goes last under '## Serving' (made if missing), before the next '## ' section."""
-    doc = path.read_text() if path.exists() else "# Benchmark results\n"
-    if f"\n{SECTION}\n" not in doc:
-        doc = doc.rstrip("\n") + f"\n\n{SECTION}\n"
-    start = doc.index(f"\n{SECTION}\n") + len(SECTION) + 2
-    nxt = doc.find("\n## ", start)
-    end = len(doc) if nxt < 0 else nxt + 1
-    path.write_text(doc[:end].rstrip("\n") + "\n\n" + text + ("\n" + doc[end:] if end < len(doc) else ""))
+    append_to_section(path, SECTION, text)
 
 
 if __name__ == "__main__":

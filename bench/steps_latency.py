@@ -40,6 +40,7 @@ from diffusers import (  # noqa: E402
 )
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
+from bench.common import append_to_section  # noqa: E402
 from models.steps import add_guidance_embedding, student_scheduler  # noqa: E402
 from models.student import build_student, count_params, preset_spec  # noqa: E402
 from models.tiny import SD1_UNET, VAE, _load_tokenizer, _sd1_scheduler, _text_config  # noqa: E402
@@ -123,16 +124,8 @@ def time_row(pipe: StableDiffusionPipeline, steps: int, guidance: float, size: i
 
 def write_results(table: str) -> None:
     """Put the table at the end of the "## Step distillation" section of RESULTS.md (made if missing)."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    head = "## Step distillation"
-    if head not in text:
-        text = (text.rstrip("\n") + f"\n\n{head}\n\nWritten by bench/steps_latency.py (issue 10): end-to-end "
-                "latency of few-step students against the teacher at 25 steps with CFG.\n")
-    start = text.index(head)
-    nxt = text.find("\n## ", start + len(head))
-    end = len(text) if nxt < 0 else nxt + 1
-    section = text[start:end].rstrip("\n") + "\n\n" + table + "\n"
-    RESULTS.write_text(text[:start] + section + ("\n" + text[end:] if end < len(text) else ""))
+    append_to_section(RESULTS, "## Step distillation", table, intro="Written by bench/steps_latency.py (issue 10): "
+                      "end-to-end latency of few-step students against the teacher at 25 steps with CFG.")
 
 
 def main(argv: list[str] | None = None) -> int:
