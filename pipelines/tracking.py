@@ -12,11 +12,13 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
+# MLflow is imported where it is used: a run with no tracking URI (and the GPU benchmarks, whose offline
+# bundle leaves MLflow out) never loads it
 log = logging.getLogger(__name__)
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
@@ -39,6 +41,8 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
 
 
 def client(tracking_uri: str) -> MlflowClient:
+    from mlflow.tracking import MlflowClient
+
     return MlflowClient(tracking_uri=tracking_uri)
 
 
@@ -46,6 +50,8 @@ def start_run(tracking_uri: str, experiment: str, job_key: str, run_name: str, c
               tags: dict[str, str] | None = None) -> tuple[str, bool]:
     """The MLflow run of a training job: the latest one tagged with job_key, else a new one with the
     config as params. Returns (run id, resumed)."""
+    from mlflow.entities import Param
+
     c = client(tracking_uri)
     exp = c.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp is not None else c.create_experiment(experiment)
@@ -64,6 +70,8 @@ def start_run(tracking_uri: str, experiment: str, job_key: str, run_name: str, c
 
 
 def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
     for i in range(0, len(batch), 1000):
@@ -71,6 +79,8 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step:
 
 
 def set_tags(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
     client(tracking_uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 

