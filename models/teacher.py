@@ -67,7 +67,7 @@ def resolve_model_dir(uri: str) -> str:
             known = sorted(BUILDERS) + sorted(p.name for p in SHIPPED.glob("*") if p.is_dir())
             raise ValueError(f"unknown builtin teacher {uri!r}; known: {', '.join(known)}")
         dest = cache_root() / "builtin" / name
-        if not (dest / "model_index.json").exists():
+        if not ((dest / "model_index.json").exists() or (dest / "config.json").exists()):
             tmp = dest.with_name(name + f".{os.getpid()}.partial")
             save_tiny(name, tmp)
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +87,41 @@ def resolve_model_dir(uri: str) -> str:
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     return uri
+
+
+def load_decoder(uri: str, dtype: torch.dtype = torch.float32) -> Any:
+    """A VAE to decode with in place of the pipeline's own: a diffusers AutoencoderTiny (TAESD,
+    madebyollin/taesd for SD 1.x/2.x, madebyollin/taesdxl for SDXL) or AutoencoderKL folder, by local path, hub
+    id, s3:// URI or builtin:tiny-decoder. A pipeline folder works too (its vae/ subfolder)."""
+    import json
+
+    from diffusers import AutoencoderTiny
+
+    src = resolve_model_dir(uri)
+    sub = "vae" if (Path(src) / "model_index.json").is_file() else None
+    local = Path(src) / (sub or "") / "config.json"
+    name = json.loads(local.read_text()).get("_class_name") if local.is_file() else None
+    if name is None:  # a hub id: ask the hub's config
+        from diffusers import ConfigMixin
+
+        name = ConfigMixin.load_config(src, subfolder=sub).get("_class_name")
+    cls = {"AutoencoderTiny": AutoencoderTiny, "AutoencoderKL": AutoencoderKL}.get(name)
+    if cls is None:
+        raise ValueError(f"decoder {uri}: a {name or 'folder with no _class_name'}; need an AutoencoderTiny (TAESD) "
+                         "or AutoencoderKL")
+    return cls.from_pretrained(src, subfolder=sub, torch_dtype=dtype)
+
+
+def swap_decoder(pipe: Any, decoder: Any, uri: str = "decoder") -> Any:
+    """Put `decoder` in place of the pipeline's VAE after checking it reads the same latents (channels and
+    upsampling); returns the pipeline. Only decoding uses it: the pipelines here never encode images."""
+    old, new = pipe.vae.config, decoder.config
+    factor = 2 ** (len(new.block_out_channels) - 1)
+    if new.latent_channels != old.latent_channels or factor != pipe.vae_scale_factor:
+        raise ValueError(f"{uri}: decodes {new.latent_channels}-channel latents upsampled {factor}x; the pipeline's "
+                         f"VAE decodes {old.latent_channels} channels upsampled {pipe.vae_scale_factor}x")
+    pipe.vae = decoder.to(pipe.device)
+    return pipe
 
 
 def detect_family(unet_config: Any) -> Family:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderTiny,
     DDIMScheduler,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
@@ -193,11 +194,19 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     )
 
 
-BUILDERS = {"tiny-sd1": tiny_sd1_pipeline, "tiny-sdxl": tiny_sdxl_pipeline}
+def tiny_decoder(seed: int = 0) -> AutoencoderTiny:
+    """A TAESD-style AutoencoderTiny for the tiny teachers' latent space (4 channels, 4x upsampling: 16x16 -> 64 px),
+    random weights: a lighter decoder in tests, as TAESD (madebyollin/taesd) is for SD 1.x/2.x."""
+    torch.manual_seed(seed)
+    return AutoencoderTiny(encoder_block_out_channels=(16, 16, 16), decoder_block_out_channels=(16, 16, 16),
+                           num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1), latent_channels=4)
+
+
+BUILDERS = {"tiny-sd1": tiny_sd1_pipeline, "tiny-sdxl": tiny_sdxl_pipeline, "tiny-decoder": tiny_decoder}
 
 
 def save_tiny(name: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Build a tiny pipeline by name and save it as a diffusers folder; returns the folder."""
+    """Build a tiny pipeline (or decoder) by name and save it as a diffusers folder; returns the folder."""
     if name not in BUILDERS:
         raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(BUILDERS)}")
     out = Path(out_dir)

@@ -269,6 +269,7 @@ class EvaluateConfig(Section):
     student_steps: int | None = Field(None, ge=1)
     student_guidance_scale: float | None = Field(None, ge=0)
     steps_sweep: list[int] = Field(default_factory=list)  # also the student at each of these steps, e.g. [1, 2, 4, 8]
+    student_decoder: str | None = None  # the student decodes with this (as serve.decoder); the teacher with its VAE
     resolution: int | None = Field(None, ge=8)  # default: the cache's resolution, else the teacher's native
     reference: str | None = None  # a folder of reference images; default: validation images
     num_reference: int | None = Field(None, ge=2)  # at most this many reference images; default all
@@ -303,6 +304,10 @@ class RegistryConfig(Section):
 
 class ServeConfig(Section):
     model: str | None = None  # models:/NAME@ALIAS or a diffusers folder/URI; default registry champion
+    # a lighter decoder in place of the model's VAE: an AutoencoderTiny (TAESD: madebyollin/taesd for SD 1.x/2.x,
+    # madebyollin/taesdxl for SDXL) or AutoencoderKL folder / hub id / s3:// (few-step students spend much of an
+    # image in the VAE decoder); check its quality with evaluate.student_decoder
+    decoder: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     route_prefix: str = "/"

@@ -52,7 +52,16 @@ from PIL import Image
 from models.kd import Taps, feature_pairs
 from models.steps import guidance_embedding
 from models.student import RemovalSpec, count_params, meta_unet
-from models.teacher import Teacher, detect_family, encode_prompts, pick_dtype, resolve_model_dir, sdxl_time_ids
+from models.teacher import (
+    Teacher,
+    detect_family,
+    encode_prompts,
+    load_decoder,
+    pick_dtype,
+    resolve_model_dir,
+    sdxl_time_ids,
+    swap_decoder,
+)
 from pipelines import metrics as M
 from pipelines.config import Config
 from pipelines.storage import exists, is_remote, join, list_files, read_bytes, write_bytes
@@ -197,10 +206,12 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def load_pipelines(teacher_uri: str, student_uri: str, dtype: str = "auto", device: str = "cpu",
-                   revision: str | None = None, variant: str | None = None) -> tuple[Any, Any]:
+                   revision: str | None = None, variant: str | None = None,
+                   student_decoder: str | None = None) -> tuple[Any, Any]:
     """(teacher pipeline, student pipeline). The student pipeline is the teacher's with the student U-Net
     (loaded from STUDENT/unet) and the student's own scheduler (STUDENT/scheduler, as the steps stage
-    writes it), or a fresh copy of the teacher's when the student folder has none."""
+    writes it), or a fresh copy of the teacher's when the student folder has none; with `student_decoder`
+    (TAESD or another VAE) the student decodes with it, the teacher with its own VAE."""
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
     torch_dtype = pick_dtype(dtype, device)
@@ -222,6 +233,9 @@ def load_pipelines(teacher_uri: str, student_uri: str, dtype: str = "auto", devi
     for pipe in (teacher, student):
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
+    if student_decoder:  # float32 like the teacher's VAE: decoding is a small part of the time
+        decoder = load_decoder(student_decoder, torch.float32)
+        swap_decoder(student, decoder, f"evaluate.student_decoder {student_decoder}")
     return teacher, student
 
 
@@ -966,7 +980,7 @@ def run(cfg: Config) -> dict[str, float]:
         return json.loads(read_bytes(join(out_uri, "metrics.json")))
 
     teacher_pipe, student_pipe = load_pipelines(cfg.teacher.uri, ev.student, cfg.teacher.dtype, device,
-                                                cfg.teacher.revision, cfg.teacher.variant)
+                                                cfg.teacher.revision, cfg.teacher.variant, ev.student_decoder)
     size = ev.resolution or _cache_resolution(cfg.data.output) or image_size(teacher_pipe)
     if ev.reference:
         reference = read_reference_folder(ev.reference, size, ev.num_reference)
@@ -985,6 +999,7 @@ def run(cfg: Config) -> dict[str, float]:
             "teacher sampling": _sampling(teacher_pipe, ev.steps, ev.guidance_scale),
             "student sampling": _sampling(student_pipe, student_steps, student_scale),
             "steps sweep": ", ".join(map(str, ev.steps_sweep)) or "none",
+            "student decoder": ev.student_decoder or "the teacher's VAE",
             "reference": ref_source, "device": _device_name(device), "dtype": str(teacher_pipe.unet.dtype),
             "feature extractor": ev.feature_extractor or "inception-v3-compat (torch-fidelity download)",
             "clip model": ev.clip_model}

@@ -207,7 +207,7 @@ class ImageServer:
         self._key = read_api_key(self.cfg)
         self._generate = generate_images
         device = "cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.pipe = load_pipeline(fetch_model(model), device)
+        self.pipe = load_pipeline(fetch_model(model), device, self.cfg.decoder)
         self.generate_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         w, h = parse_size(self.cfg.sizes[0])
@@ -291,7 +291,7 @@ class ImageServer:
         self._authorize(request)
         m = self.model
         card = ModelCard(id=m["name"], version=m["version"], alias=m["alias"], teacher=m["teacher"],
-                         preset=m["preset"], source=m["uri"])
+                         preset=m["preset"], source=m["uri"], decoder=self.cfg.decoder)
         return {"object": "list", "data": [{"name": m["name"], **card.model_dump()}]}
 
     @api.get("/healthz")

@@ -27,19 +27,23 @@ class ImageJob:
         return (self.width, self.height, self.num_inference_steps, self.guidance_scale)
 
 
-def load_pipeline(folder: str, device: str = "cpu"):
-    """A diffusers pipeline from a folder (or anything models.teacher.resolve_model_dir accepts)."""
+def load_pipeline(folder: str, device: str = "cpu", decoder: str | None = None):
+    """A diffusers pipeline from a folder (or anything models.teacher.resolve_model_dir accepts); with `decoder`
+    (models.teacher.load_decoder: TAESD or another VAE) decoding with that instead of the folder's VAE."""
     import torch
     from diffusers import DiffusionPipeline
 
-    from models.teacher import resolve_model_dir
+    from models.teacher import load_decoder, resolve_model_dir, swap_decoder
 
     src = resolve_model_dir(folder)
     dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
     # fp16 on GPU: the SDXL pipelines upcast their VAE themselves where its config says force_upcast
     pipe = DiffusionPipeline.from_pretrained(src, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    if decoder:
+        swap_decoder(pipe, load_decoder(decoder, dtype), decoder)
+    return pipe
 
 
 def generate_images(pipe: Any, jobs: list[ImageJob]) -> list[bytes]:

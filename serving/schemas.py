@@ -68,6 +68,7 @@ class ModelCard(BaseModel):
     teacher: str | None = None
     preset: str | None = None
     source: str
+    decoder: str | None = None  # serve.decoder: what decodes latents in place of the model's VAE
 
 
 def _describe(err: ValidationError) -> tuple[str, str | None]:

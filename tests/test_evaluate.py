@@ -281,6 +281,36 @@ def test_evaluate_pipelines_core_without_stage(tiny_sd1_dir, students):
     assert set(ev.embeddings["output"]) == {"teacher", "student"} and ev.embeddings["output"]["teacher"].shape[0] == 4
 
 
+def test_student_decoder_decodes_the_student_only(tiny_sd1_dir, students, tmp_path):
+    """evaluate.student_decoder: the student's latents are the same, its images come from the lighter decoder
+    (TAESD-style AutoencoderTiny), the teacher keeps its own VAE; a decoder of another latent space is refused."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    from pipelines.evaluate import evaluate_pipelines, load_pipelines
+
+    kw = dict(steps=2, guidance_scale=1.0, batch_size=2, feature_extractor="builtin:tiny", latency_repeats=1,
+              embedding_samples=4)
+    runs = {}
+    for decoder in (None, "builtin:tiny-decoder"):
+        teacher, student = load_pipelines(str(tiny_sd1_dir), str(students["bk-small"]), student_decoder=decoder)
+        assert isinstance(teacher.vae, AutoencoderKL)
+        assert isinstance(student.vae, AutoencoderTiny if decoder else AutoencoderKL)
+        runs[decoder] = evaluate_pipelines(teacher, student, PROMPTS[:2], [5, 6], **kw)
+    plain, light = runs[None], runs["builtin:tiny-decoder"]
+    assert light.metrics["latent_mse"] == plain.metrics["latent_mse"]  # the U-Net's work is unchanged
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(light.teacher_images, plain.teacher_images))
+    assert light.student_images[0].size == plain.student_images[0].size
+    assert not np.array_equal(np.asarray(light.student_images[0]), np.asarray(plain.student_images[0]))
+    assert light.metrics["psnr"] != plain.metrics["psnr"]
+    AutoencoderTiny(latent_channels=4).save_pretrained(tmp_path / "taesd")  # TAESD's own layout: 8x, SD at 512 px
+    with pytest.raises(ValueError, match="student_decoder .*upsampled 8x; the pipeline's VAE .* upsampled 4x"):
+        load_pipelines(str(tiny_sd1_dir), str(students["bk-small"]), student_decoder=str(tmp_path / "taesd"))
+    with pytest.raises(ValueError, match="need an AutoencoderTiny"):
+        load_pipelines(str(tiny_sd1_dir), str(students["bk-small"]),
+                       student_decoder=str(Path(tiny_sd1_dir) / "unet"))
+    assert parse_config({"evaluate": {"student_decoder": "madebyollin/taesd"}}).evaluate.student_decoder
+
+
 # --------------------------------------------------------------------------- step-distilled students
 
 

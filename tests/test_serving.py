@@ -47,6 +47,7 @@ def server(ray_local, mlflow_server, tiny_sd1_dir, tmp_path_factory):
             "max_batch_size": 4, "batch_wait_timeout_s": 0.05, "max_ongoing_requests": 16,
             "api_key_file": str(tmp / "key"), "sizes": ["64x64", "32x32"], "default_steps": 2, "max_steps": 20,
             "max_n": 4, "max_prompt_chars": 200,
+            "decoder": "builtin:tiny-decoder",  # a TAESD-style lighter decoder in place of the student's VAE
         },
     })
     reg = registry.register_student(student, {"fid_student_vs_teacher": 1.0}, cfg)
@@ -73,6 +74,19 @@ def test_generate_and_seed(server):
     assert images(post(server, {**body, "seed": 8})) != a
     small = images(post(server, {**body, "size": "32x32", "guidance_scale": 1.0, "negative_prompt": "blue"}))
     assert Image.open(io.BytesIO(small[0])).size == (32, 32)
+
+
+def test_served_images_come_from_the_decoder(server, tiny_sd1_dir):
+    """serve.decoder: the replica decodes with the lighter decoder, not the model's own VAE."""
+    from serving.images import ImageJob, generate_images, load_pipeline
+
+    served = np.asarray(Image.open(io.BytesIO(images(post(server, {"prompt": "a red circle", "num_inference_steps": 2,
+                                                                    "seed": 7}))[0])), np.int16)
+    job = [ImageJob("a red circle", num_inference_steps=2, seed=7, guidance_scale=7.5)]
+    local = {d: np.asarray(Image.open(io.BytesIO(generate_images(load_pipeline(str(tiny_sd1_dir), decoder=d), job)[0])),
+                           np.int16) for d in (None, "builtin:tiny-decoder")}
+    assert np.abs(served - local["builtin:tiny-decoder"]).max() <= 2
+    assert np.abs(served - local[None]).max() > 10
 
 
 def test_n_images(server):
@@ -112,6 +126,7 @@ def test_models_and_health(server):
     card = r.json()["data"][0]
     assert card["name"] == server["name"] and card["version"] == server["version"]
     assert card["alias"] == "champion" and card["teacher"] == "builtin:tiny-sd1" and card["preset"] == "identity"
+    assert card["decoder"] == "builtin:tiny-decoder"
     assert requests.get(server["url"] + "healthz", timeout=30).json() == {"status": "ok"}
     assert requests.get(server["url"] + "readyz", timeout=30).status_code == 200
 
