@@ -80,8 +80,6 @@ COMPILE_ORDER = {"sd15": ["bk-small", "sd15", "bk-tiny", "bk-base"], "sdxl": ["v
 PUBLISHED = {"ssd-1b": 1.6, "vega": 2.0}
 
 
-
-
 def unet_config(family: dict, preset: str | None) -> dict:
     teacher = meta_unet(family["unet"]).config
     if preset is None:

@@ -51,8 +51,6 @@ from pipelines.student_cli import SD15_TEXT, SD15_VAE  # noqa: E402
 SECTION = "## Data"
 
 
-
-
 # ----------------------------------------------------------------------------------------------- images
 
 

@@ -48,8 +48,6 @@ from pipelines.config import parse_config  # noqa: E402
 SECTION = "## Serving"
 
 
-
-
 def build_models(tiny: bool, root: Path) -> dict[str, Path]:
     """The teacher pipeline folder and its bk-small student (fp16 on disk for the full size)."""
     import torch
