@@ -252,6 +252,20 @@ def export_student(ckpt_dir: str | Path, cfg: Config, spec: RemovalSpec, out_dir
 # ---------------------------------------------------------------------------------------------------
 
 
+def skip_shm_comm_build() -> None:
+    """CPU training only: DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (deepspeed_shm_comm,
+    30-120 s of C++ on a small machine, again whenever the venv path changes) that only its inference_all_reduce
+    uses; training's all-reduce goes through the gloo process group either way. deepspeed 0.19.8 decides by
+    `deepspeed.ops.__compatible_ops__` (probed lazily, by compiler subprocesses, and read nowhere else): set
+    before the engine starts the backend, it skips both the probe and the build."""
+    import deepspeed.ops
+
+    if "__compatible_ops__" not in vars(deepspeed.ops):
+        deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
+    else:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class StudentEngine:
     def __init__(self, student: torch.nn.Module, dc: DistillConfig, world_size: int, device: torch.device):
         self.dc, self.device = dc, device
@@ -260,6 +274,8 @@ class StudentEngine:
         if dc.deepspeed:
             import deepspeed
 
+            if not use_gpu:
+                skip_shm_comm_build()
             opt = make_optimizer(student, dc, use_gpu)
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=student, optimizer=opt, lr_scheduler=sched, config=ds_config(dc, world_size, use_gpu),
