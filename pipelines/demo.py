@@ -42,8 +42,10 @@ def demo_config(work: Path, small: bool, port: int) -> Config:
     ]
     if small:
         sets += [
-            "distill.max_steps=6", "distill.val_every=3", "distill.checkpoint_every=3", "distill.batch_size=4",
-            "tune.num_samples=2", "tune.steps_per_trial=3", "evaluate.num_prompts=4", "evaluate.steps=3",
+            # one validation and checkpoint, one Tune trial: each Train run costs ~a minute of start-up on 2 cores
+            # (tests/test_tune.py searches several trials)
+            "distill.max_steps=6", "distill.val_every=6", "distill.checkpoint_every=6", "distill.batch_size=4",
+            "tune.num_samples=1", "tune.steps_per_trial=3", "evaluate.num_prompts=4", "evaluate.steps=3",
             "evaluate.latency_repeats=1", "evaluate.embedding_samples=8",
         ]
     return load_config(REPO / "configs" / "demo.yaml", sets)
