@@ -306,3 +306,17 @@ def test_distill_imports_no_mlflow():
     code = "import sys, pipelines.distill, pipelines.steps; print(sorted(m for m in sys.modules if 'mlflow' in m))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_cpu_deepspeed_skips_the_shm_op_build():
+    """On CPU the DeepSpeed backend would JIT-compile its shared-memory all-reduce op (C++, up to minutes) at
+    every engine start; the engine marks it off first, so DeepSpeed's own check builds nothing."""
+    code = ("import os; os.environ['DS_ACCELERATOR'] = 'cpu'\n"
+            "from pipelines.distill import skip_shm_comm_build\n"
+            "skip_shm_comm_build()\n"
+            "from deepspeed.comm.torch import build_shm_op\n"
+            "print(build_shm_op())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "None", out.stdout
+    assert "built successfully" not in out.stdout + out.stderr
