@@ -48,16 +48,17 @@ from pipelines.config import parse_config  # noqa: E402
 SECTION = "## Serving"
 
 
-def build_models(tiny: bool, root: Path) -> dict[str, Path]:
-    """The teacher pipeline folder and its bk-small student (fp16 on disk for the full size)."""
+def build_models(tiny: bool, root: Path) -> dict[str, tuple[Path, Path | None]]:
+    """Name -> (pipeline folder, decoder folder or None): the teacher, its bk-small student (fp16 on disk for the
+    full size) and that student decoding with a TAESD-size AutoencoderTiny."""
     import torch
 
     from models.student import build_student, preset_spec, save_student
 
+    from models.tiny import save_tiny
+
     teacher_dir = root / "teacher"
     if tiny:
-        from models.tiny import save_tiny
-
         save_tiny("tiny-sd1", teacher_dir)
     else:
         from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -88,10 +89,22 @@ def build_models(tiny: bool, root: Path) -> dict[str, Path]:
     if not tiny:
         student = student.to(torch.float16)
     save_student(student, str(teacher_dir), root / "student", {"teacher": "bench", "preset": "bk-small"})
-    return {"teacher": teacher_dir, "student": root / "student"}
+    # the student with a lighter decoder (serve.decoder): random weights at TAESD's size for SD 1.x
+    # (madebyollin/taesd), builtin:tiny-decoder's shape for --tiny
+    decoder = root / "decoder"
+    if tiny:
+        save_tiny("tiny-decoder", decoder)
+    else:
+        from diffusers import AutoencoderTiny
+
+        torch.manual_seed(0)
+        AutoencoderTiny().to(torch.float16).save_pretrained(decoder)
+    return {"teacher": (teacher_dir, None), "student": (root / "student", None),
+            "student-taesd": (root / "student", decoder)}
 
 
-def reference(folder: Path, device: str, size: int, steps: int, images: int, batch: int, warmup_s: float) -> dict:
+def reference(folder: Path, decoder: Path | None, device: str, size: int, steps: int, images: int, batch: int,
+              warmup_s: float) -> dict:
     """Plain diffusers, in-process: images/s one image per call, and one call of `batch` images."""
     import torch
 
@@ -99,7 +112,7 @@ def reference(folder: Path, device: str, size: int, steps: int, images: int, bat
 
     if device == "cpu":
         torch.set_num_threads(1)  # as in a replica with num_cpus=1 (Ray sets OMP_NUM_THREADS=1)
-    pipe = load_pipeline(str(folder), device)
+    pipe = load_pipeline(str(folder), device, str(decoder) if decoder else None)
     job = ImageJob("a photo of a cat", num_inference_steps=steps, width=size, height=size)
     short = ImageJob("a photo of a cat", num_inference_steps=2, width=size, height=size)
     t0 = time.perf_counter()
@@ -191,7 +204,8 @@ def main() -> int:
     p.add_argument("--batch-wait", type=float, default=0.05, help="batch_wait_timeout_s when batching is on")
     p.add_argument("--ref-images", type=int, default=3, help="in-process reference: timed single images")
     p.add_argument("--warmup-s", type=float, default=2.0, help="full-step warm-up per deployment, seconds")
-    p.add_argument("--models", default="teacher,student")
+    p.add_argument("--models", default="teacher,student,student-taesd",
+                   help="teacher, student (its teacher's VAE), student-taesd (decoding with a TAESD-size decoder)")
     p.add_argument("--work-dir", default=None)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--append-results", type=Path, default=None, metavar="RESULTS.md",
@@ -209,8 +223,8 @@ def main() -> int:
         p.error(f"--requests-per-client has {len(rpc)} values for {len(clients)} client levels")
     gpu = args.device == "cuda"
     names = [m for m in args.models.split(",") if m]
-    if not set(names) <= {"teacher", "student"}:
-        p.error(f"--models: choose from teacher,student (got {args.models})")
+    if not set(names) <= {"teacher", "student", "student-taesd"}:
+        p.error(f"--models: choose from teacher,student,student-taesd (got {args.models})")
 
     import torch
 
@@ -227,10 +241,10 @@ def main() -> int:
 
     results: dict = {"steps": steps, "size": size, "device": args.device, "reference": {}, "serve": [],
                      "notes": [], "stopped": False}
-    for name, folder in models.items():
+    for name, (folder, decoder) in models.items():
         t0 = time.perf_counter()
         try:
-            results["reference"][name] = reference(folder, args.device, size, steps, args.ref_images,
+            results["reference"][name] = reference(folder, decoder, args.device, size, steps, args.ref_images,
                                                    args.max_batch, args.warmup_s)
         except KeyboardInterrupt:  # SIGINT (e.g. `timeout -s INT`): report what was measured
             results["stopped"] = True
@@ -258,9 +272,10 @@ def write_results(results: dict, args, models: dict, clients: list[int], rpc: li
                   t_start: float) -> None:
     """Ratios, hardware and the table: printed, to --out as JSON and appended to --append-results."""
     top = max(clients)
-    results["student_speedup"] = {
-        f"{'on' if b else 'off'}@{c}": _ratio(ips(results, "student", b, c), ips(results, "teacher", b, c))
-        for b in (True, False) for c in clients}
+    results["student_speedup"] = {  # per student model: images/s over the teacher's, by batching@clients
+        m: {f"{'on' if b else 'off'}@{c}": _ratio(ips(results, m, b, c), ips(results, "teacher", b, c))
+            for b in (True, False) for c in clients}
+        for m in models if m != "teacher"}
     results["batching_gain"] = {m: _ratio(ips(results, m, True, top), ips(results, m, False, top)) for m in models}
     if gpu:
         import torch
@@ -296,12 +311,12 @@ def serve_levels(args, models: dict, results: dict, root: Path, steps: int, size
         url = f"http://127.0.0.1:{port}/v1/images/generations"
         body = {"prompt": "a photo of a cat", "n": 1, "size": f"{size}x{size}", "num_inference_steps": steps,
                 "guidance_scale": 7.5, "seed": 0}
-        for name, folder, batched in [(n, f, b) for n, f in models.items() for b in (False, True)]:
+        for name, (folder, decoder), batched in [(n, m, b) for n, m in models.items() for b in (False, True)]:
             t0 = time.perf_counter()
             mb = args.max_batch if batched else 1
             what = f"{name} batching {'on' if batched else 'off'}"
             cfg = parse_config({"work_dir": str(root / "work"), "serve": {
-                "model": str(folder), "num_gpus": 1 if gpu else 0, "num_cpus": 1,
+                "model": str(folder), "decoder": str(decoder) if decoder else None, "num_gpus": 1 if gpu else 0, "num_cpus": 1,
                 "max_batch_size": mb, "batch_wait_timeout_s": args.batch_wait,
                 "max_ongoing_requests": max(2 * max(clients), 2 * mb), "sizes": [f"{size}x{size}"],
                 "max_steps": max(steps, 100), "request_timeout_s": 900}})
@@ -376,11 +391,12 @@ def markdown(res: dict, args, clients: list[int], rpc: list[int]) -> str:
         if "ips_batch" in v:
             lines.append(f"| {name} (plain diffusers, in-process, {args.max_batch} images in one call) | - | - | "
                          f"{args.max_batch} | {v['ms_batch']:.0f} | - | {v['ips_batch']:.2f} | - |")
-    sp = res["student_speedup"]
-    lines += ["", f"- student / teacher images/s at equal steps, {top} clients: batching on "
-                  f"{_x(sp.get(f'on@{top}'))}, off {_x(sp.get(f'off@{top}'))}; 1 client (off) "
-                  f"{_x(sp.get(f'off@{clients[0]}'))} (goal >= 1.6x: "
-                  f"{'met' if (sp.get(f'on@{top}') or 0) >= 1.6 else 'not met'} with batching on)"]
+    lines.append("")
+    for m, sp in res["student_speedup"].items():
+        lines.append(f"- {m} / teacher images/s at equal steps, {top} clients: batching on "
+                     f"{_x(sp.get(f'on@{top}'))}, off {_x(sp.get(f'off@{top}'))}; 1 client (off) "
+                     f"{_x(sp.get(f'off@{clients[0]}'))} (goal >= 1.6x: "
+                     f"{'met' if (sp.get(f'on@{top}') or 0) >= 1.6 else 'not met'} with batching on)")
     for m, g in res["batching_gain"].items():
         verdict = "met" if (g or 0) >= 2 else "not met"
         ref = res["reference"].get(m, {})
