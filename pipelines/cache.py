@@ -43,23 +43,24 @@ def write_manifest(uri: str, manifest: dict) -> None:
     write_bytes(join(uri, MANIFEST), json.dumps(manifest, indent=2).encode())
 
 
-def _tensor_column(arrays: list[np.ndarray]) -> pa.ExtensionArray:
+def _tensor_column(arrays: np.ndarray | list[np.ndarray]) -> pa.ExtensionArray:
     from ray.data.extensions import ArrowTensorArray
 
-    return ArrowTensorArray.from_numpy(np.stack(arrays).astype(np.float32, copy=False))
+    stacked = arrays if isinstance(arrays, np.ndarray) else np.stack(arrays)
+    return ArrowTensorArray.from_numpy(np.ascontiguousarray(stacked, dtype=np.float32))
 
 
-def write_rows(uri: str, columns: dict[str, list], fs: Any = None) -> int:
-    """Write one parquet file of cache rows; lists of numpy arrays (same shape) become tensor columns.
-    With `fs` (a pyarrow filesystem), `uri` is a path inside it."""
-    table = pa.table(
-        {
-            name: _tensor_column(values) if values and isinstance(values[0], np.ndarray) else values
-            for name, values in columns.items()
-        }
-    )
+def write_rows(uri: str, columns: dict[str, Any], fs: Any = None) -> int:
+    """Write one parquet file of cache rows; an array with one row per sample (or a list of same-shape numpy
+    arrays) becomes a tensor column. With `fs` (a pyarrow filesystem), `uri` is a path inside it.
+
+    Dictionary encoding only for the plain columns (keys, captions, splits): float tensors have nothing to share
+    (bench/cache_write.py compares with pyarrow's defaults)."""
+    tensors = {name for name, v in columns.items()
+               if (isinstance(v, np.ndarray) and v.ndim > 1) or (len(v) > 0 and isinstance(v[0], np.ndarray))}
+    table = pa.table({name: _tensor_column(v) if name in tensors else v for name, v in columns.items()})
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    pq.write_table(table, buf, use_dictionary=[name for name in columns if name not in tensors])
     if fs is None:
         fs, uri = filesystem(uri)
     write_file(fs, uri, buf.getvalue())

@@ -516,10 +516,10 @@ class Embedder:
                     pooled.append(emb["pooled"].float())
             mean, std = torch.cat(means).cpu(), torch.cat(stds).cpu()
             embed = torch.cat(embeds).cpu()
-            cols: dict[str, list] = {"key": keys, "caption": captions, "split": [split] * len(idx)}
+            cols: dict[str, Any] = {"key": keys, "caption": captions, "split": [split] * len(idx)}
             if cfg.latents == "dist":
-                cols["latent_mean"] = list(mean.numpy())
-                cols["latent_std"] = list(std.numpy())
+                cols["latent_mean"] = mean.numpy()
+                cols["latent_std"] = std.numpy()
             else:
                 lat = []
                 for j, k in enumerate(keys):  # noise seeded by key: the same sample every run
@@ -527,9 +527,9 @@ class Embedder:
                     g = torch.Generator().manual_seed(seed)
                     lat.append(((mean[j] + std[j] * torch.randn(mean[j].shape, generator=g)) * t.vae_scale).numpy())
                 cols["latent"] = lat
-            cols["prompt_embeds"] = list(embed.numpy())
+            cols["prompt_embeds"] = embed.numpy()
             if t.family == "sdxl":
-                cols["pooled"] = list(torch.cat(pooled).cpu().numpy())
+                cols["pooled"] = torch.cat(pooled).cpu().numpy()
                 cols["time_ids"] = [
                     np.array(sdxl_time_ids((int(batch["orig_h"][i]), int(batch["orig_w"][i])),
                                            (int(batch["crop_top"][i]), int(batch["crop_left"][i])), (h, w)),

@@ -273,3 +273,28 @@ def test_bad_source_errors(tmp_path):
     (tmp_path / "p" / "a.parquet").write_bytes(buf.getvalue())
     with pytest.raises(ValueError, match="caption"):
         prepare.read_rows(parse_config({"data": {"source": str(tmp_path / "p")}}).data)
+
+
+def test_write_rows_tensor_columns_round_trip_without_dictionary_pages(tmp_path):
+    """Cache files: an (N, ...) array or a list of same-shape arrays becomes a tensor column that reads back
+    exactly; only the plain columns are dictionary-encoded (on float tensors it was most of the write time)."""
+    import pyarrow.parquet as pq
+    import ray.data.extensions  # noqa: F401 - registers the tensor type that the files name
+
+    from pipelines.cache import write_rows
+
+    rng = np.random.default_rng(0)
+    mean, emb = rng.standard_normal((5, 4, 8, 8), dtype=np.float32), rng.standard_normal((5, 7, 16)).astype(np.float32)
+    path = tmp_path / "part.parquet"
+    n = write_rows(str(path), {"key": [f"k{i}" for i in range(5)], "split": ["train"] * 5,
+                               "latent_mean": mean, "prompt_embeds": list(emb), "width": [64] * 5})
+    assert n == 5
+    table = pq.read_table(path)
+    assert table.column("key").to_pylist() == [f"k{i}" for i in range(5)]
+    np.testing.assert_array_equal(table.column("latent_mean").combine_chunks().to_numpy(), mean)
+    np.testing.assert_array_equal(table.column("prompt_embeds").combine_chunks().to_numpy(), emb)
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    encodings = {meta.column(i).path_in_schema.split(".")[0]: meta.column(i).encodings for i in range(meta.num_columns)}
+    assert any("DICTIONARY" in e for e in encodings["key"])
+    for name in ("latent_mean", "prompt_embeds"):
+        assert not any("DICTIONARY" in e for e in encodings[name]), (name, encodings[name])
