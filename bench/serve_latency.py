@@ -54,7 +54,6 @@ def build_models(tiny: bool, root: Path) -> dict[str, tuple[Path, Path | None]]:
     import torch
 
     from models.student import build_student, preset_spec, save_student
-
     from models.tiny import save_tiny
 
     teacher_dir = root / "teacher"
@@ -316,7 +315,8 @@ def serve_levels(args, models: dict, results: dict, root: Path, steps: int, size
             mb = args.max_batch if batched else 1
             what = f"{name} batching {'on' if batched else 'off'}"
             cfg = parse_config({"work_dir": str(root / "work"), "serve": {
-                "model": str(folder), "decoder": str(decoder) if decoder else None, "num_gpus": 1 if gpu else 0, "num_cpus": 1,
+                "model": str(folder), "decoder": str(decoder) if decoder else None,
+                "num_gpus": 1 if gpu else 0, "num_cpus": 1,
                 "max_batch_size": mb, "batch_wait_timeout_s": args.batch_wait,
                 "max_ongoing_requests": max(2 * max(clients), 2 * mb), "sizes": [f"{size}x{size}"],
                 "max_steps": max(steps, 100), "request_timeout_s": 900}})
