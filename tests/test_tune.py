@@ -1,5 +1,5 @@
 """The tune stage: the search space, objectives and winner without Ray; then a real search on tiny-sd1 (local
-Ray with 2 CPUs, a real MLflow server): 3 trials of 3 steps with Optuna (multi-objective) and ASHA write the
+Ray with 2 CPUs, a real MLflow server): 2 trials of 3 steps with Optuna (multi-objective) and ASHA write the
 trials table, the Pareto plot and a best config that `distillery distill` accepts, with an MLflow parent run
 and one child run per trial, Tune's storage on S3 (the local S3 server); a rerun returns the results, and
 without them the search is restored, not redone."""
@@ -114,11 +114,14 @@ def test_trial_and_best_configs():
 # --- a real search -----------------------------------------------------------------------------------
 
 
+TRIALS = 2  # each trial is a Ray Train run: ~1 minute of start-up on CI's 2 cores
+
+
 def _tree(work: Path) -> dict:
     return {"name": "t", "work_dir": str(work), "teacher": {"uri": "builtin:tiny-sd1"},
             "distill": {"batch_size": 2, "deepspeed": False, "val_batches": 1, "sample_steps": 1,
                         "sample_prompts": ["a red circle"], "max_steps": 50},
-            "tune": {"num_samples": 3, "steps_per_trial": 3, "val_every": 1, "presets": ["bk-base", "bk-small",
+            "tune": {"num_samples": TRIALS, "steps_per_trial": 3, "val_every": 1, "presets": ["bk-base", "bk-small",
                                                                                         "bk-tiny"],
                      "objective": "multi", "scheduler": "asha", "cpus_per_trial": 0.5, "latency_repeats": 2,
                      "seed": 3}}
@@ -153,10 +156,10 @@ def test_search_writes_table_plot_and_best_config(search):
     from PIL import Image
 
     r, cfg = search["result"], search["cfg"]
-    assert r["trials"] == 3 and not r.get("skipped")
+    assert r["trials"] == TRIALS and not r.get("skipped")
     assert r["table"].startswith("s3://") and r["experiment"].startswith("s3://")
     table = pd.read_csv(_read(r["table"]))
-    assert len(table) == 3 and table["trial_id"].is_unique
+    assert len(table) == TRIALS and table["trial_id"].is_unique
     assert pd.read_parquet(_read(r["parquet"]))["trial_id"].tolist() == table["trial_id"].tolist()
     assert set(table["status"]) <= {"completed", "stopped"} and (table["status"] == "completed").any()
     assert (table["step"] >= 1).all() and (table.loc[table["status"] == "completed", "step"] == 3).all()
@@ -217,7 +220,7 @@ def test_search_rerun_returns_results_and_restores_without_retraining(search):
     # results gone (a search interrupted before writing them): Tuner.restore finds every trial finished
     delete_dir(r["results"])
     restored = tune_search.run(cfg)
-    assert not restored.get("skipped") and restored["trials"] == 3
+    assert not restored.get("skipped") and restored["trials"] == TRIALS
     assert restored["mlflow_run_id"] == r["mlflow_run_id"]
     ids = sorted(pd.read_csv(_read(r["table"]))["trial_id"])
     assert sorted(pd.read_csv(_read(restored["table"]))["trial_id"]) == ids
@@ -225,5 +228,5 @@ def test_search_rerun_returns_results_and_restores_without_retraining(search):
     parent = c.get_run(r["mlflow_run_id"])
     children = c.search_runs([parent.info.experiment_id],
                              filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert len(children) == 3  # no trial ran again
+    assert len(children) == TRIALS  # no trial ran again
     assert restored["best"]["trial_id"] == r["best"]["trial_id"]
