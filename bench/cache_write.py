@@ -15,9 +15,7 @@ import datetime
 import io
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,6 +26,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from bench.common import append_to_section  # noqa: E402
 from pipelines.cache import _tensor_column, write_rows  # noqa: E402
+from pipelines.metrics import measure_latency, median  # noqa: E402
 
 
 def rows(n: int, latent: int, seq: int, dim: int) -> dict:
@@ -49,12 +48,8 @@ def plain(path: str, cols: dict) -> None:
 
 
 def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of `repeats` calls."""
+    return median(measure_latency(fn, repeats=repeats, warmup=0)) / 1000.0
 
 
 def main() -> int:

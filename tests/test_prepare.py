@@ -277,7 +277,7 @@ def test_bad_source_errors(tmp_path):
 
 def test_write_rows_tensor_columns_round_trip_without_dictionary_pages(tmp_path):
     """Cache files: an (N, ...) array or a list of same-shape arrays becomes a tensor column that reads back
-    exactly; only the plain columns are dictionary-encoded (on float tensors it was most of the write time)."""
+    exactly; only the plain columns are dictionary-encoded (float tensors have nothing to share)."""
     import pyarrow.parquet as pq
     import ray.data.extensions  # noqa: F401 - registers the tensor type that the files name
 
