@@ -5,7 +5,7 @@ CPU), loaded from `models:/NAME@ALIAS` in MLflow (the alias is resolved to a ver
 built, so every replica serves the same version) or from a diffusers folder/URI, and generates one
 warm-up image before it reports ready. Requests are split into single images and batched across requests
 with @serve.batch; a batch mixing sizes, steps or guidance runs one pipeline call per group
-(serving/images.py: generate_images), and every image has its own seed.
+(serving/images.py: render_images), and every image has its own seed.
 
 Routes: POST /v1/images/generations (OpenAI Images API + negative_prompt, num_inference_steps,
 guidance_scale, seed), GET /v1/models, /healthz, /readyz, and / (a small web page).
@@ -36,7 +36,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.config import Config, ServeConfig, parse_config
-from serving.images import ImageJob
+from serving.images import ImageJob, encode_png
 from serving.schemas import ApiError, ImageData, ImageResponse, ModelCard, parse_request, parse_size
 
 log = logging.getLogger("distillery.serve")
@@ -200,12 +200,12 @@ class ImageServer:
     def __init__(self, serve_cfg: dict[str, Any], model: dict[str, Any]):
         import torch
 
-        from serving.images import generate_images, load_pipeline
+        from serving.images import generate_images, load_pipeline, render_images
 
         self.cfg = ServeConfig.model_validate(serve_cfg)
         self.model = model
         self._key = read_api_key(self.cfg)
-        self._generate = generate_images
+        self._render = render_images
         device = "cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.pipe = load_pipeline(fetch_model(model), device, self.cfg.decoder)
         self.generate_batch.set_max_batch_size(self.cfg.max_batch_size)
@@ -239,8 +239,14 @@ class ImageServer:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def generate_batch(self, jobs: list[ImageJob]) -> list[bytes]:
         # the pipeline runs in a thread so health checks and new requests are answered meanwhile;
-        # Serve runs one batch at a time (max_concurrent_batches=1)
-        return await asyncio.to_thread(self._generate, self.pipe, jobs)
+        # Serve runs one batch at a time (max_concurrent_batches=1). PIL images out: each request encodes its
+        # own PNGs after the batch, so the next batch starts on the GPU while they are encoded
+        return await asyncio.to_thread(self._render, self.pipe, jobs)
+
+    async def _pngs(self, jobs: list[ImageJob]) -> list[bytes]:
+        images = await asyncio.gather(*[self.generate_batch(j) for j in jobs])
+        level = self.cfg.png_compress_level
+        return await asyncio.gather(*[asyncio.to_thread(encode_png, img, level) for img in images])
 
     @api.post("/v1/images/generations")
     async def generations(self, request: Request) -> JSONResponse:
@@ -269,8 +275,7 @@ class ImageServer:
             for i in range(req.n)
         ]
         try:
-            pngs = await asyncio.wait_for(asyncio.gather(*[self.generate_batch(j) for j in jobs]),
-                                          timeout=self.cfg.request_timeout_s)
+            pngs = await asyncio.wait_for(self._pngs(jobs), timeout=self.cfg.request_timeout_s)
         except TimeoutError:
             raise ApiError(504, f"generation took longer than {self.cfg.request_timeout_s:g}s",
                            code="timeout") from None

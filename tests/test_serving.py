@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import shutil
+import struct
 import threading
 import time
 import uuid
@@ -20,9 +21,9 @@ import yaml
 from PIL import Image
 
 from pipelines import local
-from pipelines.config import parse_config
+from pipelines.config import ConfigError, parse_config
 
-KEY = "test-key-" + uuid.uuid4().hex[:8]
+KEY = "test-key-5d41c0e7"  # fixed: parametrize ids must match across pytest-xdist workers
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def server(ray_local, mlflow_server, tiny_sd1_dir, tmp_path_factory):
             "target_ongoing_requests": 1, "upscale_delay_s": 0, "downscale_delay_s": 2, "look_back_period_s": 1,
             "max_batch_size": 4, "batch_wait_timeout_s": 0.05, "max_ongoing_requests": 16,
             "api_key_file": str(tmp / "key"), "sizes": ["64x64", "32x32"], "default_steps": 2, "max_steps": 20,
-            "max_n": 4, "max_prompt_chars": 200,
+            "max_n": 4, "max_prompt_chars": 200, "png_compress_level": 9,
             "decoder": "builtin:tiny-decoder",  # a TAESD-style lighter decoder in place of the student's VAE
         },
     })
@@ -72,8 +73,32 @@ def test_generate_and_seed(server):
     assert len(a) == 1 and Image.open(io.BytesIO(a[0])).size == (64, 64)
     assert images(post(server, body)) == a  # a fixed seed gives the same image
     assert images(post(server, {**body, "seed": 8})) != a
+    assert png_zlib_level(a[0]) == 3  # serve.png_compress_level 9 (zlib's header records 7-9 as 3)
     small = images(post(server, {**body, "size": "32x32", "guidance_scale": 1.0, "negative_prompt": "blue"}))
     assert Image.open(io.BytesIO(small[0])).size == (32, 32)
+
+
+def png_zlib_level(png: bytes) -> int:
+    """The compression level class (0: fastest .. 3: best) in the zlib header of a PNG's first IDAT chunk."""
+    pos = 8
+    while pos < len(png):
+        length, kind = struct.unpack(">I4s", png[pos:pos + 8])
+        if kind == b"IDAT":
+            return png[pos + 9] >> 6
+        pos += 12 + length
+    raise AssertionError("no IDAT chunk")
+
+
+def test_png_level_is_lossless_and_checked():
+    from serving.images import encode_png
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8))
+    fast, best = encode_png(img, 1), encode_png(img, 9)
+    assert (png_zlib_level(fast), png_zlib_level(best)) == (0, 3)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(fast))), np.asarray(img))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(best))), np.asarray(img))
+    with pytest.raises(ConfigError, match="png_compress_level"):
+        parse_config({"serve": {"png_compress_level": 10}})
 
 
 def test_served_images_come_from_the_decoder(server, tiny_sd1_dir):
