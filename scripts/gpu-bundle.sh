@@ -22,7 +22,6 @@ esac
 out=".offline-$kind"
 rm -rf "$out"
 .venv/bin/python "$tool" --out "$out" --have ../shared/tools/gpu-image-packages.txt "${reqs[@]}" --skip "${skip[@]}"
-grep -qx "/.offline\*/" .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo "/.offline*/" >> .git/info/exclude; }
 python3 - "$out" <<'PY'
 import os, subprocess, sys
 out = sys.argv[1]
