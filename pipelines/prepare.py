@@ -631,6 +631,15 @@ def run(cfg: Config) -> dict:
         options.preserve_order = before
 
 
+
+def embed_resources(d: DataConfig, cluster_gpus: float) -> tuple[int, float]:
+    """(actors, GPUs per actor) of the embedding pool: the configured values, else two actors per GPU of the
+    cluster at 0.5 GPU each (measured faster than one actor per GPU), else one CPU actor."""
+    gpus = d.embed_num_gpus if d.embed_num_gpus is not None else (0.5 if cluster_gpus > 0 else 0.0)
+    if d.embed_concurrency is not None:
+        return d.embed_concurrency, gpus
+    return (max(1, int(cluster_gpus / gpus)) if gpus > 0 else 1), gpus
+
 def _run(cfg: Config, facts: dict, buckets: list | None, digest: str) -> dict:
     import ray
 
@@ -661,9 +670,7 @@ def _run(cfg: Config, facts: dict, buckets: list | None, digest: str) -> dict:
         batch_size=d.decode_batch_size,
         num_cpus=d.decode_num_cpus,
     )
-    gpus = d.embed_num_gpus
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    actors, gpus = embed_resources(d, ray.cluster_resources().get("GPU", 0))
     device = "cuda" if gpus > 0 else "cpu"
     out_fs, out_root = filesystem(out)
     # with a GPU the actors only encode and the CPU tasks before them decode; on CPU Ray fuses both into
@@ -672,7 +679,7 @@ def _run(cfg: Config, facts: dict, buckets: list | None, digest: str) -> dict:
         Embedder,
         fn_constructor_kwargs=dict(teacher=cfg.teacher.model_dump(), data=d.model_dump(), fs=out_fs, root=out_root,
                                    device=device),
-        compute=ray.data.ActorPoolStrategy(size=d.embed_concurrency),
+        compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=d.rows_per_file,  # one call writes at most one file per split (and bucket)
         batch_format="numpy",
         num_gpus=gpus,

@@ -298,3 +298,18 @@ def test_write_rows_tensor_columns_round_trip_without_dictionary_pages(tmp_path)
     assert any("DICTIONARY" in e for e in encodings["key"])
     for name in ("latent_mean", "prompt_embeds"):
         assert not any("DICTIONARY" in e for e in encodings[name]), (name, encodings[name])
+
+
+def test_embed_resources_defaults_and_overrides():
+    """Two embedding actors per GPU at 0.5 GPU each by default (bench/RESULTS.md: faster than one per GPU),
+    one CPU actor without GPUs; configured values win."""
+    d = parse_config({}).data
+    assert prepare.embed_resources(d, 0) == (1, 0.0)
+    assert prepare.embed_resources(d, 1) == (2, 0.5)
+    assert prepare.embed_resources(d, 8) == (16, 0.5)
+    d = parse_config({"data": {"embed_concurrency": 3}}).data
+    assert prepare.embed_resources(d, 8) == (3, 0.5)
+    d = parse_config({"data": {"embed_num_gpus": 1}}).data
+    assert prepare.embed_resources(d, 8) == (8, 1)
+    d = parse_config({"data": {"embed_num_gpus": 0}}).data  # CPU actors on a GPU cluster
+    assert prepare.embed_resources(d, 8) == (1, 0)
