@@ -18,7 +18,8 @@ requests for at least --warmup-s seconds (GPU clocks).
   python bench/serve_latency.py --device cuda --append-results bench/RESULTS.md   # SD 1.5 vs bk-small, 512 px
 
 Full-size models are built from their public configs with random weights (no download), fp16 on the GPU:
-timings do not depend on the weights.
+model timings do not depend on the weights; PNG encoding does (it depends on the images), so the in-process
+reference also times encoding its batch's images at PIL's default zlib level 6 and at the served level.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import append_to_section, interrupt_once  # noqa: E402
 from pipelines import local  # noqa: E402
 from pipelines.config import parse_config  # noqa: E402
+from serving.images import PNG_LEVEL  # noqa: E402
 
 SECTION = "## Serving"
 
@@ -107,7 +109,7 @@ def reference(folder: Path, decoder: Path | None, device: str, size: int, steps:
     """Plain diffusers, in-process: images/s one image per call, and one call of `batch` images."""
     import torch
 
-    from serving.images import ImageJob, generate_images, load_pipeline
+    from serving.images import ImageJob, encode_png, generate_images, load_pipeline, render_images
 
     if device == "cpu":
         torch.set_num_threads(1)  # as in a replica with num_cpus=1 (Ray sets OMP_NUM_THREADS=1)
@@ -133,6 +135,14 @@ def reference(folder: Path, decoder: Path | None, device: str, size: int, steps:
         generate_images(pipe, jobs)
         dt = time.perf_counter() - t1
         out.update(ips_batch=batch / dt, ms_batch=1000 * dt)
+    # PNG encoding of this model's images, one thread: PIL's default level 6 against the served level
+    images = render_images(pipe, [ImageJob("a photo of a cat", num_inference_steps=steps, width=size, height=size,
+                                           seed=i) for i in range(min(4, max(batch, 1)))])
+    for level in (6, PNG_LEVEL):
+        t1 = time.perf_counter()
+        sizes = [len(encode_png(img, level)) for img in images]
+        out[f"png_ms_{level}"] = 1000 * (time.perf_counter() - t1) / len(images)
+        out[f"png_kib_{level}"] = statistics.mean(sizes) / 1024
     del pipe
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -199,6 +209,9 @@ def main() -> int:
     p.add_argument("--clients", default="1,8,32", help="concurrent clients per level")
     p.add_argument("--requests-per-client", default="4,2,1",
                    help="requests each client sends, per level (one number for all levels, or one per level)")
+    p.add_argument("--batched-requests-per-client", default="4,2,2",
+                   help="the same with batching on (at 32 clients, 2 each gives 4 full batches of 16, so the "
+                        "rate depends less on how the first arrivals split into batches)")
     p.add_argument("--max-batch", type=int, default=16, help="max_batch_size when batching is on")
     p.add_argument("--batch-wait", type=float, default=0.05, help="batch_wait_timeout_s when batching is on")
     p.add_argument("--ref-images", type=int, default=3, help="in-process reference: timed single images")
@@ -215,11 +228,13 @@ def main() -> int:
     steps = args.steps or (4 if tiny else 25)
     size = args.size or (64 if tiny else 512)
     clients = [int(c) for c in args.clients.split(",")]
-    rpc = [int(r) for r in args.requests_per_client.split(",")]
-    if len(rpc) == 1:
-        rpc = rpc * len(clients)
-    if len(rpc) != len(clients):
-        p.error(f"--requests-per-client has {len(rpc)} values for {len(clients)} client levels")
+    rpc = {}
+    for batched, opt in ((False, "requests_per_client"), (True, "batched_requests_per_client")):
+        r = [int(x) for x in getattr(args, opt).split(",")]
+        r = r * len(clients) if len(r) == 1 else r
+        if len(r) != len(clients):
+            p.error(f"--{opt.replace('_', '-')} has {len(r)} values for {len(clients)} client levels")
+        rpc[batched] = r
     gpu = args.device == "cuda"
     names = [m for m in args.models.split(",") if m]
     if not set(names) <= {"teacher", "student", "student-taesd"}:
@@ -267,7 +282,7 @@ def main() -> int:
     return 0 if results["serve"] and not results["notes"] else 1
 
 
-def write_results(results: dict, args, models: dict, clients: list[int], rpc: list[int], gpu: bool,
+def write_results(results: dict, args, models: dict, clients: list[int], rpc: dict[bool, list[int]], gpu: bool,
                   t_start: float) -> None:
     """Ratios, hardware and the table: printed, to --out as JSON and appended to --append-results."""
     top = max(clients)
@@ -294,7 +309,7 @@ def write_results(results: dict, args, models: dict, clients: list[int], rpc: li
 
 
 def serve_levels(args, models: dict, results: dict, root: Path, steps: int, size: int, clients: list[int],
-                 rpc: list[int], gpu: bool) -> None:
+                 rpc: dict[bool, list[int]], gpu: bool) -> None:
     """Deploy each (model, batching) pair in turn and run the client levels against it."""
     import ray
     from ray import serve
@@ -323,7 +338,7 @@ def serve_levels(args, models: dict, results: dict, root: Path, steps: int, size
             try:
                 serve.run(build_app(cfg), name="bench", route_prefix="/")
                 warm_up(url, body, mb, args.warmup_s)
-                for c, r in zip(clients, rpc):
+                for c, r in zip(clients, rpc[batched]):
                     row = {"model": name, "batching": batched, **load_test(url, c, r, body)}
                     results["serve"].append(row)
                     print(json.dumps(row), flush=True)
@@ -369,7 +384,7 @@ def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
-def markdown(res: dict, args, clients: list[int], rpc: list[int]) -> str:
+def markdown(res: dict, args, clients: list[int], rpc: dict[bool, list[int]]) -> str:
     top = max(clients)
     what = "tiny-sd1 vs its bk-small (--tiny)" if args.tiny else "SD 1.5 vs bk-small (random weights, fp16)"
     lines = [
@@ -377,7 +392,8 @@ def markdown(res: dict, args, clients: list[int], rpc: list[int]) -> str:
         "",
         f"{datetime.date.today().isoformat()}; `python bench/serve_latency.py {' '.join(sys.argv[1:])}`; one replica; "
         f"max_batch_size {args.max_batch} (wait {args.batch_wait:g}s) when batching; guidance 7.5 (CFG); requests "
-        f"per level = clients × {'/'.join(map(str, rpc))}; whole run {res['wall_s']:.0f}s.",
+        f"per level = clients × {'/'.join(map(str, rpc[False]))} (batching off), × {'/'.join(map(str, rpc[True]))} "
+        f"(on); PNG zlib level {PNG_LEVEL}; whole run {res['wall_s']:.0f}s.",
         "",
         "| model | batching | clients | requests | p50 ms | p95 ms | images/s | errors |",
         "|---|---|---|---|---|---|---|---|",
@@ -392,6 +408,11 @@ def markdown(res: dict, args, clients: list[int], rpc: list[int]) -> str:
             lines.append(f"| {name} (plain diffusers, in-process, {args.max_batch} images in one call) | - | - | "
                          f"{args.max_batch} | {v['ms_batch']:.0f} | - | {v['ips_batch']:.2f} | - |")
     lines.append("")
+    for name, v in res["reference"].items():
+        if "png_ms_6" in v:
+            lines.append(f"- {name}: PNG encoding per image (one thread): zlib level 6 {v['png_ms_6']:.0f} ms "
+                         f"({v['png_kib_6']:.0f} KiB), level {PNG_LEVEL} {v[f'png_ms_{PNG_LEVEL}']:.0f} ms "
+                         f"({v[f'png_kib_{PNG_LEVEL}']:.0f} KiB)")
     for m, sp in res["student_speedup"].items():
         lines.append(f"- {m} / teacher images/s at equal steps, {top} clients: batching on "
                      f"{_x(sp.get(f'on@{top}'))}, off {_x(sp.get(f'off@{top}'))}; 1 client (off) "
