@@ -82,7 +82,7 @@ def generate_images(pipe: Any, jobs: list[ImageJob], png_level: int = PNG_LEVEL)
     """PNG bytes for each job, in order (render_images, then encode_png on up to 8 threads: zlib releases
     the GIL)."""
     images = render_images(pipe, jobs)
-    with ThreadPoolExecutor(max_workers=min(8, len(images))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(images)))) as pool:
         return list(pool.map(lambda img: encode_png(img, png_level), images))
 
 
