@@ -631,7 +631,6 @@ def run(cfg: Config) -> dict:
         options.preserve_order = before
 
 
-
 def embed_resources(d: DataConfig, cluster_gpus: float) -> tuple[int, float]:
     """(actors, GPUs per actor) of the embedding pool: the configured values, else two actors per GPU of the
     cluster at 0.5 GPU each (measured faster than one actor per GPU), else one CPU actor."""
@@ -639,6 +638,7 @@ def embed_resources(d: DataConfig, cluster_gpus: float) -> tuple[int, float]:
     if d.embed_concurrency is not None:
         return d.embed_concurrency, gpus
     return (max(1, int(cluster_gpus / gpus)) if gpus > 0 else 1), gpus
+
 
 def _run(cfg: Config, facts: dict, buckets: list | None, digest: str) -> dict:
     import ray

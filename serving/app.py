@@ -211,7 +211,8 @@ class ImageServer:
         self.generate_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         w, h = parse_size(self.cfg.sizes[0])
-        generate_images(self.pipe, [ImageJob("warm up", num_inference_steps=1, width=w, height=h)])
+        generate_images(self.pipe, [ImageJob("warm up", num_inference_steps=1, width=w, height=h)],
+                        self.cfg.png_compress_level)
         self.page = (STATIC / "index.html").read_text().replace("__LIMITS__", json.dumps(self._limits()))
         self.ready = True
         log.info("replica ready: %s on %s", model["uri"], device)
@@ -237,7 +238,7 @@ class ImageServer:
             raise ApiError(401, "invalid API key", code="invalid_api_key")
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def generate_batch(self, jobs: list[ImageJob]) -> list[bytes]:
+    async def generate_batch(self, jobs: list[ImageJob]) -> list[Any]:  # PIL images
         # the pipeline runs in a thread so health checks and new requests are answered meanwhile;
         # Serve runs one batch at a time (max_concurrent_batches=1). PIL images out: each request encodes its
         # own PNGs after the batch, so the next batch starts on the GPU while they are encoded
