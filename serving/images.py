@@ -9,7 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-PNG_LEVEL = 1  # serve.png_compress_level's default
+from pipelines.config import ServeConfig
+
+PNG_LEVEL: int = ServeConfig.model_fields["png_compress_level"].default  # one default, the config's
 
 
 @dataclass(frozen=True)
