@@ -60,7 +60,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import append_to_section  # noqa: E402
-from models.kd import KDTaps, KDWeights, diffusion_batch, feature_pairs, kd_loss  # noqa: E402
+from models.kd import CUDAGRAPH_MODES, KDTaps, KDWeights, diffusion_batch, feature_pairs, kd_loss  # noqa: E402
 from models.student import build_student, preset_spec  # noqa: E402
 from pipelines.student_cli import SD15_TEXT, SD15_UNET, SD15_VAE, SDXL_UNET  # noqa: E402
 
@@ -302,7 +302,8 @@ def reference_rows(args: argparse.Namespace, rows: list[dict], done: list[dict],
             lat, cond = synthetic_batch(args, teacher, n, device)
             s_fn, t_fn, taps = student, teacher, None
             if "compile" in mods:
-                taps = KDTaps(student, teacher, KDWeights(), pairs).attach()
+                taps = KDTaps(student, teacher, KDWeights(), pairs,
+                              cudagraphs=args.compile_mode in CUDAGRAPH_MODES).attach()
                 mode = {} if args.compile_mode == "default" else {"mode": args.compile_mode}
                 s_fn, t_fn = torch.compile(student, **mode), torch.compile(teacher, **mode)
             if "encode" in mods:
@@ -352,7 +353,7 @@ def ours_worker(config: dict) -> None:
     if args.tiny:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from pipelines.config import parse_config
-    from pipelines.distill import StudentEngine, _to, kd_teacher, teacher_dtype
+    from pipelines.distill import StudentEngine, _to, kd_teacher, teacher_dtype, uses_cudagraphs
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -400,7 +401,7 @@ def ours_worker(config: dict) -> None:
                 if dc.channels_last and not dc.deepspeed:
                     student.to(memory_format=torch.channels_last)
                 eng = StudentEngine(student, dc, world, device)
-                taps = KDTaps(eng.module, teacher, KDWeights(), pairs).attach()
+                taps = KDTaps(eng.module, teacher, KDWeights(), pairs, cudagraphs=uses_cudagraphs(dc)).attach()
                 t_unet = kd_teacher(teacher, dc)
                 state.update(eng=eng, taps=taps)
                 lat, cond = synthetic_batch(args, teacher, n, device)

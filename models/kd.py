@@ -26,6 +26,9 @@ from diffusers import UNet2DConditionModel
 
 from models.student import RemovalSpec, spread
 
+# torch.compile modes whose graphs run as CUDA graphs (KDTaps(cudagraphs=...))
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
 
 @dataclass
 class KDWeights:
@@ -88,6 +91,12 @@ class Taps:
         self.features.clear()
         self.maps.clear()
 
+    def own(self) -> None:
+        """Replace what the hooks recorded by copies (outputs of a CUDA graph are overwritten by its next run)."""
+        for store in (self.features, self.maps):
+            for k, v in store.items():
+                store[k] = v.clone()
+
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
@@ -116,10 +125,17 @@ class KDTaps:
 
     The pairs taken are those the weights use (features when feat > 0, attention maps when attn > 0). Hooks
     go on the modules inside wrappers (DDP, DeepSpeed, torch.compile), so the wrapped and compiled forwards
-    fire them; kd_loss(..., taps=self) clears what they recorded before and after each call."""
+    fire them; kd_loss(..., taps=self) clears what they recorded before and after each call.
+
+    `cudagraphs`: the forwards are compiled with CUDA graphs (compile mode reduce-overhead or max-autotune). The
+    teacher's no-grad graph and the student's training graph share CUDA graph memory, so the student's run
+    overwrites the teacher's output and features: kd_loss then copies them before the student runs, and marks
+    each call as a new step."""
 
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, weights: KDWeights,
-                 pairs: list[tuple[str, str]] = (), attn_pairs: list[tuple[str, str]] = ()):
+                 pairs: list[tuple[str, str]] = (), attn_pairs: list[tuple[str, str]] = (),
+                 cudagraphs: bool = False):
+        self.cudagraphs = cudagraphs
         self.feat_pairs = list(pairs) if weights.feat > 0 else []
         self.map_pairs = list(attn_pairs) if weights.attn > 0 else []
         self.student = Taps(unwrapped(student), [s for s, _ in self.feat_pairs], [s for s, _ in self.map_pairs])
@@ -267,11 +283,16 @@ def kd_loss(
     parts = {"task": zero, "out": zero, "feat": zero, "attn": zero}
     s_tap, t_tap = taps.student, taps.teacher
     taps.clear()  # nothing left from forwards outside the loss (sampling): a compiled graph sees empty stores
+    if taps.cudagraphs:
+        torch.compiler.cudagraph_mark_step_begin()
     try:
         if use_teacher:
             with torch.no_grad():
                 t_dtype = next(teacher.parameters()).dtype
                 t_out = teacher(noisy.to(t_dtype), timesteps, **_cast(cond, t_dtype)).sample
+                if taps.cudagraphs:
+                    t_out = t_out.clone()
+                    t_tap.own()
         s_out = student(noisy, timesteps, **cond).sample
         parts["task"] = _mse(s_out, target)
         if use_teacher:

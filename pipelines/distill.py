@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.kd import KDTaps, KDWeights, attention_pairs, diffusion_batch, feature_pairs, kd_loss
+from models.kd import CUDAGRAPH_MODES, KDTaps, KDWeights, attention_pairs, diffusion_batch, feature_pairs, kd_loss
 from models.student import RemovalSpec, count_params, resolve_spec, student_config
 from models.teacher import encode_prompts, load_teacher, resolve_model_dir, unet_conditioning
 from pipelines import tracking
@@ -129,6 +129,11 @@ def teacher_dtype(teacher_cfg_dtype: str, precision: str, device: torch.device) 
 def compile_kwargs(dc: DistillConfig) -> dict[str, Any]:
     """torch.compile's keyword arguments for distill.compile_mode."""
     return {} if dc.compile_mode == "default" else {"mode": dc.compile_mode}
+
+
+def uses_cudagraphs(dc: DistillConfig) -> bool:
+    """Whether the compiled forwards run as CUDA graphs (compile modes reduce-overhead and max-autotune)."""
+    return dc.compile and dc.compile_mode in CUDAGRAPH_MODES
 
 
 def kd_teacher(unet: torch.nn.Module, dc: DistillConfig) -> torch.nn.Module:
@@ -472,7 +477,7 @@ def train_loop_per_worker(config: dict) -> None:
     eng = StudentEngine(student, dc, world, device)
     ema = EMA(eng.module, dc.ema_decay) if dc.ema_decay else None
     # KD hooks registered once for the run (per-step hooks would break or recompile compiled forwards)
-    taps = KDTaps(eng.module, teacher.unet, weights, pairs, attn_pairs).attach()
+    taps = KDTaps(eng.module, teacher.unet, weights, pairs, attn_pairs, cudagraphs=uses_cudagraphs(dc)).attach()
     t_unet = kd_teacher(teacher.unet, dc)
 
     # resume: the latest checkpoint Ray Train knows (after a worker failure, or a rerun of the same job)

@@ -71,7 +71,7 @@ def test_config_errors_name_the_problem():
 
 
 def test_compile_settings():
-    from pipelines.distill import compile_kwargs
+    from pipelines.distill import compile_kwargs, uses_cudagraphs
 
     with pytest.raises(ConfigError, match="compile_mode 'max-autotune' needs compile: true"):
         parse_config({"distill": {"compile_mode": "max-autotune"}})
@@ -80,6 +80,8 @@ def test_compile_settings():
     assert compile_kwargs(parse_config({"distill": {"compile": True}}).distill) == {}
     dc = parse_config({"distill": {"compile": True, "compile_mode": "max-autotune-no-cudagraphs"}}).distill
     assert compile_kwargs(dc) == {"mode": "max-autotune-no-cudagraphs"}
+    assert not uses_cudagraphs(dc)
+    assert uses_cudagraphs(parse_config({"distill": {"compile": True, "compile_mode": "reduce-overhead"}}).distill)
 
 
 def test_tracking_flatten_limits():

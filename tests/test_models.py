@@ -199,6 +199,54 @@ def test_run_long_taps_give_the_per_step_loss_eager_and_compiled(level, sd1):
     torch._dynamo.reset()
 
 
+class _GraphRun(torch.nn.Module):
+    """Stand-in for a forward compiled with CUDA graphs (mode reduce-overhead), which a CPU cannot run: its
+    outputs, and what its hooks recorded, live in memory that the next run of any graph sharing `live`
+    overwrites (here: fills with NaN)."""
+
+    def __init__(self, module: torch.nn.Module, taps: Taps, live: list):
+        super().__init__()
+        self._orig_mod, self.taps, self.live = module, taps, live
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad():
+            for t in self.live:
+                t.fill_(float("nan"))
+        self.live.clear()
+        out = self._orig_mod(*args, **kwargs)
+        self.live += [out.sample, *self.taps.features.values(), *self.taps.maps.values()]
+        return out
+
+
+def test_cudagraph_taps_copy_the_teachers_outputs_before_the_student_runs(sd1):
+    """KDTaps(cudagraphs=True): the teacher's output and features are copied before the student's graph runs
+    (which overwrites them), so the loss is the eager one; without it the stand-in graphs spoil the loss."""
+    import copy
+
+    spec = preset_spec("bk-small", sd1.unet.config)
+    student = build_student(sd1.unet, spec)
+    teacher = copy.deepcopy(sd1.unet).requires_grad_(False)
+    pairs = feature_pairs(student, teacher, spec, "block")
+    attn = attention_pairs(student, teacher, spec)
+    weights = KDWeights(task=1.0, out=0.5, feat=1.0, attn=2.0)
+    noisy, t, target = diffusion_batch(sd1.scheduler, torch.randn(2, 4, 16, 16), "epsilon",
+                                       torch.Generator().manual_seed(0))
+    cond = _cond(sd1, ["a red circle", "a blue square"])
+    eager = kd_loss(student, teacher, noisy, t, cond, target, weights, pairs, attn)
+    for cudagraphs in (True, False):
+        with KDTaps(student, teacher, weights, pairs, attn, cudagraphs=cudagraphs) as taps:
+            live: list = []
+            s_run, t_run = _GraphRun(student, taps.student, live), _GraphRun(teacher, taps.teacher, live)
+            for _ in range(2):  # the second call overwrites what the first left live
+                parts = kd_loss(s_run, t_run, noisy, t, cond, target, weights, taps=taps)
+                if cudagraphs:
+                    for key in ("loss", "task", "out", "feat", "attn"):
+                        assert parts[key].item() == pytest.approx(eager[key].item(), rel=1e-6), key
+                else:  # the student's run overwrote the teacher's output: the stand-in does what CUDA graphs do
+                    assert torch.isnan(parts["out"]) and torch.isnan(parts["feat"])
+                    assert parts["task"].item() == pytest.approx(eager["task"].item(), rel=1e-6)
+
+
 def test_bad_specs_fail_with_clear_errors(sd1, sdxl):
     with pytest.raises(ValueError, match="for SD 1.x/2.x teachers"):
         preset_spec("bk-small", sdxl.unet.config)
