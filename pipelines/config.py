@@ -65,10 +65,11 @@ class DataConfig(Section):
     output: str | None = None  # the embedding cache; default {work_dir}/cache
     latents: Literal["dist", "sample"] = "dist"  # keep (mean, std) or one scaled sample
     embed_batch_size: int = Field(16, ge=1)
-    # embedding actors: None = two per GPU of the cluster at 0.5 GPU each (one actor per GPU idles the GPU while
-    # its batch is handed to the writer: 0.65x of a plain loop against 0.87x for two, bench/RESULTS.md), 1 on CPU
+    # embedding actors: None = three per GPU of the cluster at 0.33 GPU each (one actor per GPU idles the GPU while
+    # its batch is handed to the writer: on an H200 0.65x of a plain loop for one, 0.87x for two, 0.95x for three,
+    # bench/RESULTS.md), 1 on CPU
     embed_concurrency: int | None = Field(None, ge=1)
-    embed_num_gpus: float | None = Field(None, ge=0)  # None: 0.5 if the cluster has GPUs, else 0
+    embed_num_gpus: float | None = Field(None, ge=0)  # None: 0.33 if the cluster has GPUs, else 0
     rows_per_file: int = Field(1024, ge=1)
     # CPU side of the stage (none of these changes what is cached): rows per decode/resize/crop task call,
     # CPUs Ray reserves per decode task (0.5 packs two per core; 2 leaves room for PIL's own threads), and

@@ -301,14 +301,14 @@ def test_write_rows_tensor_columns_round_trip_without_dictionary_pages(tmp_path)
 
 
 def test_embed_resources_defaults_and_overrides():
-    """Two embedding actors per GPU at 0.5 GPU each by default (bench/RESULTS.md: faster than one per GPU),
-    one CPU actor without GPUs; configured values win."""
+    """Three embedding actors per GPU at 0.33 GPU each by default (bench/RESULTS.md: faster than one or two per
+    GPU), one CPU actor without GPUs; configured values win."""
     d = parse_config({}).data
     assert prepare.embed_resources(d, 0) == (1, 0.0)
-    assert prepare.embed_resources(d, 1) == (2, 0.5)
-    assert prepare.embed_resources(d, 8) == (16, 0.5)
+    assert prepare.embed_resources(d, 1) == (3, 0.33)
+    assert prepare.embed_resources(d, 8) == (24, 0.33)
     d = parse_config({"data": {"embed_concurrency": 3}}).data
-    assert prepare.embed_resources(d, 8) == (3, 0.5)
+    assert prepare.embed_resources(d, 8) == (3, 0.33)
     d = parse_config({"data": {"embed_num_gpus": 1}}).data
     assert prepare.embed_resources(d, 8) == (8, 1)
     d = parse_config({"data": {"embed_num_gpus": 0}}).data  # CPU actors on a GPU cluster
