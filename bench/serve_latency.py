@@ -12,7 +12,9 @@ HTTP on 127.0.0.1; no network, no MLflow: the replica loads a diffusers folder).
 number of requests: every one of `c` clients posts --requests-per-client requests back to back (n=1,
 guidance 7.5); images/s = requests / (first post -> last answer). Before a level series the deployment is
 warmed up: a full batch of short (2-step) requests when batching is on (the batch shapes), then full-step
-requests for at least --warmup-s seconds (GPU clocks).
+requests for at least --warmup-s seconds (GPU clocks). A second table says what happened inside the replica,
+from each answer's `timings`: images per pipeline batch, pipeline time per batch, queue wait, PNG time, and
+how much of the level's wall time the pipeline was running.
 
   python bench/serve_latency.py --tiny --requests-per-client 2,1,1       # CPU smoke run: tiny-sd1 and bk-small
   python bench/serve_latency.py --device cuda --append-results bench/RESULTS.md   # SD 1.5 vs bk-small, 512 px
@@ -152,6 +154,7 @@ def reference(folder: Path, decoder: Path | None, device: str, size: int, steps:
 def load_test(url: str, clients: int, per_client: int, body: dict) -> dict:
     """`clients` threads, released together, each posting `per_client` requests back to back."""
     lat: list[float] = []
+    timings: list[dict] = []  # the server's own account of each answered request (serving.schemas.Timings)
     errors: list[str] = []
     lock = threading.Lock()
     start = threading.Barrier(clients + 1)
@@ -169,6 +172,8 @@ def load_test(url: str, clients: int, per_client: int, body: dict) -> dict:
             dt = time.perf_counter() - t0
             with lock:
                 (lat.append(dt) if ok else errors.append(why))
+                if ok:
+                    timings.append(r.json()["timings"])
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
     for t in threads:
@@ -183,10 +188,24 @@ def load_test(url: str, clients: int, per_client: int, body: dict) -> dict:
            "p50_ms": 1000 * statistics.median(lat) if lat else float("nan"),
            "p95_ms": 1000 * (statistics.quantiles(lat, n=20, method="inclusive")[18] if len(lat) >= 2
                              else (lat[0] if lat else float("nan"))),
-           "images_per_s": len(lat) / wall}
+           "images_per_s": len(lat) / wall, **server_side(timings, wall)}
     if errors:
         row["first_error"] = errors[0]
     return row
+
+
+def server_side(timings: list[dict], wall: float) -> dict:
+    """What the replica says of a level's requests (n=1 each): mean batch size, mean pipeline time per batch,
+    median queue wait, mean PNG time, and the share of the level's wall time the pipeline was running (each
+    request counts its batch's time / the batch's size, so each batch counts once)."""
+    if not timings:
+        return {}
+    busy = sum(t["render_ms"] / t["batch_size"] for t in timings) / 1000
+    return {"srv_batch": statistics.fmean(t["batch_size"] for t in timings),
+            "srv_render_ms": statistics.fmean(t["render_ms"] for t in timings),
+            "srv_queue_ms": statistics.median(t["queue_ms"] for t in timings),
+            "srv_encode_ms": statistics.fmean(t["encode_ms"] for t in timings),
+            "srv_busy": busy / wall}
 
 
 def warm_up(url: str, body: dict, batched: int, seconds: float) -> None:
@@ -407,6 +426,18 @@ def markdown(res: dict, args, clients: list[int], rpc: dict[bool, list[int]]) ->
         if "ips_batch" in v:
             lines.append(f"| {name} (plain diffusers, in-process, {args.max_batch} images in one call) | - | - | "
                          f"{args.max_batch} | {v['ms_batch']:.0f} | - | {v['ips_batch']:.2f} | - |")
+    inside = [r for r in res["serve"] if "srv_batch" in r]
+    if inside:
+        lines += ["", "Inside the replica (from each answer's `timings`): mean images per pipeline batch, mean "
+                  "pipeline time of a batch, median wait for a batch to start, mean PNG time of a request, and the "
+                  "share of the level's wall time the pipeline was running.", "",
+                  "| model | batching | clients | images/batch | model ms/batch | queue p50 ms | PNG ms | "
+                  "pipeline busy |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in inside:
+            lines.append(f"| {r['model']} | {'on' if r['batching'] else 'off'} | {r['clients']} | "
+                         f"{r['srv_batch']:.1f} | {r['srv_render_ms']:.0f} | {r['srv_queue_ms']:.0f} | "
+                         f"{r['srv_encode_ms']:.0f} | {100 * r['srv_busy']:.0f}% |")
     lines.append("")
     for name, v in res["reference"].items():
         if "png_ms_6" in v:

@@ -8,9 +8,12 @@ with @serve.batch; a batch mixing sizes, steps or guidance runs one pipeline cal
 (serving/images.py: render_images), and every image has its own seed.
 
 Routes: POST /v1/images/generations (OpenAI Images API + negative_prompt, num_inference_steps,
-guidance_scale, seed), GET /v1/models, /healthz, /readyz, and / (a small web page).
+guidance_scale, seed), GET /v1/models, /healthz, /readyz, and / (a small web page). An answer's `timings`
+say where its time went in the replica: queue_ms (waiting for a batch), render_ms and batch_size (the
+pipeline call), encode_ms (PNGs).
 Metrics: Ray Serve's own (ray_serve_*, including HTTP latency per route) on the Ray metrics port, plus
-distillery_request_latency_ms by route and status, and distillery_images_total.
+distillery_request_latency_ms by route and status, distillery_images_total, distillery_batch_size and
+distillery_batch_ms (per pipeline batch).
 
 Entry points: `build_app(cfg)` (a serve.Application), `run(cfg)` (blocks, like `serve run`),
 `serve_config(cfg)` / `write_serve_config(cfg, path)` (the YAML for `serve deploy` or a KubeRay
@@ -37,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.config import Config, ServeConfig, parse_config
 from serving.images import ImageJob, encode_png
-from serving.schemas import ApiError, ImageData, ImageResponse, ModelCard, parse_request, parse_size
+from serving.schemas import ApiError, ImageData, ImageResponse, ModelCard, Timings, parse_request, parse_size
 
 log = logging.getLogger("distillery.serve")
 
@@ -88,6 +91,12 @@ def _metrics() -> dict[str, Any]:
             tag_keys=("route", "status"),
         )
         _METRICS["images"] = Counter("distillery_images_total", description="images generated")
+        _METRICS["batch_size"] = Histogram("distillery_batch_size", description="images per pipeline batch",
+                                           boundaries=[1, 2, 4, 8, 16, 32, 64])
+        _METRICS["batch_ms"] = Histogram(
+            "distillery_batch_ms", description="pipeline call time of a batch",
+            boundaries=[10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000],
+        )
     return _METRICS
 
 
@@ -238,16 +247,32 @@ class ImageServer:
             raise ApiError(401, "invalid API key", code="invalid_api_key")
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def generate_batch(self, jobs: list[ImageJob]) -> list[Any]:  # PIL images
+    async def generate_batch(self, jobs: list[ImageJob]) -> list[tuple[Any, float, float, int]]:
         # the pipeline runs in a thread so health checks and new requests are answered meanwhile;
         # Serve runs one batch at a time (max_concurrent_batches=1). PIL images out: each request encodes its
-        # own PNGs after the batch, so the next batch starts on the GPU while they are encoded
-        return await asyncio.to_thread(self._render, self.pipe, jobs)
+        # own PNGs after the batch, so the next batch starts on the GPU while they are encoded.
+        # Per image: (image, batch start, batch seconds, batch size)
+        t0 = time.perf_counter()
+        images = await asyncio.to_thread(self._render, self.pipe, jobs)
+        seconds = time.perf_counter() - t0
+        try:
+            _metrics()["batch_size"].observe(len(jobs))
+            _metrics()["batch_ms"].observe(seconds * 1000)
+        except Exception:
+            pass
+        return [(img, t0, seconds, len(jobs)) for img in images]
 
-    async def _pngs(self, jobs: list[ImageJob]) -> list[bytes]:
-        images = await asyncio.gather(*[self.generate_batch(j) for j in jobs])
+    async def _pngs(self, jobs: list[ImageJob]) -> tuple[list[bytes], Timings]:
+        t0 = time.perf_counter()
+        done = await asyncio.gather(*[self.generate_batch(j) for j in jobs])
+        t1 = time.perf_counter()
         level = self.cfg.png_compress_level
-        return await asyncio.gather(*[asyncio.to_thread(encode_png, img, level) for img in images])
+        pngs = await asyncio.gather(*[asyncio.to_thread(encode_png, img, level) for img, *_ in done])
+        timings = Timings(queue_ms=round(1000 * max(start - t0 for _, start, _, _ in done), 2),
+                          render_ms=round(1000 * max(s for _, _, s, _ in done), 2),
+                          encode_ms=round(1000 * (time.perf_counter() - t1), 2),
+                          batch_size=max(n for *_, n in done))
+        return pngs, timings
 
     @api.post("/v1/images/generations")
     async def generations(self, request: Request) -> JSONResponse:
@@ -276,7 +301,7 @@ class ImageServer:
             for i in range(req.n)
         ]
         try:
-            pngs = await asyncio.wait_for(self._pngs(jobs), timeout=self.cfg.request_timeout_s)
+            pngs, timings = await asyncio.wait_for(self._pngs(jobs), timeout=self.cfg.request_timeout_s)
         except TimeoutError:
             raise ApiError(504, f"generation took longer than {self.cfg.request_timeout_s:g}s",
                            code="timeout") from None
@@ -289,6 +314,7 @@ class ImageServer:
             data=[ImageData(b64_json=base64.b64encode(p).decode(), seed=j.seed) for p, j in zip(pngs, jobs)],
             model=self.model["name"],
             latency_ms=round((time.perf_counter() - t0) * 1000, 2),
+            timings=timings,
         )
         return JSONResponse(resp.model_dump())
 

@@ -52,11 +52,21 @@ class ImageData(BaseModel):
     seed: int  # generating again with this seed gives this image
 
 
+class Timings(BaseModel):
+    """Where a request's time went inside the replica (its images may run in more than one batch: the largest
+    and slowest count)."""
+    queue_ms: float  # waiting for a batch to start (the batch before it, the batch wait timeout)
+    render_ms: float  # the pipeline call of the batch (all its images)
+    encode_ms: float  # PNG encoding of this request's images, after the batch
+    batch_size: int  # images in the pipeline batch
+
+
 class ImageResponse(BaseModel):
     created: int
     data: list[ImageData]
     model: str
     latency_ms: float
+    timings: Timings
 
 
 class ModelCard(BaseModel):

@@ -217,7 +217,7 @@ def test_web_page(server, tmp_path):
         img = WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#images img.result"))[0]
         assert img.get_attribute("src").startswith("data:image/png;base64,")
         WebDriverWait(driver, 10).until(lambda d: d.execute_script("return arguments[0].naturalWidth", img) == 64)
-        assert " ms" in driver.find_element(By.ID, "status").text
+        assert "for a batch of 1" in driver.find_element(By.ID, "status").text
     finally:
         driver.quit()
 
@@ -239,8 +239,15 @@ def test_load_and_autoscaling(server):
     assert _live(_replicas()) == 1
     body = {"prompt": "load", "num_inference_steps": 2, "seed": 3}
     with ThreadPoolExecutor(50) as pool:  # 50 concurrent requests, all succeed
-        codes = list(pool.map(lambda _: post(server, body).status_code, range(50)))
-    assert codes == [200] * 50
+        answers = list(pool.map(lambda _: post(server, body), range(50)))
+    assert [r.status_code for r in answers] == [200] * 50
+    # they were batched (serve.max_batch_size 4), and each answer says where its time went
+    timings = [r.json()["timings"] for r in answers]
+    assert {t["batch_size"] for t in timings} <= {1, 2, 3, 4} and max(t["batch_size"] for t in timings) == 4
+    for r, t in zip(answers, timings):
+        assert 0 < t["render_ms"] and 0 <= t["queue_ms"] and 0 < t["encode_ms"]
+        assert t["queue_ms"] + t["render_ms"] + t["encode_ms"] <= r.json()["latency_ms"] + 1
+    assert max(t["queue_ms"] for t in timings) > min(t["render_ms"] for t in timings)  # later ones waited a batch
 
     # keep the load on until the autoscaler adds the second replica, then stop and watch it go again
     stop, grew = threading.Event(), False
