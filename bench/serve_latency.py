@@ -14,7 +14,8 @@ guidance 7.5); images/s = requests / (first post -> last answer). Before a level
 warmed up: a full batch of short (2-step) requests when batching is on (the batch shapes), then full-step
 requests for at least --warmup-s seconds (GPU clocks). A second table says what happened inside the replica,
 from each answer's `timings`: images per pipeline batch, pipeline time per batch, queue wait, PNG time, and
-how much of the level's wall time the pipeline was running.
+how much of the level's wall time the pipeline was running. `--batchers serve,replica` adds batching rows with
+serving/batching.py (serve.batcher "replica") next to Ray's @serve.batch, measured in the same run.
 
   python bench/serve_latency.py --tiny --requests-per-client 2,1,1       # CPU smoke run: tiny-sd1 and bk-small
   python bench/serve_latency.py --device cuda --append-results bench/RESULTS.md   # SD 1.5 vs bk-small, 512 px
@@ -233,6 +234,9 @@ def main() -> int:
                         "rate depends less on how the first arrivals split into batches)")
     p.add_argument("--max-batch", type=int, default=16, help="max_batch_size when batching is on")
     p.add_argument("--batch-wait", type=float, default=0.05, help="batch_wait_timeout_s when batching is on")
+    p.add_argument("--batchers", default="serve",
+                   help="serve.batcher values for the batching-on rows: serve (Ray's @serve.batch, the default, "
+                        "the one the ratios use), replica (serving/batching.py; compare: 'serve,replica')")
     p.add_argument("--ref-images", type=int, default=3, help="in-process reference: timed single images")
     p.add_argument("--warmup-s", type=float, default=2.0, help="full-step warm-up per deployment, seconds")
     p.add_argument("--models", default="teacher,student,student-taesd",
@@ -254,6 +258,10 @@ def main() -> int:
         if len(r) != len(clients):
             p.error(f"--{opt.replace('_', '-')} has {len(r)} values for {len(clients)} client levels")
         rpc[batched] = r
+    batchers = [b for b in args.batchers.split(",") if b]
+    if "serve" not in batchers or not set(batchers) <= {"replica", "serve"}:
+        p.error(f"--batchers: serve, optionally with replica (got {args.batchers})")
+    args.batchers = batchers
     gpu = args.device == "cuda"
     names = [m for m in args.models.split(",") if m]
     if not set(names) <= {"teacher", "student", "student-taesd"}:
@@ -344,13 +352,15 @@ def serve_levels(args, models: dict, results: dict, root: Path, steps: int, size
         url = f"http://127.0.0.1:{port}/v1/images/generations"
         body = {"prompt": "a photo of a cat", "n": 1, "size": f"{size}x{size}", "num_inference_steps": steps,
                 "guidance_scale": 7.5, "seed": 0}
-        for name, (folder, decoder), batched in [(n, m, b) for n, m in models.items() for b in (False, True)]:
+        modes = [(False, "serve")] + [(True, b) for b in args.batchers]  # (batching on, serve.batcher)
+        plan = [(n, m, on, b) for n, m in models.items() for on, b in modes]
+        for name, (folder, decoder), batched, batcher in plan:
             t0 = time.perf_counter()
             mb = args.max_batch if batched else 1
-            what = f"{name} batching {'on' if batched else 'off'}"
+            what = f"{name} batching {batching_label(batched, batcher)}"
             cfg = parse_config({"work_dir": str(root / "work"), "serve": {
                 "model": str(folder), "decoder": str(decoder) if decoder else None,
-                "num_gpus": 1 if gpu else 0, "num_cpus": 1,
+                "num_gpus": 1 if gpu else 0, "num_cpus": 1, "batcher": batcher,
                 "max_batch_size": mb, "batch_wait_timeout_s": args.batch_wait,
                 "max_ongoing_requests": max(2 * max(clients), 2 * mb), "sizes": [f"{size}x{size}"],
                 "max_steps": max(steps, 100), "request_timeout_s": 900}})
@@ -358,7 +368,7 @@ def serve_levels(args, models: dict, results: dict, root: Path, steps: int, size
                 serve.run(build_app(cfg), name="bench", route_prefix="/")
                 warm_up(url, body, mb, args.warmup_s)
                 for c, r in zip(clients, rpc[batched]):
-                    row = {"model": name, "batching": batched, **load_test(url, c, r, body)}
+                    row = {"model": name, "batching": batched, "batcher": batcher, **load_test(url, c, r, body)}
                     results["serve"].append(row)
                     print(json.dumps(row), flush=True)
             except KeyboardInterrupt:  # SIGINT (e.g. `timeout -s INT`): report what was measured
@@ -390,9 +400,18 @@ def stop_ray() -> None:
                 fn()
 
 
-def ips(res: dict, model: str, batched: bool, c: int) -> float | None:
+def batching_label(batched: bool, batcher: str = "serve") -> str:
+    return ("on" if batcher == "serve" else "on, replica batcher") if batched else "off"
+
+
+def row_label(row: dict) -> str:
+    return batching_label(row["batching"], row.get("batcher", "serve"))
+
+
+def ips(res: dict, model: str, batched: bool, c: int, batcher: str = "serve") -> float | None:
     return next((r["images_per_s"] for r in res["serve"]
-                 if r["model"] == model and r["batching"] == batched and r["clients"] == c), None)
+                 if r["model"] == model and r["batching"] == batched and r["clients"] == c
+                 and r.get("batcher", "serve") == batcher), None)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -418,7 +437,8 @@ def markdown(res: dict, args, clients: list[int], rpc: dict[bool, list[int]]) ->
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in res["serve"]:
-        lines.append(f"| {r['model']} | {'on' if r['batching'] else 'off'} | {r['clients']} | {r['requests']} | "
+        lines.append(f"| {r['model']} | {row_label(r)} | "
+                     f"{r['clients']} | {r['requests']} | "
                      f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['images_per_s']:.2f} | {r['errors']} |")
     for name, v in res["reference"].items():
         lines.append(f"| {name} (plain diffusers, in-process, 1 image per call) | - | 1 | {args.ref_images} | "
@@ -435,7 +455,8 @@ def markdown(res: dict, args, clients: list[int], rpc: dict[bool, list[int]]) ->
                   "pipeline busy |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in inside:
-            lines.append(f"| {r['model']} | {'on' if r['batching'] else 'off'} | {r['clients']} | "
+            lines.append(f"| {r['model']} | {row_label(r)} | "
+                         f"{r['clients']} | "
                          f"{r['srv_batch']:.1f} | {r['srv_render_ms']:.0f} | {r['srv_queue_ms']:.0f} | "
                          f"{r['srv_encode_ms']:.0f} | {100 * r['srv_busy']:.0f}% |")
     lines.append("")
@@ -456,9 +477,13 @@ def markdown(res: dict, args, clients: list[int], rpc: dict[bool, list[int]]) ->
         eff = f"; served/in-process batch of {args.max_batch}: {_x(_ratio(served, ref.get('ips_batch')))}" \
             if ref.get("ips_batch") and served else ""
         lines.append(f"- {m}: batching on / off at {top} clients: {_x(g)} (goal >= 2x: {verdict}){eff}")
+        if "replica" in args.batchers:
+            lines.append(f"- {m}: replica batcher / @serve.batch images/s at {top} clients: "
+                         f"{_x(_ratio(ips(res, m, True, top, 'replica'), served))}")
     for r in res["serve"]:
         if r.get("first_error"):
-            lines.append(f"- errors: {r['model']} batching {'on' if r['batching'] else 'off'} {r['clients']} clients: "
+            lines.append(f"- errors: {r['model']} batching {row_label(r)} "
+                         f"{r['clients']} clients: "
                          f"{r['errors']}, first: {r['first_error'][:200]}")
     lines += [f"- note: {n}" for n in res["notes"]]
     return "\n".join(lines) + "\n"

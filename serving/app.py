@@ -4,7 +4,8 @@ One deployment, `ImageServer`, with a FastAPI ingress. Each replica holds one pi
 CPU), loaded from `models:/NAME@ALIAS` in MLflow (the alias is resolved to a version once, when the app is
 built, so every replica serves the same version) or from a diffusers folder/URI, and generates one
 warm-up image before it reports ready. Requests are split into single images and batched across requests
-with @serve.batch; a batch mixing sizes, steps or guidance runs one pipeline call per group
+(Ray's @serve.batch; with serve.batcher "replica", serving/batching.py, where a batch forms only when the
+previous one has returned); a batch mixing sizes, steps or guidance runs one pipeline call per group
 (serving/images.py: render_images), and every image has its own seed.
 
 Routes: POST /v1/images/generations (OpenAI Images API + negative_prompt, num_inference_steps,
@@ -39,6 +40,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.config import Config, ServeConfig, parse_config
+from serving.batching import DynamicBatcher
 from serving.images import ImageJob, encode_png
 from serving.schemas import ApiError, ImageData, ImageResponse, ModelCard, Timings, parse_request, parse_size
 
@@ -217,8 +219,13 @@ class ImageServer:
         self._render = render_images
         device = "cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.pipe = load_pipeline(fetch_model(model), device, self.cfg.decoder)
-        self.generate_batch.set_max_batch_size(self.cfg.max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        if self.cfg.batcher == "serve":
+            self._serve_batch.set_max_batch_size(self.cfg.max_batch_size)
+            self._serve_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+            self._submit = self._serve_batch
+        else:
+            self._submit = DynamicBatcher(self.generate_batch, self.cfg.max_batch_size,
+                                          self.cfg.batch_wait_timeout_s).submit
         w, h = parse_size(self.cfg.sizes[0])
         generate_images(self.pipe, [ImageJob("warm up", num_inference_steps=1, width=w, height=h)],
                         self.cfg.png_compress_level)
@@ -246,11 +253,10 @@ class ImageServer:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._key.encode()):
             raise ApiError(401, "invalid API key", code="invalid_api_key")
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def generate_batch(self, jobs: list[ImageJob]) -> list[tuple[Any, float, float, int]]:
-        # the pipeline runs in a thread so health checks and new requests are answered meanwhile;
-        # Serve runs one batch at a time (max_concurrent_batches=1). PIL images out: each request encodes its
-        # own PNGs after the batch, so the next batch starts on the GPU while they are encoded.
+        # called by the batcher (serve.batcher), one batch at a time; the pipeline runs in a thread so health
+        # checks and new requests are answered meanwhile. PIL images out: each request encodes its own PNGs
+        # after the batch, so the next batch starts on the GPU while they are encoded.
         # Per image: (image, batch start, batch seconds, batch size)
         t0 = time.perf_counter()
         images = await asyncio.to_thread(self._render, self.pipe, jobs)
@@ -262,9 +268,13 @@ class ImageServer:
             pass
         return [(img, t0, seconds, len(jobs)) for img in images]
 
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def _serve_batch(self, jobs: list[ImageJob]) -> list[tuple[Any, float, float, int]]:
+        return await self.generate_batch(jobs)  # serve.batcher "serve" (the default)
+
     async def _pngs(self, jobs: list[ImageJob]) -> tuple[list[bytes], Timings]:
         t0 = time.perf_counter()
-        done = await asyncio.gather(*[self.generate_batch(j) for j in jobs])
+        done = await asyncio.gather(*[self._submit(j) for j in jobs])
         t1 = time.perf_counter()
         level = self.cfg.png_compress_level
         pngs = await asyncio.gather(*[asyncio.to_thread(encode_png, img, level) for img, *_ in done])

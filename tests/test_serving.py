@@ -101,6 +101,36 @@ def test_png_level_is_lossless_and_checked():
         parse_config({"serve": {"png_compress_level": 10}})
 
 
+def test_batcher_setting_is_checked():
+    assert parse_config({"serve": {"batcher": "serve"}}).serve.batcher == "serve"
+    with pytest.raises(ConfigError, match="batcher"):
+        parse_config({"serve": {"batcher": "fastest"}})
+
+
+def test_replica_batcher_serves_batches(server, tiny_sd1_dir, tmp_path):
+    """serve.batcher "replica" (serving/batching.py) in a second app next to the module's (@serve.batch):
+    concurrent requests are answered, in batches, with the same image for a seed."""
+    from ray import serve
+
+    from serving.app import build_app
+
+    cfg = parse_config({"work_dir": str(tmp_path / "work"), "serve": {
+        "model": str(tiny_sd1_dir), "num_cpus": 0.2, "batcher": "replica", "max_batch_size": 4,
+        "batch_wait_timeout_s": 0.05, "max_ongoing_requests": 16, "sizes": ["64x64"], "default_steps": 2}})
+    serve.run(build_app(cfg), name="replica-batcher", route_prefix="/rb")
+    try:
+        url = server["url"] + "rb/v1/images/generations"
+        body = {"prompt": "a red circle", "num_inference_steps": 2, "seed": 7}
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda _: requests.post(url, json=body, timeout=120), range(12)))
+        assert [r.status_code for r in answers] == [200] * 12, answers[0].text
+        assert max(r.json()["timings"]["batch_size"] for r in answers) > 1
+        imgs = [np.asarray(Image.open(io.BytesIO(images(r)[0])), np.int16) for r in answers]
+        assert max(np.abs(i - imgs[0]).max() for i in imgs) <= 2  # one seed: one image (up to batched rounding)
+    finally:
+        serve.delete("replica-batcher")
+
+
 def test_served_images_come_from_the_decoder(server, tiny_sd1_dir):
     """serve.decoder: the replica decodes with the lighter decoder, not the model's own VAE."""
     from serving.images import ImageJob, generate_images, load_pipeline

@@ -1,0 +1,102 @@
+"""serving/batching.py: one batch at a time, formed when the previous one has returned (plain asyncio, no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from serving.batching import DynamicBatcher
+
+
+class Recorder:
+    """A batch function that takes `seconds` per call and records the batches it was given."""
+
+    def __init__(self, seconds: float, fail_on: object = None):
+        self.seconds, self.fail_on, self.batches, self.running = seconds, fail_on, [], 0
+
+    async def __call__(self, items: list) -> list:
+        self.running += 1
+        assert self.running == 1, "two batches at once"
+        try:
+            self.batches.append(list(items))
+            await asyncio.sleep(self.seconds)
+            if self.fail_on in items:
+                raise ValueError(f"bad item {self.fail_on}")
+            return [i * 10 for i in items]
+        finally:
+            self.running -= 1
+
+
+def test_arrivals_during_a_batch_go_in_together():
+    """Items that arrive one by one while a batch runs (each further apart than the wait) form full batches
+    after it, not one small batch each (what @serve.batch does in Ray 2.60)."""
+    async def main():
+        fn = Recorder(0.3)
+        b = DynamicBatcher(fn, max_batch_size=4, wait_s=0.01)
+        first = asyncio.create_task(b.submit(0))
+        await asyncio.sleep(0.05)  # the first batch [0] runs
+        later = []
+        for i in range(1, 7):
+            later.append(asyncio.create_task(b.submit(i)))
+            await asyncio.sleep(0.03)
+        return fn.batches, await first, await asyncio.gather(*later)
+
+    batches, first, later = asyncio.run(main())
+    assert batches == [[0], [1, 2, 3, 4], [5, 6]]
+    assert first == 0 and later == [10, 20, 30, 40, 50, 60]
+
+
+def test_an_idle_batcher_waits_for_more_then_runs_what_it_has():
+    async def main():
+        fn = Recorder(0.01)
+        b = DynamicBatcher(fn, max_batch_size=8, wait_s=0.2)
+        t0 = time.monotonic()
+        a = asyncio.create_task(b.submit(1))
+        await asyncio.sleep(0.05)
+        c = asyncio.create_task(b.submit(2))  # within the first item's wait: same batch
+        out = await asyncio.gather(a, c)
+        waited = time.monotonic() - t0
+        full = await asyncio.gather(*[b.submit(i) for i in range(8)])  # a full batch does not wait
+        return fn.batches, out, waited, full
+
+    batches, out, waited, full = asyncio.run(main())
+    assert batches == [[1, 2], list(range(8))] and out == [10, 20] and full == [i * 10 for i in range(8)]
+    assert waited >= 0.2
+
+
+def test_errors_reach_every_submitter_of_the_batch_and_the_next_batch_runs():
+    async def main():
+        b = DynamicBatcher(Recorder(0.01, fail_on=3), max_batch_size=4, wait_s=0.05)
+        bad = await asyncio.gather(*[b.submit(i) for i in (1, 2, 3)], return_exceptions=True)
+        return bad, await b.submit(5)
+
+    bad, good = asyncio.run(main())
+    assert all(isinstance(e, ValueError) and "bad item 3" in str(e) for e in bad)
+    assert good == 50
+
+
+def test_a_cancelled_item_is_left_out_and_result_counts_are_checked():
+    async def main():
+        fn = Recorder(0.2)
+        b = DynamicBatcher(fn, max_batch_size=4, wait_s=0.0)
+        first = asyncio.create_task(b.submit(0))
+        await asyncio.sleep(0.05)
+        gone = asyncio.create_task(b.submit(1))  # waits behind batch [0]; its request times out
+        kept = asyncio.create_task(b.submit(2))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        await first
+        short = DynamicBatcher(lambda items: asyncio.sleep(0, result=[]), max_batch_size=2, wait_s=0.0)
+        with pytest.raises(RuntimeError, match="returned 0 results for 1 items"):
+            await short.submit(1)
+        return fn.batches, await kept
+
+    batches, kept = asyncio.run(main())
+    assert batches == [[0], [2]] and kept == 20
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="max_batch_size 0"):
+        DynamicBatcher(Recorder(0), max_batch_size=0, wait_s=0.1)
