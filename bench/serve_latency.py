@@ -316,7 +316,7 @@ def write_results(results: dict, args, models: dict, clients: list[int], rpc: di
     results["student_speedup"] = {  # per student model: images/s over the teacher's, by batching@clients
         m: {f"{'on' if b else 'off'}@{c}": _ratio(ips(results, m, b, c), ips(results, "teacher", b, c))
             for b in (True, False) for c in clients}
-        for m in models if m != "teacher"}
+        for m in models if m != "teacher" and "teacher" in models}
     results["batching_gain"] = {m: _ratio(ips(results, m, True, top), ips(results, m, False, top)) for m in models}
     if gpu:
         import torch
