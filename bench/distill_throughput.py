@@ -29,6 +29,7 @@ modifiers:
   +cl      channels_last on (ref)                 +fused      fused AdamW (ref)
   +bf16t   teacher weights in bf16, no autocast cast for it (ref)
   +encode  VAE encoder + text encoder in the loop, as without the embedding cache (ref, sd15 only)
+  +cudnnb  torch.backends.cudnn.benchmark (ours/ddp: distill.cudnn_benchmark; ref: set for the row)
 Both sides use diffusers' default attention (PyTorch SDPA: flash attention on H100 in bf16).
 
 Time: --budget bounds the whole run: a row whose estimated time (the longest earlier row of its kind, else a
@@ -71,14 +72,14 @@ cache gives them, random weights) of our Ray Train + DeepSpeed ZeRO-2 path again
 Goal: >= 2x the plain eager loop per GPU. Tables below; a --tiny table is a CPU smoke run, not a performance claim.
 """
 DEFAULT_LEVERS = "ref,ours,ours+compile,ours+compile+big"
-BASES = {"ref": {"compile", "big", "cl", "fused", "bf16t", "encode"},
-         "ours": {"compile", "big", "nocl", "z0", "z1", "z2", "z3"},
-         "ddp": {"compile", "big", "nocl"}}
+BASES = {"ref": {"compile", "big", "cl", "fused", "bf16t", "encode", "cudnnb"},
+         "ours": {"compile", "big", "nocl", "z0", "z1", "z2", "z3", "cudnnb"},
+         "ddp": {"compile", "big", "nocl", "cudnnb"}}
 WHAT = {"ref": "eager, fp32 weights + {amp}, {adam} AdamW",
         "ours": "Ray Train + DeepSpeed ZeRO-{z}, {half} weights, teacher {half} no-grad, fused AdamW{cl}",
         "ddp": "Ray Train, no DeepSpeed: {amp}, teacher {half} no-grad, fused AdamW{cl}"}
 MOD_WHAT = {"compile": "torch.compile", "cl": "channels_last", "bf16t": "teacher bf16",
-            "encode": "VAE + text encoder in the loop"}
+            "encode": "VAE + text encoder in the loop", "cudnnb": "cudnn.benchmark"}
 # seconds a row is expected to take before one of its kind was measured (GPU, SD 1.5 at 512 px)
 DEFAULT_ROW_S = {"compile": 200.0, "eager": 45.0}
 
@@ -290,6 +291,7 @@ def reference_rows(args: argparse.Namespace, rows: list[dict], done: list[dict],
         state = {}
 
         def setup(row=row, mods=mods, state=state, enc=enc):
+            torch.backends.cudnn.benchmark = "cudnnb" in mods
             teacher = copy.deepcopy(teacher_cpu).to(device)
             if "bf16t" in mods and use_amp:
                 teacher.to(torch.bfloat16)
@@ -389,13 +391,15 @@ def ours_worker(config: dict) -> None:
                 "zero_stage": zero_stage(row, args), "deepspeed": row["base"] == "ours",
                 "precision": "fp32" if args.tiny else "bf16", "batch_size": n, "channels_last": "nocl" not in mods,
                 "compile": "compile" in mods, "compile_mode": args.compile_mode if "compile" in mods else "default",
-                "use_gpu": use_gpu, "max_steps": args.warmup + args.steps, "lr": 1e-5}}).distill
+                "cudnn_benchmark": "cudnnb" in mods, "use_gpu": use_gpu, "max_steps": args.warmup + args.steps,
+                "lr": 1e-5}}).distill
             state = {}
 
             def setup(dc=dc, n=n, state=state):
                 # as pipelines/distill.py's worker: teacher weights and inputs NHWC; the student's weights too
                 # without DeepSpeed (whose ZeRO flattening needs contiguous parameters)
                 fmt = torch.channels_last if dc.channels_last else torch.contiguous_format
+                torch.backends.cudnn.benchmark = dc.cudnn_benchmark  # as worker_setup
                 teacher.to(memory_format=fmt)
                 student = copy.deepcopy(student_cpu).train()
                 if dc.channels_last and not dc.deepspeed:

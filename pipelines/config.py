@@ -136,6 +136,9 @@ class DistillConfig(Section):
     channels_last: bool = False
     compile: bool = False  # torch.compile the student's and the teacher's forwards (first steps compile, ~minutes)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # cuDNN times its algorithms for each convolution shape once and keeps the fastest (a fixed resolution and
+    # micro-batch: a few seconds at the start; aspect-ratio buckets: once per bucket)
+    cudnn_benchmark: bool = False
     loss: LossConfig = Field(default_factory=LossConfig)
     val_every: int = Field(50, ge=1)
     val_batches: int = Field(2, ge=1)

@@ -431,6 +431,7 @@ def worker_setup(dc: DistillConfig) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = dc.cudnn_benchmark
     torch.manual_seed(dc.seed + rank)
     return rank, world, device
 
