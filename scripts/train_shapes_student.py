@@ -127,20 +127,107 @@ def _sync(device: torch.device) -> None:
 
 
 def _autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # no weight-cast cache: a CUDA graph captured under autocast must recast the weights on every replay
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float, device: torch.device,
+                   graph: bool) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA). For a CUDA-graph step: capturable, with the learning rate as a device tensor
+    that `set_lr` fills in place, so the captured step reads each step's rate."""
+    if graph:
+        return torch.optim.AdamW(params, lr=torch.tensor(lr, device=device), weight_decay=weight_decay,
+                                 fused=True, capturable=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        if torch.is_tensor(g["lr"]):
+            g["lr"].fill_(lr)
+        else:
+            g["lr"] = lr
+
+
+class TrainStep:
+    """One optimizer step: `loss_fn(*inputs)` (a dict of scalar tensors with "loss"), backward, gradient
+    clipping, `opt.step()`.
+
+    With `graph` (CUDA), the first `warm` steps run eagerly on a side stream (CUDA's handles and the optimizer's
+    state are made there); the next one is captured as one CUDA graph, and from then on each call copies its
+    inputs into the captured ones and replays the graph. These U-Nets are tiny, so an eager step is bound by
+    launching its few thousand kernels, not by running them. The returned tensors of a replayed step are the
+    graph's own: read them before the next call. The optimizer comes from `make_optimizer(..., graph=True)`."""
+
+    def __init__(self, loss_fn: Any, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, graph: bool,
+                 warm: int = 3, clip: float = 1.0):
+        self.loss_fn, self.params, self.opt, self.clip, self.warm = loss_fn, params, opt, clip, warm
+        self.stream = torch.cuda.Stream() if graph else None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_in: list[torch.Tensor] = []
+        self.static_out: dict[str, torch.Tensor] = {}
+        self.calls = 0
+        self.failed: str | None = None
+
+    def _step(self, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        out = self.loss_fn(*inputs)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.opt.step()
+        return out
+
+    def __call__(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        if self.stream is None:
+            self.opt.zero_grad(set_to_none=True)
+            return self._step(inputs)
+        if self.graph is None:
+            if self.calls <= self.warm:
+                self.stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self.stream):
+                    self.opt.zero_grad(set_to_none=True)
+                    out = self._step(inputs)
+                torch.cuda.current_stream().wait_stream(self.stream)
+                return out
+            self.static_in = [x.clone() for x in inputs]
+            self.opt.zero_grad(set_to_none=True)  # the graph's backward writes the gradients afresh each replay
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):  # records the step without running it: the replay below runs it
+                    self.static_out = self._step(tuple(self.static_in))
+            except RuntimeError as e:  # an operation that cannot be captured: say so, go on eagerly
+                log(f"CUDA graph capture failed, eager steps from here: {e}")
+                self.stream, self.failed = None, str(e)
+                self.opt.zero_grad(set_to_none=True)
+                return self._step(inputs)
+            self.graph = graph
+        for s, x in zip(self.static_in, inputs):
+            s.copy_(x)
+        self.graph.replay()
+        return self.static_out
 
 
 def train_unet(student: UNet2DConditionModel, teacher: Any, data: dict[str, Any], args, device: torch.device, *,
                label: str, weights: KDWeights, pairs: list, lr: float, steps: int, warmup: int, budget_s: float,
-               plan: bool, stop_at: int | None = None) -> tuple[UNet2DConditionModel, Any, dict]:
+               plan: bool, stop_at: int | None = None,
+               curve_probe: Any = None) -> tuple[UNet2DConditionModel, Any, dict]:
     """Train `student` on kd_loss for `steps` optimizer steps (warmup, then cosine to 0.1x; AdamW; bf16 autocast
     on CUDA; grad clip 1). With `plan`, the step count is cut once, at the end of the warmup (so the LR of every
     step taken is the same whatever the final count), to what fits `budget_s` at the measured rate; the run
     stops at `budget_s` in any case, and after `stop_at` steps when given (the LR schedule still spans `steps`).
+    `curve_probe(student)`, every --curve-every steps and at the end: the caption accuracy of the weights being trained
+    (raw, not EMA) for the learning curve; its time is not counted in the budget.
     Returns (final weights: the EMA when --ema, raw weights or None, stats)."""
     student.to(device).train().requires_grad_(True)
     params = list(student.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=device.type == "cuda")
+    graph = device.type == "cuda" and args.cuda_graph
+    opt = make_optimizer(params, lr, 0.01, device, graph)
+
+    def loss_fn(noisy: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, target: torch.Tensor) -> dict:
+        with _autocast(device):
+            return kd_loss(student, teacher.unet, noisy, t, {"encoder_hidden_states": emb}, target, weights, pairs)
+
+    train_step = TrainStep(loss_fn, params, opt, graph)
     ema = [p.detach().clone() for p in params] if args.ema else None
     gen = torch.Generator(device).manual_seed(args.seed + 1)  # the same batches and noise for every student
     cond_drop = 0.1
@@ -148,6 +235,17 @@ def train_unet(student: UNet2DConditionModel, teacher: Any, data: dict[str, Any]
     probe = (warmup // 4, warmup) if plan and budget_s and warmup >= 20 else None  # steps timed to plan the run
     sums = torch.zeros(4, device=device)
     n_sum, last = 0, {}
+    curve: list[dict[str, float]] = []
+
+    def measure_curve() -> float:
+        _sync(device)
+        t = time.time()
+        acc = curve_probe(student)
+        curve.append({"step": step, "caption_accuracy": round(acc, 4)})
+        log(f"{label} step {step}: caption accuracy {acc:.3f} ({len(curve_probe.prompts)} prompts, "
+            f"{time.time() - t:.0f}s)")
+        return time.time() - t
+
     _sync(device)
     t0 = time.time()
     t_probe = t0
@@ -156,16 +254,10 @@ def train_unet(student: UNet2DConditionModel, teacher: Any, data: dict[str, Any]
         if budget_s and time.time() - t0 > budget_s:
             log(f"{label}: time cap of {budget_s:.0f}s reached at step {step}/{total}")
             break
-        for g in opt.param_groups:
-            g["lr"] = lr * lr_factor(step, warmup, step / total)
+        set_lr(opt, lr * lr_factor(step, warmup, step / total))
         lat, emb = draw(data, args.batch, gen, cond_drop)
         noisy, t, target = diffusion_batch(teacher.scheduler, lat, teacher.prediction_type, gen)
-        with _autocast(device):
-            parts = kd_loss(student, teacher.unet, noisy, t, {"encoder_hidden_states": emb}, target, weights, pairs)
-        opt.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        parts = train_step(noisy, t, emb, target)
         if ema is not None:
             with torch.no_grad():
                 torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(args.ema, (1 + step) / (10 + step)))
@@ -191,8 +283,14 @@ def train_unet(student: UNet2DConditionModel, teacher: Any, data: dict[str, Any]
             el = time.time() - t0
             log(f"{label} step {step}/{total} " + " ".join(f"{k} {v:.4f}" for k, v in last.items())
                 + f" ({el:.0f}s, {el / step * 1e3:.0f} ms/step)")
+        if curve_probe and step % args.curve_every == 0 and step < min(total, stop_at or total):
+            paused = measure_curve()
+            t0 += paused  # the budget and the step rate count training only
+            t_probe += paused
     _sync(device)
     seconds = time.time() - t0
+    if curve_probe:
+        measure_curve()
     student.eval().requires_grad_(False)
     raw = None
     if ema is not None:
@@ -202,6 +300,7 @@ def train_unet(student: UNet2DConditionModel, teacher: Any, data: dict[str, Any]
             for p, e in zip(student.parameters(), ema):
                 p.copy_(e)
     stats = {"steps": step, "planned_steps": total, "requested_steps": planned, "batch": args.batch, "lr": lr,
+             "cuda_graph": train_step.graph is not None, "cuda_graph_error": train_step.failed, "curve": curve,
              "warmup": warmup, "ema": args.ema or None, "seconds": round(seconds, 1),
              "ms_per_step": round(seconds / max(1, step) * 1e3, 1), "final_loss": last,
              "weights": vars(weights), "cond_drop": cond_drop}
@@ -287,6 +386,20 @@ def make_pipe(base: StableDiffusionPipeline, unet: UNet2DConditionModel, schedul
                                       "feature_extractor": None, "requires_safety_checker": False})
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class CurveProbe:
+    """Caption accuracy of a U-Net while it trains: the teacher's pipeline with that U-Net, the evaluation's
+    sampler (--eval-steps, --guidance, seed 0) on the first --curve-prompts evaluation prompts."""
+
+    def __init__(self, base: StableDiffusionPipeline, prompts: list[str], args):
+        self.base, self.prompts, self.args = base, prompts, args
+
+    def __call__(self, unet: UNet2DConditionModel) -> float:
+        pipe = make_pipe(self.base, unet, self.base.scheduler)
+        images = sample(pipe, self.prompts, self.args.eval_steps, self.args.guidance, seed=0,
+                        batch=self.args.eval_batch)
+        return shapes.caption_accuracy(images, self.prompts)["overall"]
 
 
 def load_pipe(folder: str | Path, device: torch.device) -> StableDiffusionPipeline:
@@ -413,6 +526,23 @@ def table(rows: list[dict], eval_steps: int, ref_steps: int) -> str:
     return "\n".join(lines)
 
 
+def curve_table(kd: list[dict], scratch: list[dict], prompts: int) -> str:
+    """The learning curves side by side (empty without --curve-every)."""
+    if not kd and not scratch:
+        return ""
+    by_step: dict[int, dict[str, float]] = {}
+    for name, points in (("kd", kd), ("scratch", scratch)):
+        for pt in points:
+            by_step.setdefault(pt["step"], {})[name] = pt["caption_accuracy"]
+    lines = [f"\n\nLearning curves: caption accuracy on the first {prompts} evaluation prompts, weights being "
+             "trained.\n",
+             "| optimizer step | distilled (KD) | from scratch |", "|---|---|---|"]
+    for step in sorted(by_step):
+        v = by_step[step]
+        lines.append(f"| {step} | {fmt(v.get('kd'))} | {fmt(v.get('scratch'))} |")
+    return "\n".join(lines)
+
+
 def ratio(a: float, b: float) -> float | None:
     return a / b if b > 0 else None  # a teacher that scores 0 (tiny CPU runs) gives no ratio
 
@@ -456,6 +586,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="EMA decay of the weights (0: none; at 400 steps an EMA of 0.995 scored 1.5-6.5 points below "
                          "the raw weights)")
     ap.add_argument("--also-raw", action="store_true", help="with --ema: also evaluate the students' raw weights")
+    ap.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                    help="CUDA: run every KD/scratch step eagerly (default: one CUDA graph per step after 3 eager "
+                         "ones, several times faster for these launch-bound U-Nets)")
+    ap.add_argument("--curve-every", type=int, default=0,
+                    help="learning curves: caption accuracy of both students every N steps and at the end (0: off)")
+    ap.add_argument("--curve-prompts", type=int, default=200, help="prompts per learning-curve point")
     ap.add_argument("--kd-minutes", type=float, default=3.0, help="time cap of the KD phase (0: none); the step "
                                                                    "count is planned to fit it")
     ap.add_argument("--scratch-minutes", type=float, default=2.5, help="time cap of the scratch phase (0: none)")
@@ -543,6 +679,11 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     data = prepare_data(teacher, args, device)
     timings["data"] = data["stats"]["seconds"]
 
+    curve_probe = None
+    if args.curve_every:
+        curve_prompts = shapes.prompts(args.curve_prompts, seed=EVAL_SEED)
+        curve_probe = CurveProbe(load_pipe(teacher_dir, device), curve_prompts, args)
+
     # 1. the distilled student: the teacher's weights, the KD loss
     weights = KDWeights(task=args.w_task, out=args.w_out, feat=args.w_feat, attn=0.0)
     student = build_student(teacher.unet, spec)
@@ -551,7 +692,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         f"{count_params(teacher.unet) / 1e6:.2f}M), {len(pairs)} feature pairs ({args.feature_level})")
     distilled, distilled_raw, kd_stats = train_unet(
         student, teacher, data, args, device, label="kd", weights=weights, pairs=pairs, lr=args.lr,
-        steps=args.kd_steps, warmup=args.warmup, budget_s=args.kd_minutes * 60, plan=True)
+        steps=args.kd_steps, warmup=args.warmup, budget_s=args.kd_minutes * 60, plan=True, curve_probe=curve_probe)
     timings["kd"] = kd_stats["seconds"]
 
     # 2. the scratch student: the same architecture at random, task loss only, the same steps/schedule/data
@@ -560,7 +701,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     scratch, scratch_raw, scratch_stats = train_unet(
         scratch, teacher, data, args, device, label="scratch", weights=KDWeights(task=1.0, out=0.0, feat=0.0),
         pairs=[], lr=args.scratch_lr, steps=kd_stats["planned_steps"], warmup=args.warmup,
-        budget_s=args.scratch_minutes * 60, plan=False, stop_at=kd_stats["steps"])
+        budget_s=args.scratch_minutes * 60, plan=False, stop_at=kd_stats["steps"], curve_probe=curve_probe)
     timings["scratch"] = scratch_stats["seconds"]
 
     common = {"teacher": TEACHER, "preset": args.preset, "spec": spec.to_dict(),
@@ -671,7 +812,8 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "timings_seconds": {**timings, "total": round(time.time() - t_start, 1)},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    md = table(rows, ev, args.reference_steps)
+    md = table(rows, ev, args.reference_steps) + curve_table(kd_stats["curve"], scratch_stats["curve"],
+                                                            args.curve_prompts)
     print("\n" + md + "\n", flush=True)
     log(f"distilled / teacher caption accuracy: {fmt(results['goal']['distilled_over_teacher'])} (goal >= 0.95: "
         f"{'met' if results['goal']['met'] else 'not met'}); scratch / teacher: "

@@ -240,6 +240,7 @@ def test_train_shapes_student_end_to_end(tmp_path, one_thread):
         "--teacher-steps", "4", "--final-steps", "2", "--steps-per-round", "2", "--eval-prompts", "4",
         "--eval-steps", "8", "--reference-steps", "10", "--step-counts", "1", "2", "--latency-repeats", "1",
         "--latency-warmup", "0", "--reference-images", "3", "--append-results", str(tmp_path / "RESULTS.md"),
+        "--curve-every", "2", "--curve-prompts", "4",
     ])
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
     assert results["data"]["images"] == 256 and results["data"]["distinct_captions"] > 100
@@ -248,6 +249,12 @@ def test_train_shapes_student_end_to_end(tmp_path, one_thread):
     assert results["kd"]["batch"] == results["scratch"]["batch"] == 8
     assert results["kd"]["final_loss"]["feat"] > 0 and results["scratch"]["final_loss"]["feat"] == 0
     assert [p["steps"] for p in results["steps"]["phases"]] == [4, 2]  # guided stage 1, then 4 -> 2
+    # learning curves: every 2 steps and at the end, for both students, the training weights scored
+    for name in ("kd", "scratch"):
+        curve = results[name]["curve"]
+        assert [pt["step"] for pt in curve] == [2, 3], (name, curve)
+        assert all(0.0 <= pt["caption_accuracy"] <= 1.0 for pt in curve), (name, curve)
+    assert results["kd"]["cuda_graph"] is False  # CPU: eager steps
 
     rows = {(r["name"], r["steps"]): r for r in results["rows"]}
     want = {("teacher", 8), ("teacher", 10), ("distilled", 8), ("scratch", 8), ("teacher_few_steps", 1),
@@ -307,4 +314,5 @@ def test_train_shapes_student_end_to_end(tmp_path, one_thread):
     # one row per model (teacher, distilled, scratch, step student), one column per prompt
     assert Image.open(out / "samples.png").size == (4 * 128, 4 * 128)
     section = (tmp_path / "RESULTS.md").read_text()
-    assert "### Shapes students" in section and section.count("\n| ") == len(want) + 1
+    assert "### Shapes students" in section and "Learning curves" in section
+    assert section.count("\n| ") == len(want) + 1 + 1 + 2  # the table, then the curves' header and 2 steps
