@@ -188,6 +188,58 @@ def models(args: argparse.Namespace) -> tuple:
     return teacher, student, spec, sched
 
 
+# dense (no sparsity) bf16 tensor-core peak, TFLOP/s, of the GPUs these benchmarks run on (vendor data sheets, SXM)
+BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+def model_flops(args: argparse.Namespace) -> dict:
+    """Model FLOPs of one KD sample (2 x MACs): the teacher's forward, the student's forward and backward (3x its
+    forward), counted on the meta device (no weights, no GPU) with the rows' shapes."""
+    from models.student import meta_unet, student_config
+    from pipelines.metrics import count_macs, unet_inputs
+
+    def forward_macs(cfg: dict) -> tuple[int, dict]:
+        meta = meta_unet(cfg)
+        full = {k: v for k, v in dict(meta.config).items() if not k.startswith("_")}
+        h = args.resolution // (4 if args.tiny else 8)
+        a, kw = unet_inputs(full, 1, h, h, device="meta")
+        return count_macs(lambda: meta(*a, **kw)), full
+
+    teacher, full = forward_macs(unet_config(args))
+    student_cfg = student_config(full, preset_spec(args.preset, full))
+    student, _ = forward_macs({k: v for k, v in dict(student_cfg).items() if not k.startswith("_")})
+    return {"teacher_gmacs": teacher / 1e9, "student_gmacs": student / 1e9,
+            "tflop_per_sample": 2 * (teacher + 3 * student) / 1e12}
+
+
+def bf16_peak(args: argparse.Namespace) -> tuple[str, float] | None:
+    """(GPU name, dense bf16 peak TFLOP/s) when the rows ran on a GPU of BF16_PEAK_TFLOPS."""
+    if args.tiny or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next(((k, v) for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+
+
+def flops_line(args: argparse.Namespace, rows: list[dict], ref_per_worker: float | None) -> str:
+    """What the rows are in model FLOPs, and in % of the GPU's bf16 peak when it is known."""
+    f = model_flops(args)
+    text = (f"Model FLOPs per KD sample: teacher forward {f['teacher_gmacs']:.1f} GMACs + {args.preset} forward and "
+            f"backward 3 x {f['student_gmacs']:.1f} GMACs = {f['tflop_per_sample']:.3g} TFLOP.")
+    peak = bf16_peak(args)
+    if peak is None:
+        return text
+    gpu, tflops = peak
+
+    def pct(per_worker: float) -> str:
+        achieved = per_worker * f["tflop_per_sample"]
+        return f"{achieved:.0f} TFLOP/s = {100 * achieved / tflops:.0f}%"
+
+    parts = [f"`{r['key']}` {pct(r['samples_per_s'] / r['workers'])}" for r in rows if r.get("samples_per_s")]
+    text += (f" Per worker, of the {gpu}'s {tflops:.0f} TFLOP/s dense bf16 peak: " + ", ".join(parts)
+             + (f"; the 2x goal is {pct(2 * ref_per_worker)}" if ref_per_worker else "") + ".")
+    return text
+
+
 def synthetic_batch(args: argparse.Namespace, teacher, n: int, device) -> tuple[torch.Tensor, dict]:
     """Scaled latents and conditioning, as a cache batch gives them."""
     f = 8 if not args.tiny else 4
@@ -525,6 +577,7 @@ def table(args: argparse.Namespace, rows: list[dict], total_s: float) -> str:
         x = best["samples_per_s"] / best["workers"] / base
         lines += ["", f"Best of ours: `{best['key']}` {x:.2f}x the reference per worker "
                       f"(goal >= 2x: {'met' if x >= 2 else 'not met'})."]
+    lines += ["", flops_line(args, rows, base)]
     return "\n".join(lines) + "\n"
 
 
