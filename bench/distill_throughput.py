@@ -196,18 +196,12 @@ def model_flops(args: argparse.Namespace) -> dict:
     """Model FLOPs of one KD sample (2 x MACs): the teacher's forward, the student's forward and backward (3x its
     forward), counted on the meta device (no weights, no GPU) with the rows' shapes."""
     from models.student import meta_unet, student_config
-    from pipelines.metrics import count_macs, unet_inputs
+    from pipelines.metrics import unet_macs
 
-    def forward_macs(cfg: dict) -> tuple[int, dict]:
-        meta = meta_unet(cfg)
-        full = {k: v for k, v in dict(meta.config).items() if not k.startswith("_")}
-        h = args.resolution // (4 if args.tiny else 8)
-        a, kw = unet_inputs(full, 1, h, h, device="meta")
-        return count_macs(lambda: meta(*a, **kw)), full
-
-    teacher, full = forward_macs(unet_config(args))
-    student_cfg = student_config(full, preset_spec(args.preset, full))
-    student, _ = forward_macs({k: v for k, v in dict(student_cfg).items() if not k.startswith("_")})
+    h = args.resolution // (4 if args.tiny else 8)
+    full = dict(meta_unet(unet_config(args)).config)
+    teacher = unet_macs(full, h, h)
+    student = unet_macs(student_config(full, preset_spec(args.preset, full)), h, h)
     return {"teacher_gmacs": teacher / 1e9, "student_gmacs": student / 1e9,
             "tflop_per_sample": 2 * (teacher + 3 * student) / 1e12}
 

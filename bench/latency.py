@@ -53,7 +53,7 @@ from bench.common import append_to_section, interrupt_once  # noqa: E402
 from models.student import count_params, meta_unet, preset_spec, student_config  # noqa: E402
 from models.tiny import SD1_UNET, VAE  # noqa: E402
 from models.tiny import SDXL_UNET as TINY_SDXL_UNET  # noqa: E402
-from pipelines.metrics import count_macs, unet_inputs  # noqa: E402
+from pipelines.metrics import unet_inputs, unet_macs  # noqa: E402
 from pipelines.student_cli import SD15_UNET, SD15_VAE, SDXL_UNET  # noqa: E402
 
 SECTION = "## Evaluation / latency"
@@ -325,11 +325,7 @@ def bench(args: argparse.Namespace, rows: list[dict], notes: list[str]) -> None:
         unets, info = {}, {}
         for name in names:
             config = unet_config(fam, None if name == fname else name)
-            meta = meta_unet(config)
-            m_args, m_kw = unet_inputs(config, 1, hw, hw, device="meta")
-            info[name] = dict(macs=count_macs(lambda meta=meta, a=m_args, k=m_kw: meta(*a, **k)),
-                              params=count_params(meta))
-            del meta
+            info[name] = dict(macs=unet_macs(config, hw, hw), params=count_params(meta_unet(config)))
             unets[name] = build_unet(config, device, dtype, args.channels_last, args.fuse_qkv)
             info[name]["bytes"] = sum(p.numel() * p.element_size() for p in unets[name].parameters())
         ctx = {"vae": vae, "scheduler": scheduler, "weight_bytes": {n: info[n]["bytes"] for n in names}}

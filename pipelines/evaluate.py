@@ -51,7 +51,7 @@ from PIL import Image
 
 from models.kd import Taps, feature_pairs
 from models.steps import guidance_embedding
-from models.student import RemovalSpec, count_params, meta_unet
+from models.student import RemovalSpec, count_params
 from models.teacher import (
     Teacher,
     detect_family,
@@ -409,9 +409,7 @@ def speed_and_size(teacher_pipe: Any, student_pipe: Any, prompt: str, seed: int,
     for who, (pipe, n_steps, scale) in runs.items():
         unet = pipe.unet
         out[f"params_{who}"] = count_params(unet)
-        meta = meta_unet(dict(unet.config))
-        m_args, m_kw = M.unet_inputs(unet.config, 1, h, w, device="meta")
-        out[f"macs_{who}"] = M.count_macs(lambda meta=meta, a=m_args, k=m_kw: meta(*a, **k))
+        out[f"macs_{who}"] = M.unet_macs(unet.config, h, w)
         batch = cfg_batch(pipe, scale)
         out[f"cfg_batch_{who}"] = batch
         args, kw = M.unet_inputs(unet.config, batch, h, w, device=device, dtype=unet.dtype)

@@ -122,6 +122,18 @@ def unet_inputs(config: Any, batch: int, height: int, width: int, device: str | 
     return (sample, t), kwargs
 
 
+def unet_macs(config: Any, height: int, width: int) -> int:
+    """MACs of one UNet2DConditionModel forward at batch 1 and latent size height x width (the inputs of
+    `unet_inputs`), counted on the meta device: no weights, no compute. `config` may leave out what the
+    model's defaults fill in."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        meta = UNet2DConditionModel.from_config({k: v for k, v in dict(config).items() if not k.startswith("_")})
+    args, kwargs = unet_inputs(meta.config, 1, height, width, device="meta")
+    return count_macs(lambda: meta(*args, **kwargs))
+
+
 def count_macs(fn: Callable[[], Any]) -> int:
     """Multiply-accumulates of one call of fn, from torch's FLOP counter (FLOPs / 2). Works on the meta
     device, so a full-size U-Net is counted without weights or compute."""

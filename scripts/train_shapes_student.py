@@ -51,7 +51,7 @@ from train_shapes_teacher import dataset, grid, log, lr_factor, sample  # noqa: 
 
 from models.kd import KDWeights, diffusion_batch, feature_pairs, kd_loss  # noqa: E402
 from models.steps import Schedule, StepDistiller, save_steps_student, student_scheduler  # noqa: E402
-from models.student import build_student, count_params, meta_unet, preset_spec, save_student, student_config  # noqa: E402
+from models.student import build_student, count_params, preset_spec, save_student, student_config  # noqa: E402
 from models.teacher import encode_prompts, load_teacher, resolve_model_dir  # noqa: E402
 from pipelines import metrics as M  # noqa: E402
 from pipelines import shapes  # noqa: E402
@@ -410,12 +410,7 @@ def load_pipe(folder: str | Path, device: torch.device) -> StableDiffusionPipeli
 
 def unet_macs(unet: UNet2DConditionModel) -> int:
     """MACs of one U-Net forward at batch 1 (64 px: 4x16x16 latents), counted on the meta device."""
-    cfg = dict(unet.config)
-    meta = meta_unet({k: v for k, v in cfg.items() if not k.startswith("_")})
-    a, kw = M.unet_inputs(cfg, 1, 16, 16, device="meta")
-    if cfg.get("time_cond_proj_dim"):
-        kw["timestep_cond"] = torch.randn(1, cfg["time_cond_proj_dim"], device="meta")
-    return M.count_macs(lambda: meta(*a, **kw))
+    return M.unet_macs(unet.config, 16, 16)
 
 
 def generate_row(name: str, label: str, pipe: StableDiffusionPipeline, steps: int, guidance: float,
