@@ -126,9 +126,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device: torch.device):
-    # no weight-cast cache: a CUDA graph captured under autocast must recast the weights on every replay
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)
+def _autocast(device: torch.device, cache: bool = True):
+    """bf16 autocast on CUDA. `cache=False` for a step captured as a CUDA graph: the weights must be recast on
+    every replay, not taken from a cache filled at capture."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=cache)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float, device: torch.device,
@@ -224,7 +225,7 @@ def train_unet(student: UNet2DConditionModel, teacher: Any, data: dict[str, Any]
     opt = make_optimizer(params, lr, 0.01, device, graph)
 
     def loss_fn(noisy: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, target: torch.Tensor) -> dict:
-        with _autocast(device):
+        with _autocast(device, cache=not graph):
             return kd_loss(student, teacher.unet, noisy, t, {"encoder_hidden_states": emb}, target, weights, pairs)
 
     train_step = TrainStep(loss_fn, params, opt, graph)
@@ -321,7 +322,7 @@ def step_distill(distilled: UNet2DConditionModel, teacher: Any, data: dict[str, 
                       uncond={"encoder_hidden_states": data["empty"]}, teacher_steps=args.teacher_steps,
                       rounds=max(rounds, 1), guidance_range=tuple(args.guidance_range), lcm_steps=args.final_steps)
     d.student.to(device)
-    opt = torch.optim.AdamW(d.params, lr=args.steps_lr, weight_decay=0.0, fused=device.type == "cuda")
+    opt = make_optimizer(d.params, args.steps_lr, 0.0, device, graph=False)
     gen = torch.Generator(device).manual_seed(args.seed + 2)
     per_phase = args.steps_minutes * 60 / len(d.phases) if args.steps_minutes else 0.0
     per = args.steps_per_round
@@ -338,8 +339,7 @@ def step_distill(distilled: UNet2DConditionModel, teacher: Any, data: dict[str, 
             if per_phase and time.time() - t0 > per_phase:
                 log(f"steps phase {i + 1}: time cap of {per_phase:.0f}s reached at step {n}/{per}")
                 break
-            for g in opt.param_groups:
-                g["lr"] = args.steps_lr * lr_factor(n, warmup, n / per)
+            set_lr(opt, args.steps_lr * lr_factor(n, warmup, n / per))
             lat, emb = draw(data, args.steps_batch, gen, 0.0)
             with _autocast(device):
                 loss = d.loss(lat, {"encoder_hidden_states": emb}, gen)["loss"]
