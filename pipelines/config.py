@@ -139,6 +139,9 @@ class DistillConfig(Section):
     # cuDNN times its algorithms for each convolution shape once and keeps the fastest (a fixed resolution and
     # micro-batch: a few seconds at the start; aspect-ratio buckets: once per bucket)
     cudnn_benchmark: bool = False
+    # the fused attention kernel tried first; the others stay as fallbacks for shapes it cannot take. "auto" keeps
+    # PyTorch's own order (torch 2.11 on an H200: cudnn, flash, efficient, math); bench/sdpa_backends.py times them
+    attention_backend: Literal["auto", "flash", "efficient", "cudnn"] = "auto"
     loss: LossConfig = Field(default_factory=LossConfig)
     val_every: int = Field(50, ge=1)
     val_batches: int = Field(2, ge=1)

@@ -418,6 +418,26 @@ def _encode_images(teacher: Any, batch: dict[str, np.ndarray], resolution: int,
     return out
 
 
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
+_SDPA_DEFAULT_ORDER: list[int] = []
+
+
+def prefer_attention_backend(name: str) -> None:
+    """distill.attention_backend for this process: that fused SDPA kernel goes to the front of PyTorch's priority
+    list, the others after it in their own order ("auto": PyTorch's order). The U-Nets' attention calls
+    F.scaled_dot_product_attention, so eager forwards and compiled graphs (which take the choice when they are
+    traced) both follow it."""
+    from torch.nn.attention import SDPBackend
+
+    if not _SDPA_DEFAULT_ORDER:
+        _SDPA_DEFAULT_ORDER.extend(torch._C._get_sdp_priority_order())
+    order = list(_SDPA_DEFAULT_ORDER)
+    if name != "auto":
+        first = int(getattr(SDPBackend, SDPA_BACKENDS[name]))
+        order = [first] + [code for code in order if code != first]
+    torch._C._set_sdp_priority_order(order)
+
+
 def worker_setup(dc: DistillConfig) -> tuple[int, int, torch.device]:
     """A Train worker's rank, world size and device, with its accelerator settings and seed."""
     import ray.train
@@ -432,6 +452,7 @@ def worker_setup(dc: DistillConfig) -> tuple[int, int, torch.device]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = dc.cudnn_benchmark
+    prefer_attention_backend(dc.attention_backend)
     torch.manual_seed(dc.seed + rank)
     return rank, world, device
 

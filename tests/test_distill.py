@@ -29,6 +29,29 @@ SHAPES = ("circle", "square")
 # --- pure helpers ---------------------------------------------------------------------------------
 
 
+def test_attention_backend_goes_first_and_auto_restores():
+    """distill.attention_backend reorders PyTorch's SDPA priority list for the process; the others stay behind it
+    as fallbacks, and "auto" puts PyTorch's own order back. A bad name is refused with the field's name."""
+    from torch.nn.attention import SDPBackend
+
+    from pipelines.distill import prefer_attention_backend
+
+    own = torch._C._get_sdp_priority_order()
+    try:
+        prefer_attention_backend("cudnn")
+        order = torch._C._get_sdp_priority_order()
+        assert order[0] == int(SDPBackend.CUDNN_ATTENTION) and sorted(order) == sorted(own)
+        assert [c for c in order if c != order[0]] == [c for c in own if c != order[0]]
+        prefer_attention_backend("efficient")
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.EFFICIENT_ATTENTION)
+        prefer_attention_backend("auto")
+        assert torch._C._get_sdp_priority_order() == own
+    finally:
+        torch._C._set_sdp_priority_order(own)
+    with pytest.raises(ConfigError, match="attention_backend"):
+        parse_config({"distill": {"attention_backend": "fa3"}})
+
+
 def test_lr_schedule_warmup_and_decay():
     from pipelines.distill import lr_at
 
