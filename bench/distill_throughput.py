@@ -30,7 +30,17 @@ modifiers:
   +bf16t   teacher weights in bf16, no autocast cast for it (ref)
   +encode  VAE encoder + text encoder in the loop, as without the embedding cache (ref, sd15 only)
   +cudnnb  torch.backends.cudnn.benchmark (ours/ddp: distill.cudnn_benchmark; ref: set for the row)
-Both sides use diffusers' default attention (PyTorch SDPA: flash attention on H100 in bf16).
+  +sdpa-cudnn, +sdpa-flash, +sdpa-efficient  that fused attention kernel first in PyTorch's SDPA priority list
+           (ours/ddp: distill.attention_backend; ref: set for the row). Without one, both sides use diffusers'
+           default attention: PyTorch SDPA in its own order (cuDNN attention first on the H200 in torch 2.11).
+  +nhwcbwd torch._inductor.config.force_layout_optimization for the row: Inductor turns its channels_last layout
+           optimization off for graphs without an aten.convolution node, which are the compiled backward graphs
+           (pytorch/pytorch#189239), so their gradients come out NCHW and every convolution_backward copies them
+           back to channels_last
+
+--profile: after a row's timed steps, 3 more run under torch.profiler; the GPU kernel time per step, split by
+kind (convolution, matmul, attention, Triton-fused pointwise/norm, optimizer, copies, other), is printed and
+tabled under the main table, with the share of the step's wall time the GPU was busy.
 
 Time: --budget bounds the whole run: a row whose estimated time (the longest earlier row of its kind, else a
 default) would end past it is skipped with a printed note; so are all rows after one that took longer than
@@ -57,12 +67,14 @@ from pathlib import Path
 T0 = time.time()  # --budget counts from here: torch's and diffusers' imports included
 
 import torch  # noqa: E402
+from torch._inductor import config as inductor_config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import append_to_section  # noqa: E402
 from models.kd import CUDAGRAPH_MODES, KDTaps, KDWeights, diffusion_batch, feature_pairs, kd_loss  # noqa: E402
 from models.student import build_student, preset_spec  # noqa: E402
+from pipelines.distill import prefer_attention_backend  # noqa: E402
 from pipelines.student_cli import SD15_TEXT, SD15_UNET, SD15_VAE, SDXL_UNET  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -72,14 +84,17 @@ cache gives them, random weights) of our Ray Train + DeepSpeed ZeRO-2 path again
 Goal: >= 2x the plain eager loop per GPU. Tables below; a --tiny table is a CPU smoke run, not a performance claim.
 """
 DEFAULT_LEVERS = "ref,ours,ours+compile,ours+compile+big"
-BASES = {"ref": {"compile", "big", "cl", "fused", "bf16t", "encode", "cudnnb"},
-         "ours": {"compile", "big", "nocl", "z0", "z1", "z2", "z3", "cudnnb"},
-         "ddp": {"compile", "big", "nocl", "cudnnb"}}
+SDPA = {"sdpa-flash", "sdpa-efficient", "sdpa-cudnn"}
+BASES = {"ref": {"compile", "big", "cl", "fused", "bf16t", "encode", "cudnnb", "nhwcbwd"} | SDPA,
+         "ours": {"compile", "big", "nocl", "z0", "z1", "z2", "z3", "cudnnb", "nhwcbwd"} | SDPA,
+         "ddp": {"compile", "big", "nocl", "cudnnb", "nhwcbwd"} | SDPA}
 WHAT = {"ref": "eager, fp32 weights + {amp}, {adam} AdamW",
         "ours": "Ray Train + DeepSpeed ZeRO-{z}, {half} weights, teacher {half} no-grad, fused AdamW{cl}",
         "ddp": "Ray Train, no DeepSpeed: {amp}, teacher {half} no-grad, fused AdamW{cl}"}
 MOD_WHAT = {"compile": "torch.compile", "cl": "channels_last", "bf16t": "teacher bf16",
-            "encode": "VAE + text encoder in the loop", "cudnnb": "cudnn.benchmark"}
+            "encode": "VAE + text encoder in the loop", "cudnnb": "cudnn.benchmark",
+            "nhwcbwd": "Inductor layout optimization forced (channels_last backward graphs)",
+            **{m: f"{m[5:]} attention first" for m in SDPA}}
 # seconds a row is expected to take before one of its kind was measured (GPU, SD 1.5 at 512 px)
 DEFAULT_ROW_S = {"compile": 200.0, "eager": 45.0}
 
@@ -206,6 +221,37 @@ def model_flops(args: argparse.Namespace) -> dict:
             "tflop_per_sample": 2 * (teacher + 3 * student) / 1e12}
 
 
+# aten ops of the meta-device FLOP count -> the kernel kinds of --profile (the meta device runs SDPA as two bmm,
+# and these U-Nets have no other bmm)
+OP_KINDS = {"convolution": "convolution", "convolution_backward": "convolution", "mm": "matmul", "addmm": "matmul",
+            "bmm": "attention"}
+
+
+def op_tflops(args: argparse.Namespace) -> dict[str, float]:
+    """Model TFLOP of one KD sample by kernel kind (convolution, matmul, attention): the teacher's forward and the
+    student's forward and backward (as autograd runs it: no gradient for the input, so the total is a little
+    below model_flops' 3x forward), counted on the meta device (no weights) by torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models.student import meta_unet, student_config
+    from pipelines.metrics import unet_inputs
+
+    h = args.resolution // (4 if args.tiny else 8)
+    full = dict(meta_unet(unet_config(args)).config)
+    kinds: dict[str, float] = {}
+    for config, train in ((full, False), (student_config(full, preset_spec(args.preset, full)), True)):
+        unet = meta_unet(config)
+        inputs, kwargs = unet_inputs(unet.config, 1, h, h, device="meta")
+        with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(train):
+            out = unet(*inputs, **kwargs).sample
+            if train:
+                out.sum().backward()
+        for op, flops in counter.get_flop_counts()["Global"].items():
+            kind = OP_KINDS.get(str(op).split(".")[-1], "other")
+            kinds[kind] = kinds.get(kind, 0.0) + flops / 1e12
+    return kinds
+
+
 def bf16_peak(args: argparse.Namespace) -> tuple[str, float] | None:
     """(GPU name, dense bf16 peak TFLOP/s) when the rows ran on a GPU of BF16_PEAK_TFLOPS."""
     if args.tiny or not torch.cuda.is_available():
@@ -292,6 +338,67 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def sdpa_backend(row: dict) -> str:
+    """The row's distill.attention_backend ("auto" without a +sdpa-... modifier)."""
+    return next((m[5:] for m in row["mods"] if m in SDPA), "auto")
+
+
+# GPU kernels by kind, matched in this order on the lower-cased kernel name (cuDNN's attention kernels have "sdpa"
+# or "flash" in theirs, so attention comes before convolution)
+KERNEL_KINDS = (("attention", ("flash", "fmha", "sdpa", "attention")),
+                ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit", "cudnn")),
+                ("matmul", ("gemm", "nvjet", "cublas", "cutlass", "matmul")),
+                ("optimizer", ("adam", "multi_tensor")),
+                ("triton", ("triton",)),
+                ("copy", ("copy", "memcpy", "memset", "transpose", "nchwtonhwc", "nhwctonchw")))
+PROFILE_STEPS = 3
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def kernel_profile(step_fn, device, steps: int = PROFILE_STEPS) -> dict:
+    """GPU kernel milliseconds per step by kind (KERNEL_KINDS), the heaviest kernels, and the CPU-side ops (with
+    their callers and input shapes) that launched the copy and other kernels, from torch.profiler over `steps`
+    steps (its own overhead makes those steps slower: compare kernel time with the timed steps' wall time)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(steps):
+            step_fn()
+        torch.cuda.synchronize(device)
+
+    def add(box: dict, key: str, us: float) -> None:
+        box[key] = box.get(key, 0.0) + us / 1000 / steps
+
+    kinds: dict[str, float] = {}
+    names: dict[str, float] = {}
+    sources: dict[str, float] = {}
+    for ev in prof.events():
+        if ev.device_type == DeviceType.CUDA and not getattr(ev, "is_user_annotation", False):  # kernels only
+            us = ev.time_range.elapsed_us()
+            add(kinds, kernel_kind(ev.name), us)
+            add(names, ev.name[:120], us)
+        elif ev.kernels:
+            chain, up = [ev.name], ev.cpu_parent
+            while up is not None and len(chain) < 4:
+                chain.append(up.name)
+                up = up.cpu_parent
+            key = " < ".join(chain) + " " + str(ev.input_shapes)[:160]
+            for k in ev.kernels:
+                if kernel_kind(k.name) in ("copy", "other"):
+                    add(sources, key, k.duration)
+
+    def top(box: dict, n: int) -> list:
+        return [[k, round(v, 3)] for k, v in sorted(box.items(), key=lambda kv: -kv[1])[:n]]
+
+    return {"gpu_ms": sum(kinds.values()), "kinds": kinds, "top": top(names, 15), "copy_sources": top(sources, 15)}
+
+
 def run_row(row: dict, args: argparse.Namespace, setup, device, workers: int = 1) -> dict:
     """One measured row: setup() returns its step function; errors and OOM become the row's note."""
     batch = row_batch(row, args)
@@ -300,9 +407,17 @@ def run_row(row: dict, args: argparse.Namespace, setup, device, workers: int = 1
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        warm_s, secs = timed(setup(), args.warmup, args.steps, device)
+        step = setup()
+        warm_s, secs = timed(step, args.warmup, args.steps, device)
         out.update(samples_per_s=workers * batch * args.steps / secs, warmup_s=warm_s,
                    mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+        if args.profile and device.type == "cuda":
+            try:
+                out["profile"] = kernel_profile(step, device)
+                print(f"[bench] {row['key']} profile: " + json.dumps(out["profile"], indent=1), flush=True)
+            except Exception as e:  # the row's throughput stands without its profile
+                traceback.print_exc()
+                out["note"] = f"profile failed: {type(e).__name__}"
     except torch.OutOfMemoryError:
         out["note"] = f"out of memory at batch {batch}"
     except Exception as e:  # one row's failure is its result; the other rows still run
@@ -338,6 +453,8 @@ def reference_rows(args: argparse.Namespace, rows: list[dict], done: list[dict],
 
         def setup(row=row, mods=mods, state=state, enc=enc):
             torch.backends.cudnn.benchmark = "cudnnb" in mods
+            prefer_attention_backend(sdpa_backend(row))
+            inductor_config.force_layout_optimization = "nhwcbwd" in mods
             teacher = copy.deepcopy(teacher_cpu).to(device)
             if "bf16t" in mods and use_amp:
                 teacher.to(torch.bfloat16)
@@ -378,6 +495,7 @@ def reference_rows(args: argparse.Namespace, rows: list[dict], done: list[dict],
             return step
 
         result = run_row(row, args, setup, device)
+        prefer_attention_backend("auto")
         if state.get("model") and state["model"][3] is not None:
             state["model"][3].detach()
         state.clear()
@@ -437,15 +555,18 @@ def ours_worker(config: dict) -> None:
                 "zero_stage": zero_stage(row, args), "deepspeed": row["base"] == "ours",
                 "precision": "fp32" if args.tiny else "bf16", "batch_size": n, "channels_last": "nocl" not in mods,
                 "compile": "compile" in mods, "compile_mode": args.compile_mode if "compile" in mods else "default",
-                "cudnn_benchmark": "cudnnb" in mods, "use_gpu": use_gpu, "max_steps": args.warmup + args.steps,
+                "cudnn_benchmark": "cudnnb" in mods, "attention_backend": sdpa_backend(row),
+                "use_gpu": use_gpu, "max_steps": args.warmup + args.steps,
                 "lr": 1e-5}}).distill
             state = {}
 
-            def setup(dc=dc, n=n, state=state):
+            def setup(dc=dc, n=n, state=state, mods=mods):
                 # as pipelines/distill.py's worker: teacher weights and inputs NHWC; the student's weights too
                 # without DeepSpeed (whose ZeRO flattening needs contiguous parameters)
                 fmt = torch.channels_last if dc.channels_last else torch.contiguous_format
                 torch.backends.cudnn.benchmark = dc.cudnn_benchmark  # as worker_setup
+                prefer_attention_backend(dc.attention_backend)
+                inductor_config.force_layout_optimization = "nhwcbwd" in mods
                 teacher.to(memory_format=fmt)
                 student = copy.deepcopy(student_cpu).train()
                 if dc.channels_last and not dc.deepspeed:
@@ -572,6 +693,32 @@ def table(args: argparse.Namespace, rows: list[dict], total_s: float) -> str:
         lines += ["", f"Best of ours: `{best['key']}` {x:.2f}x the reference per worker "
                       f"(goal >= 2x: {'met' if x >= 2 else 'not met'})."]
     lines += ["", flops_line(args, rows, base)]
+    profiled = [r for r in rows if r.get("profile")]
+    if profiled:
+        kinds = [k for k, _ in KERNEL_KINDS] + ["other"]
+        lines += ["", f"GPU kernel time per step by kind (torch.profiler over {PROFILE_STEPS} steps after the timed "
+                      "ones), ms and % of the timed steps' wall time per step:", "",
+                  "| row | step ms (timed) | GPU kernels | " + " | ".join(kinds) + " |",
+                  "| --- | --- | --- | " + " | ".join("---" for _ in kinds) + " |"]
+        for r in profiled:
+            pr, step_ms = r["profile"], 1000 * r["batch"] * r["workers"] / r["samples_per_s"]
+            cells = [f"{pr['kinds'].get(k, 0.0):.1f} ({100 * pr['kinds'].get(k, 0.0) / step_ms:.0f}%)" for k in kinds]
+            lines.append(f"| `{r['key']}` | {step_ms:.1f} | {pr['gpu_ms']:.1f} ({100 * pr['gpu_ms'] / step_ms:.0f}%) | "
+                         + " | ".join(cells) + " |")
+        per_kind = op_tflops(args)
+        peak = bf16_peak(args)
+        lines += ["", "Model FLOPs per sample by kind: " + ", ".join(
+            f"{k} {v:.3g} TFLOP" for k, v in per_kind.items() if k != "other") + ". What each kind's kernels reach "
+            "(TFLOP/s" + (f", % of the {peak[0]}'s dense bf16 peak" if peak else "") + "):"]
+        for r in profiled:
+            n = r["batch"]  # per worker and step
+            parts = []
+            for kind in ("convolution", "matmul", "attention"):
+                ms = r["profile"]["kinds"].get(kind)
+                if ms and per_kind.get(kind):
+                    rate = per_kind[kind] * n / (ms / 1000)
+                    parts.append(f"{kind} {rate:.0f}" + (f" ({100 * rate / peak[1]:.0f}%)" if peak else ""))
+            lines.append(f"- `{r['key']}`: " + ", ".join(parts))
     return "\n".join(lines) + "\n"
 
 
@@ -607,6 +754,8 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="CPU smoke check on tiny-sd1 at 64 px")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     p.add_argument("--no-append", action="store_true", help="do not append to bench/RESULTS.md")
+    p.add_argument("--profile", action="store_true",
+                   help=f"GPU kernel time by kind over {PROFILE_STEPS} more steps of each row (GPU only)")
     args = p.parse_args()
     t0 = T0
     deadline = t0 + args.budget
