@@ -40,7 +40,8 @@ modifiers:
 
 --profile: after a row's timed steps, 3 more run under torch.profiler; the GPU kernel time per step, split by
 kind (convolution, matmul, attention, Triton-fused pointwise/norm, optimizer, copies, other), is printed and
-tabled under the main table, with the share of the step's wall time the GPU was busy.
+tabled under the main table as ms and % of the timed step, with the TFLOP/s the convolution, matmul and attention
+kernels reach against their model FLOPs (meta-device count) and the CPU-side ops behind the copies.
 
 Time: --budget bounds the whole run: a row whose estimated time (the longest earlier row of its kind, else a
 default) would end past it is skipped with a printed note; so are all rows after one that took longer than

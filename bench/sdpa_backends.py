@@ -4,7 +4,7 @@ The U-Nets' attention calls are recorded from one meta-device forward of the tea
 weights), then each distinct (batch, heads, query length, key length, head dim) is timed on the GPU with every
 backend PyTorch can run it with: forward only (what the frozen teacher does) and forward + backward (what the
 student does). The last table adds up one KD step's attention per backend (teacher forwards + student forwards and
-backwards), against PyTorch's default choice, which tries flash first (its default priority list puts cuDNN last).
+backwards), against PyTorch's default order (printed with it; torch 2.11 on an H200 tries cuDNN first).
 `distill.attention_backend` (bench lever `+sdpa-<name>`) moves a backend to the front of that list.
 
     python bench/sdpa_backends.py                    # SD 1.5 -> bk-small, 512 px, batch 32 (GPU)
@@ -60,6 +60,8 @@ def time_call(backend: str, shape: tuple, batch: int, backward: bool, device, dt
     backend cannot run the shape."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from pipelines.distill import SDPA_BACKENDS
+
     heads, lq, lk, d = shape
 
     def leaf(n: int) -> torch.Tensor:  # (B, heads, n, d) as a view of (B, n, heads, d), as diffusers' processor
@@ -72,8 +74,6 @@ def time_call(backend: str, shape: tuple, batch: int, backward: bool, device, dt
         out = F.scaled_dot_product_attention(q, k, v)
         if backward:
             out.backward(grad)
-
-    from pipelines.distill import SDPA_BACKENDS
 
     with sdpa_kernel(getattr(SDPBackend, {**SDPA_BACKENDS, "math": "MATH"}[backend])):
         try:
