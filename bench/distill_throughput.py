@@ -344,6 +344,15 @@ def sdpa_backend(row: dict) -> str:
     return next((m[5:] for m in row["mods"] if m in SDPA), "auto")
 
 
+def apply_row_settings(row: dict) -> None:
+    """The process-wide settings a row's modifiers choose, set before it builds (and compiles) its models: cuDNN
+    autotuning and the attention kernel first (for ours/ddp rows, what pipelines/distill.py's worker_setup sets
+    from distill.cudnn_benchmark and distill.attention_backend), and Inductor's forced layout optimization."""
+    torch.backends.cudnn.benchmark = "cudnnb" in row["mods"]
+    prefer_attention_backend(sdpa_backend(row))
+    inductor_config.force_layout_optimization = "nhwcbwd" in row["mods"]
+
+
 # GPU kernels by kind, matched in this order on the lower-cased kernel name (cuDNN's attention kernels have "sdpa"
 # or "flash" in theirs, so attention comes before convolution)
 KERNEL_KINDS = (("attention", ("flash", "fmha", "sdpa", "attention")),
@@ -453,9 +462,7 @@ def reference_rows(args: argparse.Namespace, rows: list[dict], done: list[dict],
         state = {}
 
         def setup(row=row, mods=mods, state=state, enc=enc):
-            torch.backends.cudnn.benchmark = "cudnnb" in mods
-            prefer_attention_backend(sdpa_backend(row))
-            inductor_config.force_layout_optimization = "nhwcbwd" in mods
+            apply_row_settings(row)
             teacher = copy.deepcopy(teacher_cpu).to(device)
             if "bf16t" in mods and use_amp:
                 teacher.to(torch.bfloat16)
@@ -496,7 +503,6 @@ def reference_rows(args: argparse.Namespace, rows: list[dict], done: list[dict],
             return step
 
         result = run_row(row, args, setup, device)
-        prefer_attention_backend("auto")
         if state.get("model") and state["model"][3] is not None:
             state["model"][3].detach()
         state.clear()
@@ -561,13 +567,11 @@ def ours_worker(config: dict) -> None:
                 "lr": 1e-5}}).distill
             state = {}
 
-            def setup(dc=dc, n=n, state=state, mods=mods):
+            def setup(dc=dc, n=n, state=state, row=row):
                 # as pipelines/distill.py's worker: teacher weights and inputs NHWC; the student's weights too
                 # without DeepSpeed (whose ZeRO flattening needs contiguous parameters)
                 fmt = torch.channels_last if dc.channels_last else torch.contiguous_format
-                torch.backends.cudnn.benchmark = dc.cudnn_benchmark  # as worker_setup
-                prefer_attention_backend(dc.attention_backend)
-                inductor_config.force_layout_optimization = "nhwcbwd" in mods
+                apply_row_settings(row)
                 teacher.to(memory_format=fmt)
                 student = copy.deepcopy(student_cpu).train()
                 if dc.channels_last and not dc.deepspeed:

@@ -74,3 +74,21 @@ def test_attention_calls_from_a_meta_forward():
     assert t_calls[(heads, 256, 77, first)] == t_calls[(heads, 256, 256, first)]
     assert sum(t_calls.values()) > sum(s_calls.values())  # bk-small drops attention blocks and the mid block
     assert sb.time_call("math", (heads, 64, 77, first), 2, True, torch.device("cpu"), torch.float32, 1) > 0
+
+
+def test_row_settings_follow_the_modifiers():
+    from torch._inductor import config as inductor_config
+    from torch.nn.attention import SDPBackend
+
+    own = torch._C._get_sdp_priority_order()
+    try:
+        dt.apply_row_settings(dt.parse_levers("ddp+compile+cudnnb+sdpa-efficient+nhwcbwd")[0])
+        assert torch.backends.cudnn.benchmark and inductor_config.force_layout_optimization
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.EFFICIENT_ATTENTION)
+        dt.apply_row_settings(dt.parse_levers("ddp+compile")[0])  # the next row starts from PyTorch's defaults
+        assert not torch.backends.cudnn.benchmark and not inductor_config.force_layout_optimization
+        assert torch._C._get_sdp_priority_order() == own
+    finally:
+        torch._C._set_sdp_priority_order(own)
+        torch.backends.cudnn.benchmark = False
+        inductor_config.force_layout_optimization = False
