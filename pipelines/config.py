@@ -142,6 +142,10 @@ class DistillConfig(Section):
     # the fused attention kernel tried first; the others stay as fallbacks for shapes it cannot take. "auto" keeps
     # PyTorch's own order (torch 2.11 on an H200: cudnn, flash, efficient, math); bench/sdpa_backends.py times them
     attention_backend: Literal["auto", "flash", "efficient", "cudnn"] = "auto"
+    # float8 matmuls (models/fp8.py) for the transformer blocks' linear layers of the student ("student") or of
+    # both U-Nets ("both"); needs FP8 tensor cores (compute capability 8.9+). Changes the training numerics (e4m3
+    # activations and weights, e5m2 gradients, scaled per tensor); convolutions stay bf16
+    fp8_linear: Literal["off", "student", "both"] = "off"
     loss: LossConfig = Field(default_factory=LossConfig)
     val_every: int = Field(50, ge=1)
     val_batches: int = Field(2, ge=1)

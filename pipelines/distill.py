@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.fp8 import fp8_unsupported, use_fp8_linear
 from models.kd import CUDAGRAPH_MODES, KDTaps, KDWeights, attention_pairs, diffusion_batch, feature_pairs, kd_loss
 from models.student import RemovalSpec, count_params, resolve_spec, student_config
 from models.teacher import encode_prompts, load_teacher, resolve_model_dir, unet_conditioning
@@ -145,6 +146,18 @@ def kd_teacher(unet: torch.nn.Module, dc: DistillConfig) -> torch.nn.Module:
 def eager_if_compiled(dc: DistillConfig) -> Any:
     """Validation and sampling run eagerly: other shapes and no-grad would each compile the forwards again."""
     return torch.compiler.set_stance("force_eager") if dc.compile else nullcontext()
+
+
+def fp8_linears(dc: DistillConfig, student: torch.nn.Module, teacher_unet: torch.nn.Module,
+                device: torch.device) -> int:
+    """distill.fp8_linear: the transformer blocks' linear layers switched to float8 matmuls (models/fp8.py), the
+    student's (and the teacher's with "both"), before the engine wraps the student; the number switched."""
+    if dc.fp8_linear == "off":
+        return 0
+    why = fp8_unsupported(device)
+    if why:
+        raise ValueError(f"distill.fp8_linear={dc.fp8_linear!r}: {why}; set distill.fp8_linear to 'off'")
+    return use_fp8_linear(student) + (use_fp8_linear(teacher_unet) if dc.fp8_linear == "both" else 0)
 
 
 def job_name(cfg: Config) -> str:
@@ -495,6 +508,9 @@ def train_loop_per_worker(config: dict) -> None:
         teacher.unet.to(memory_format=torch.channels_last)
         if not dc.deepspeed:
             student.to(memory_format=torch.channels_last)
+    n_fp8 = fp8_linears(dc, student, teacher.unet, device)
+    if rank == 0 and n_fp8:
+        print(f"[distill] fp8_linear={dc.fp8_linear}: {n_fp8} linear layers multiply in float8", flush=True)
     student.train()
     eng = StudentEngine(student, dc, world, device)
     ema = EMA(eng.module, dc.ema_decay) if dc.ema_decay else None
