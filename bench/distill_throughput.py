@@ -37,6 +37,9 @@ modifiers:
            optimization off for graphs without an aten.convolution node, which are the compiled backward graphs
            (pytorch/pytorch#189239), so their gradients come out NCHW and every convolution_backward copies them
            back to channels_last
+  +fp8     distill.fp8_linear both (ours, ddp): the transformer blocks' linear layers of student and teacher
+           multiply in float8 (models/fp8.py; needs compute capability 8.9+)
+  +fp8s    distill.fp8_linear student: the same for the student only (ours, ddp)
 
 --profile: after a row's timed steps, 3 more run under torch.profiler; the GPU kernel time per step, split by
 kind (convolution, matmul, attention, Triton-fused pointwise/norm, optimizer, copies, other), is printed and
@@ -73,9 +76,10 @@ from torch._inductor import config as inductor_config  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import append_to_section  # noqa: E402
+from models.fp8 import use_fp8_linear  # noqa: E402
 from models.kd import CUDAGRAPH_MODES, KDTaps, KDWeights, diffusion_batch, feature_pairs, kd_loss  # noqa: E402
 from models.student import build_student, preset_spec  # noqa: E402
-from pipelines.distill import prefer_attention_backend  # noqa: E402
+from pipelines.distill import fp8_linears, prefer_attention_backend  # noqa: E402
 from pipelines.student_cli import SD15_TEXT, SD15_UNET, SD15_VAE, SDXL_UNET  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -87,17 +91,19 @@ Goal: >= 2x the plain eager loop per GPU. Tables below; a --tiny table is a CPU 
 DEFAULT_LEVERS = "ref,ours,ours+compile,ours+compile+big"
 SDPA = {"sdpa-flash", "sdpa-efficient", "sdpa-cudnn"}
 BASES = {"ref": {"compile", "big", "cl", "fused", "bf16t", "encode", "cudnnb", "nhwcbwd"} | SDPA,
-         "ours": {"compile", "big", "nocl", "z0", "z1", "z2", "z3", "cudnnb", "nhwcbwd"} | SDPA,
-         "ddp": {"compile", "big", "nocl", "cudnnb", "nhwcbwd"} | SDPA}
+         "ours": {"compile", "big", "nocl", "z0", "z1", "z2", "z3", "cudnnb", "nhwcbwd", "fp8", "fp8s"} | SDPA,
+         "ddp": {"compile", "big", "nocl", "cudnnb", "nhwcbwd", "fp8", "fp8s"} | SDPA}
 WHAT = {"ref": "eager, fp32 weights + {amp}, {adam} AdamW",
         "ours": "Ray Train + DeepSpeed ZeRO-{z}, {half} weights, teacher {half} no-grad, fused AdamW{cl}",
         "ddp": "Ray Train, no DeepSpeed: {amp}, teacher {half} no-grad, fused AdamW{cl}"}
 MOD_WHAT = {"compile": "torch.compile", "cl": "channels_last", "bf16t": "teacher bf16",
             "encode": "VAE + text encoder in the loop", "cudnnb": "cudnn.benchmark",
             "nhwcbwd": "Inductor layout optimization forced (channels_last backward graphs)",
+            "fp8": "FP8 transformer linears (student and teacher)", "fp8s": "FP8 transformer linears (student)",
             **{m: f"{m[5:]} attention first" for m in SDPA}}
-# seconds a row is expected to take before one of its kind was measured (GPU, SD 1.5 at 512 px)
-DEFAULT_ROW_S = {"compile": 200.0, "eager": 45.0}
+# seconds a row is expected to take before one of its kind was measured (H200: SD 1.5 at 512 px, batch 32; SDXL at
+# 1024 px, batch 8, whose compilation took 336-393 s)
+DEFAULT_ROW_S = {"sd15": {"compile": 200.0, "eager": 45.0}, "sdxl": {"compile": 420.0, "eager": 60.0}}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -151,7 +157,7 @@ def estimate(row: dict, done: list[dict], args: argparse.Namespace) -> float:
     """Seconds the row will likely take: the longest measured row of its kind (compiled or not), else a default."""
     kind = "compile" if "compile" in row["mods"] else "eager"
     seen = [r["wall_s"] for r in done if r.get("wall_s") and ("compile" in r["mods"]) == (kind == "compile")]
-    base = max(seen) if seen else DEFAULT_ROW_S[kind] * (0.5 if args.tiny else 1.0)
+    base = max(seen) if seen else DEFAULT_ROW_S[args.teacher][kind] * (0.5 if args.tiny else 1.0)
     return base * (1.1 if "big" in row["mods"] else 1.0)
 
 
@@ -342,6 +348,11 @@ def free_memory() -> None:
 def sdpa_backend(row: dict) -> str:
     """The row's distill.attention_backend ("auto" without a +sdpa-... modifier)."""
     return next((m[5:] for m in row["mods"] if m in SDPA), "auto")
+
+
+def fp8_mode(row: dict) -> str:
+    """The row's distill.fp8_linear."""
+    return "both" if "fp8" in row["mods"] else "student" if "fp8s" in row["mods"] else "off"
 
 
 def apply_row_settings(row: dict) -> None:
@@ -563,6 +574,7 @@ def ours_worker(config: dict) -> None:
                 "precision": "fp32" if args.tiny else "bf16", "batch_size": n, "channels_last": "nocl" not in mods,
                 "compile": "compile" in mods, "compile_mode": args.compile_mode if "compile" in mods else "default",
                 "cudnn_benchmark": "cudnnb" in mods, "attention_backend": sdpa_backend(row),
+                "fp8_linear": fp8_mode(row),
                 "use_gpu": use_gpu, "max_steps": args.warmup + args.steps,
                 "lr": 1e-5}}).distill
             state = {}
@@ -576,6 +588,8 @@ def ours_worker(config: dict) -> None:
                 student = copy.deepcopy(student_cpu).train()
                 if dc.channels_last and not dc.deepspeed:
                     student.to(memory_format=torch.channels_last)
+                use_fp8_linear(teacher, enabled=False)  # the shared teacher as an earlier +fp8 row left it
+                fp8_linears(dc, student, teacher, device)
                 eng = StudentEngine(student, dc, world, device)
                 taps = KDTaps(eng.module, teacher, KDWeights(), pairs, cudagraphs=uses_cudagraphs(dc)).attach()
                 t_unet = kd_teacher(teacher, dc)

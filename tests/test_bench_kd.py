@@ -92,3 +92,27 @@ def test_row_settings_follow_the_modifiers():
         torch._C._set_sdp_priority_order(own)
         torch.backends.cudnn.benchmark = False
         inductor_config.force_layout_optimization = False
+
+
+def test_fp8_levers_and_linear_calls_from_a_meta_forward():
+    from bench import fp8_linear as fl
+    from models.fp8 import fp8_linear_names
+    from models.student import meta_unet
+    from models.tiny import SD1_UNET
+
+    assert [dt.fp8_mode(r) for r in dt.parse_levers("ddp+compile+fp8,ours+fp8s,ddp")] == ["both", "student", "off"]
+    with pytest.raises(SystemExit, match="fp8 not a modifier of ref"):
+        dt.parse_levers("ref+fp8")
+    row = dt.parse_levers("ddp+compile+fp8")[0]
+    sd15, sdxl = (argparse.Namespace(teacher=t, tiny=False) for t in ("sd15", "sdxl"))
+    assert dt.estimate(row, [], sdxl) > 2 * dt.estimate(row, [], sd15)  # SDXL compiles for minutes longer
+    teacher = dict(meta_unet(dict(SD1_UNET)).config)
+    calls = fl.linear_calls(teacher, 16, 16, 2)
+    # every switched layer runs once per forward: on the 2 x 16 x 16 latent tokens, or the 2 x 77 text tokens
+    assert sum(calls.values()) == len(fp8_linear_names(meta_unet(teacher)))
+    width = teacher["block_out_channels"][0]
+    assert calls[(2 * 256, width, width)] > 0 and calls[(2 * 77, teacher["cross_attention_dim"], width)] > 0
+    assert {tokens for tokens, _, _ in calls} <= {2 * 256, 2 * 64, 2 * 16, 2 * 4, 2 * 77}
+    errors = fl.rel_errors((32, 32, 16), torch.device("cpu"), torch.float32)
+    assert all(0 < e < 0.12 for e in errors)
+    assert fl.rel_errors((21, 32, 16), torch.device("cpu"), torch.float32) == (0.0, 0.0, 0.0)  # falls back
