@@ -1,8 +1,10 @@
 """What every benchmark here shares: writing its table into its section of bench/RESULTS.md, and a SIGINT
-that stops a run early without losing what it measured."""
+that stops a run early without losing what it measured; for the kernel benchmarks at the KD step's own shapes
+(sdpa_backends, fp8_linear), their arguments, the U-Net configs and the device they time on."""
 
 from __future__ import annotations
 
+import argparse
 import signal
 from pathlib import Path
 
@@ -31,3 +33,38 @@ def interrupt_once() -> None:
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, handler)
+
+
+def add_kd_shape_args(p: argparse.ArgumentParser) -> None:
+    """The arguments of a benchmark that times kernels at the shapes of one KD step (teacher -> student)."""
+    p.add_argument("--teacher", choices=["sd15", "sdxl"], default="sd15")
+    p.add_argument("--preset", default=None, help="default: bk-small (sd15), ssd-1b (sdxl)")
+    p.add_argument("--resolution", type=int, default=None, help="default 512 (sd15), 1024 (sdxl)")
+    p.add_argument("--batch", type=int, default=None, help="default 32 (sd15), 8 (sdxl)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke check on tiny-sd1 at 64 px")
+    p.add_argument("--append", action="store_true", help="append the tables to bench/RESULTS.md")
+
+
+def kd_shape_setup(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[dict, dict, int, object, object]:
+    """args' defaults filled in by teacher (and --tiny) -> (teacher U-Net config with diffusers' defaults, student
+    config, latent side, device, dtype): tiny-sd1 in float32 on CPU with --tiny, else bf16 on the GPU."""
+    import torch
+
+    from models.student import meta_unet, preset_spec, student_config
+    from models.tiny import SD1_UNET
+    from pipelines.student_cli import SD15_UNET, SDXL_UNET
+
+    sdxl = args.teacher == "sdxl"
+    args.preset = args.preset or ("ssd-1b" if sdxl else "bk-small")
+    args.resolution = args.resolution or (64 if args.tiny else 1024 if sdxl else 512)
+    args.batch = args.batch or (2 if args.tiny else 8 if sdxl else 32)
+    if args.tiny:
+        teacher_cfg, device, dtype = dict(SD1_UNET), torch.device("cpu"), torch.float32
+    else:
+        if not torch.cuda.is_available():
+            p.error("needs a GPU (or --tiny)")
+        teacher_cfg, device, dtype = dict(SDXL_UNET if sdxl else SD15_UNET), torch.device("cuda"), torch.bfloat16
+    teacher_cfg = dict(meta_unet(teacher_cfg).config)  # the defaults filled in
+    student_cfg = student_config(teacher_cfg, preset_spec(args.preset, teacher_cfg))
+    return teacher_cfg, student_cfg, args.resolution // (4 if args.tiny else 8), device, dtype

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import append_to_section  # noqa: E402
+from bench.common import add_kd_shape_args, append_to_section, kd_shape_setup  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 BACKENDS = ("flash", "efficient", "cudnn", "math")
@@ -95,37 +95,17 @@ def fmt(ms: float | None) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", choices=["sd15", "sdxl"], default="sd15")
-    p.add_argument("--preset", default=None, help="default: bk-small (sd15), ssd-1b (sdxl)")
-    p.add_argument("--resolution", type=int, default=None, help="default 512 (sd15), 1024 (sdxl)")
-    p.add_argument("--batch", type=int, default=None, help="default 32 (sd15), 8 (sdxl)")
-    p.add_argument("--repeats", type=int, default=10)
+    add_kd_shape_args(p)
     p.add_argument("--backends", default="flash,efficient,cudnn", help=f"comma list of {', '.join(BACKENDS)}")
-    p.add_argument("--tiny", action="store_true", help="CPU smoke check on tiny-sd1 at 64 px")
-    p.add_argument("--append", action="store_true", help="append the tables to bench/RESULTS.md")
     args = p.parse_args()
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     bad = [b for b in backends if b not in BACKENDS]
     if bad:
         p.error(f"--backends: unknown {', '.join(bad)} (choose from {', '.join(BACKENDS)})")
-    sdxl = args.teacher == "sdxl"
-    args.preset = args.preset or ("ssd-1b" if sdxl else "bk-small")
-    args.resolution = args.resolution or (64 if args.tiny else 1024 if sdxl else 512)
-    args.batch = args.batch or (2 if args.tiny else 8 if sdxl else 32)
-
-    from models.student import meta_unet, preset_spec, student_config
-    from pipelines.student_cli import SD15_UNET, SDXL_UNET
-
+    teacher_cfg, student_cfg, h, device, dtype = kd_shape_setup(p, args)
     if args.tiny:
-        from models.tiny import SD1_UNET
-        teacher_cfg, backends, device, dtype = dict(SD1_UNET), ["math"], torch.device("cpu"), torch.float32
-    else:
-        if not torch.cuda.is_available():
-            p.error("needs a GPU (or --tiny)")
-        teacher_cfg, device, dtype = dict(SDXL_UNET if sdxl else SD15_UNET), torch.device("cuda"), torch.bfloat16
-    h = args.resolution // (4 if args.tiny else 8)
-    teacher_cfg = dict(meta_unet(teacher_cfg).config)  # the defaults filled in
-    student_cfg = student_config(teacher_cfg, preset_spec(args.preset, teacher_cfg))
+        backends = ["math"]
+    sdxl = args.teacher == "sdxl"
     t_calls, s_calls = attention_calls(teacher_cfg, h, h), attention_calls(student_cfg, h, h)
     shapes = sorted(set(t_calls) | set(s_calls), key=lambda s: (-s[1], s[2]))
 
