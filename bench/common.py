@@ -46,25 +46,39 @@ def add_kd_shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--append", action="store_true", help="append the tables to bench/RESULTS.md")
 
 
-def kd_shape_setup(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[dict, dict, int, object, object]:
+def kd_shape_setup(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple:
     """args' defaults filled in by teacher (and --tiny) -> (teacher U-Net config with diffusers' defaults, student
     config, latent side, device, dtype): tiny-sd1 in float32 on CPU with --tiny, else bf16 on the GPU."""
     import torch
-
-    from models.student import meta_unet, preset_spec, student_config
-    from models.tiny import SD1_UNET
-    from pipelines.student_cli import SD15_UNET, SDXL_UNET
 
     sdxl = args.teacher == "sdxl"
     args.preset = args.preset or ("ssd-1b" if sdxl else "bk-small")
     args.resolution = args.resolution or (64 if args.tiny else 1024 if sdxl else 512)
     args.batch = args.batch or (2 if args.tiny else 8 if sdxl else 32)
     if args.tiny:
-        teacher_cfg, device, dtype = dict(SD1_UNET), torch.device("cpu"), torch.float32
+        device, dtype = torch.device("cpu"), torch.float32
     else:
         if not torch.cuda.is_available():
             p.error("needs a GPU (or --tiny)")
-        teacher_cfg, device, dtype = dict(SDXL_UNET if sdxl else SD15_UNET), torch.device("cuda"), torch.bfloat16
-    teacher_cfg = dict(meta_unet(teacher_cfg).config)  # the defaults filled in
-    student_cfg = student_config(teacher_cfg, preset_spec(args.preset, teacher_cfg))
-    return teacher_cfg, student_cfg, args.resolution // (4 if args.tiny else 8), device, dtype
+        device, dtype = torch.device("cuda"), torch.bfloat16
+    return (*kd_unet_configs(teacher_unet_config(args), args), device, dtype)
+
+
+def teacher_unet_config(args: argparse.Namespace) -> dict:
+    """The teacher U-Net's public config for args.teacher (tiny-sd1 with --tiny)."""
+    if args.tiny:
+        from models.tiny import SD1_UNET
+
+        return dict(SD1_UNET, sample_size=16)
+    from pipelines.student_cli import SD15_UNET, SDXL_UNET
+
+    return dict(SDXL_UNET if args.teacher == "sdxl" else SD15_UNET)
+
+
+def kd_unet_configs(teacher_cfg: dict, args: argparse.Namespace) -> tuple[dict, dict, int]:
+    """(teacher U-Net config with diffusers' defaults filled in, the args.preset student's config, latent side at
+    args.resolution: the tiny VAE downsamples 4x, SD's 8x)."""
+    from models.student import meta_unet, preset_spec, student_config
+
+    full = dict(meta_unet(teacher_cfg).config)
+    return full, student_config(full, preset_spec(args.preset, full)), args.resolution // (4 if args.tiny else 8)

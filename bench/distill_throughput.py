@@ -75,12 +75,12 @@ from torch._inductor import config as inductor_config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import append_to_section  # noqa: E402
+from bench.common import append_to_section, kd_unet_configs, teacher_unet_config  # noqa: E402
 from models.fp8 import use_fp8_linear  # noqa: E402
 from models.kd import CUDAGRAPH_MODES, KDTaps, KDWeights, diffusion_batch, feature_pairs, kd_loss  # noqa: E402
 from models.student import build_student, preset_spec  # noqa: E402
 from pipelines.distill import fp8_linears, prefer_attention_backend  # noqa: E402
-from pipelines.student_cli import SD15_TEXT, SD15_UNET, SD15_VAE, SDXL_UNET  # noqa: E402
+from pipelines.student_cli import SD15_TEXT, SD15_VAE  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = """`bench/distill_throughput.py`: KD step throughput (SD 1.5 -> bk-small, 512 px, latents from memory as the
@@ -186,14 +186,6 @@ def skip_reason(row: dict, done: list[dict], args: argparse.Namespace, deadline:
 # ---------------------------------------------------------------------------------------------------
 
 
-def unet_config(args: argparse.Namespace) -> dict:
-    if args.tiny:
-        from models.tiny import SD1_UNET
-
-        return dict(SD1_UNET, sample_size=16)
-    return dict(SDXL_UNET if args.teacher == "sdxl" else SD15_UNET)
-
-
 def models(args: argparse.Namespace) -> tuple:
     """Teacher and student (fp32, CPU, random weights), the removal spec, the noise scheduler."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -201,7 +193,7 @@ def models(args: argparse.Namespace) -> tuple:
     torch.manual_seed(0)
     # random init is much faster on the GPU; the weights then wait on the CPU, out of the rows' peak memory
     with torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"):
-        teacher = UNet2DConditionModel.from_config(unet_config(args))
+        teacher = UNet2DConditionModel.from_config(teacher_unet_config(args))
         spec = preset_spec(args.preset, teacher.config)
         student = build_student(teacher, spec)
     teacher, student = teacher.cpu(), student.cpu()
@@ -217,13 +209,11 @@ BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 def model_flops(args: argparse.Namespace) -> dict:
     """Model FLOPs of one KD sample (2 x MACs): the teacher's forward, the student's forward and backward (3x its
     forward), counted on the meta device (no weights, no GPU) with the rows' shapes."""
-    from models.student import meta_unet, student_config
     from pipelines.metrics import unet_macs
 
-    h = args.resolution // (4 if args.tiny else 8)
-    full = dict(meta_unet(unet_config(args)).config)
+    full, student_cfg, h = kd_unet_configs(teacher_unet_config(args), args)
     teacher = unet_macs(full, h, h)
-    student = unet_macs(student_config(full, preset_spec(args.preset, full)), h, h)
+    student = unet_macs(student_cfg, h, h)
     return {"teacher_gmacs": teacher / 1e9, "student_gmacs": student / 1e9,
             "tflop_per_sample": 2 * (teacher + 3 * student) / 1e12}
 
@@ -240,13 +230,12 @@ def op_tflops(args: argparse.Namespace) -> dict[str, float]:
     below model_flops' 3x forward), counted on the meta device (no weights) by torch's FLOP counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from models.student import meta_unet, student_config
+    from models.student import meta_unet
     from pipelines.metrics import unet_inputs
 
-    h = args.resolution // (4 if args.tiny else 8)
-    full = dict(meta_unet(unet_config(args)).config)
+    full, student_cfg, h = kd_unet_configs(teacher_unet_config(args), args)
     kinds: dict[str, float] = {}
-    for config, train in ((full, False), (student_config(full, preset_spec(args.preset, full)), True)):
+    for config, train in ((full, False), (student_cfg, True)):
         unet = meta_unet(config)
         inputs, kwargs = unet_inputs(unet.config, 1, h, h, device="meta")
         with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(train):
