@@ -37,6 +37,7 @@ modifiers:
            optimization off for graphs without an aten.convolution node, which are the compiled backward graphs
            (pytorch/pytorch#189239), so their gradients come out NCHW and every convolution_backward copies them
            back to channels_last
+  +graph   distill.cuda_graph (ddp, one GPU): each training step captured once as a CUDA graph and replayed
   +fp8     distill.fp8_linear both (ours, ddp): the transformer blocks' linear layers of student and teacher
            multiply in float8 (models/fp8.py; needs compute capability 8.9+)
   +fp8s    distill.fp8_linear student: the same for the student only (ours, ddp)
@@ -79,8 +80,8 @@ from bench.common import append_to_section, kd_unet_configs, teacher_unet_config
 from models.fp8 import use_fp8_linear  # noqa: E402
 from models.kd import CUDAGRAPH_MODES, KDTaps, KDWeights, diffusion_batch, feature_pairs, kd_loss  # noqa: E402
 from models.student import build_student, preset_spec  # noqa: E402
-from pipelines.distill import fp8_linears, prefer_attention_backend  # noqa: E402
 from pipelines.student_cli import SD15_TEXT, SD15_VAE  # noqa: E402
+from pipelines.train import fp8_linears, prefer_attention_backend  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = """`bench/distill_throughput.py`: KD step throughput (SD 1.5 -> bk-small, 512 px, latents from memory as the
@@ -92,7 +93,7 @@ DEFAULT_LEVERS = "ref,ours,ours+compile,ours+compile+big"
 SDPA = {"sdpa-flash", "sdpa-efficient", "sdpa-cudnn"}
 BASES = {"ref": {"compile", "big", "cl", "fused", "bf16t", "encode", "cudnnb", "nhwcbwd"} | SDPA,
          "ours": {"compile", "big", "nocl", "z0", "z1", "z2", "z3", "cudnnb", "nhwcbwd", "fp8", "fp8s"} | SDPA,
-         "ddp": {"compile", "big", "nocl", "cudnnb", "nhwcbwd", "fp8", "fp8s"} | SDPA}
+         "ddp": {"compile", "big", "nocl", "cudnnb", "nhwcbwd", "fp8", "fp8s", "graph"} | SDPA}
 WHAT = {"ref": "eager, fp32 weights + {amp}, {adam} AdamW",
         "ours": "Ray Train + DeepSpeed ZeRO-{z}, {half} weights, teacher {half} no-grad, fused AdamW{cl}",
         "ddp": "Ray Train, no DeepSpeed: {amp}, teacher {half} no-grad, fused AdamW{cl}"}
@@ -100,7 +101,7 @@ MOD_WHAT = {"compile": "torch.compile", "cl": "channels_last", "bf16t": "teacher
             "encode": "VAE + text encoder in the loop", "cudnnb": "cudnn.benchmark",
             "nhwcbwd": "Inductor layout optimization forced (channels_last backward graphs)",
             "fp8": "FP8 transformer linears (student and teacher)", "fp8s": "FP8 transformer linears (student)",
-            **{m: f"{m[5:]} attention first" for m in SDPA}}
+            "graph": "each step one CUDA graph (distill.cuda_graph)", **{m: f"{m[5:]} attention first" for m in SDPA}}
 # seconds a row is expected to take before one of its kind was measured (H200: SD 1.5 at 512 px, batch 32; SDXL at
 # 1024 px, batch 8, whose compilation took 336-393 s)
 DEFAULT_ROW_S = {"sd15": {"compile": 200.0, "eager": 45.0}, "sdxl": {"compile": 420.0, "eager": 60.0}}
@@ -517,8 +518,8 @@ def reference_rows(args: argparse.Namespace, rows: list[dict], done: list[dict],
 
 
 def ours_worker(config: dict) -> None:
-    """A Ray Train worker measuring the rows of ours in turn (pipelines/distill.py: StudentEngine, KDTaps,
-    kd_teacher, teacher_dtype). Rank 0 appends each row to config["out"] (JSON lines) when it is done."""
+    """A Ray Train worker measuring the rows of ours in turn (pipelines/train.py's StudentEngine, KDTaps,
+    pipelines/distill.py's kd_teacher). Rank 0 appends each row to config["out"] (JSON lines) when it is done."""
     import ray.train
 
     args = argparse.Namespace(**config["args"])
@@ -526,7 +527,8 @@ def ours_worker(config: dict) -> None:
     if args.tiny:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from pipelines.config import parse_config
-    from pipelines.distill import StudentEngine, _to, kd_teacher, teacher_dtype, uses_cudagraphs
+    from pipelines.distill import kd_teacher
+    from pipelines.train import StudentEngine, teacher_dtype, to_device, uses_cudagraphs
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -563,7 +565,7 @@ def ours_worker(config: dict) -> None:
                 "precision": "fp32" if args.tiny else "bf16", "batch_size": n, "channels_last": "nocl" not in mods,
                 "compile": "compile" in mods, "compile_mode": args.compile_mode if "compile" in mods else "default",
                 "cudnn_benchmark": "cudnnb" in mods, "attention_backend": sdpa_backend(row),
-                "fp8_linear": fp8_mode(row),
+                "fp8_linear": fp8_mode(row), "cuda_graph": "graph" in mods,
                 "use_gpu": use_gpu, "max_steps": args.warmup + args.steps,
                 "lr": 1e-5}}).distill
             state = {}
@@ -584,16 +586,17 @@ def ours_worker(config: dict) -> None:
                 t_unet = kd_teacher(teacher, dc)
                 state.update(eng=eng, taps=taps)
                 lat, cond = synthetic_batch(args, teacher, n, device)
-                cond = _to(cond, device, eng.input_dtype)
+                cond = to_device(cond, device, eng.input_dtype)
+
+                def kd_step(noisy, t, cond, target):
+                    with eng.autocast():
+                        return kd_loss(eng.engine, t_unet, noisy, t, cond, target, KDWeights(), taps=taps)
 
                 def step():
                     noisy, t, target = diffusion_batch(sched, lat, "epsilon")
                     if dc.channels_last:
                         noisy = noisy.contiguous(memory_format=torch.channels_last)
-                    with eng.autocast():
-                        loss = kd_loss(eng.engine, t_unet, noisy.to(eng.input_dtype), t, cond, target, KDWeights(),
-                                       taps=taps)
-                    eng.backward_step(loss["loss"])
+                    eng.step(kd_step, {"noisy": noisy.to(eng.input_dtype), "t": t, "cond": cond, "target": target})
 
                 return step
 

@@ -60,7 +60,7 @@ def time_call(backend: str, shape: tuple, batch: int, backward: bool, device, dt
     backend cannot run the shape."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from pipelines.distill import SDPA_BACKENDS
+    from pipelines.train import SDPA_BACKENDS
 
     heads, lq, lk, d = shape
 

@@ -29,19 +29,38 @@ def cache_root() -> Path:
 
 
 def _copy_remote_tree(uri: str, dest: Path) -> None:
+    """Copy a remote folder to `dest` once, however many processes of a node ask at the same time: one downloads
+    (files in parallel) into a folder of its own and renames it into place under a lock; the others wait on the
+    lock and find it there. A download cut short never becomes `dest` (its .partial folder is removed)."""
+    import fcntl
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(uri)
-    files = [f for f in fs.find(root) if not f.endswith("/")]
-    if not files:
-        raise FileNotFoundError(f"no files under {uri}")
-    tmp = dest.with_name(dest.name + ".partial")
-    for f in files:
-        rel = f[len(root.rstrip("/")) + 1 :]
-        target = tmp / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(f, str(target))
-    tmp.rename(dest)  # a half-copied folder is never taken for a complete one
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.with_name(dest.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if dest.exists():
+            return
+        fs, root = fsspec.core.url_to_fs(uri)
+        files = [f for f in fs.find(root) if not f.endswith("/")]
+        if not files:
+            raise FileNotFoundError(f"no files under {uri}")
+        tmp = dest.with_name(f"{dest.name}.{os.getpid()}.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+
+        def get(f: str) -> None:
+            target = tmp / f[len(root.rstrip("/")) + 1 :]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f, str(target))
+
+        try:
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                list(pool.map(get, files))
+            tmp.rename(dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _listing(uri: str) -> str:
@@ -81,7 +100,6 @@ def resolve_model_dir(uri: str) -> str:
         dest = cache_root() / "models" / hashlib.sha256((uri + _listing(uri)).encode()).hexdigest()[:16]
         if not dest.exists():
             log.info("copying %s to %s", uri, dest)
-            dest.parent.mkdir(parents=True, exist_ok=True)
             _copy_remote_tree(uri, dest)
         return str(dest)
     if uri.startswith("file://"):
@@ -122,6 +140,27 @@ def swap_decoder(pipe: Any, decoder: Any, uri: str = "decoder") -> Any:
                          f"VAE decodes {old.latent_channels} channels upsampled {pipe.vae_scale_factor}x")
     pipe.vae = decoder.to(pipe.device)
     return pipe
+
+
+LATENT_FORMS = ("dist", "mean", "sample")
+META_FILE = "distillery.json"  # what this project writes beside a model it made (students, the shipped teacher)
+
+
+def trained_latents(src: str) -> str | None:
+    """What the U-Net of a model folder was trained on, where the folder says so (its distillery.json's
+    "latents"): "mean", the VAE posterior means, or "dist", draws from the posterior (what SD and SDXL were trained
+    on, as diffusers' training examples do). None when the folder does not say (hub models: take "dist")."""
+    import json
+
+    meta = Path(src) / META_FILE
+    if not meta.is_file():
+        return None
+    form = json.loads(meta.read_text()).get("latents")
+    if form is None:
+        return None
+    if form not in LATENT_FORMS:
+        raise ValueError(f"{meta}: latents {form!r}; expected one of {', '.join(LATENT_FORMS)}")
+    return "dist" if form == "sample" else form
 
 
 def detect_family(unet_config: Any) -> Family:

@@ -1,7 +1,8 @@
 """The embedding cache that the data stage writes and the training stages read.
 
 Layout under the cache URI: train/*.parquet and val/*.parquet (one row per sample: key, caption, split,
-latent_mean+latent_std or latent, prompt_embeds, and for SDXL pooled+time_ids; tensors as Ray's Arrow
+latent_mean+latent_std ("dist"), latent_mean ("mean") or latent ("sample"), prompt_embeds, and for SDXL
+pooled+time_ids; tensors as Ray's Arrow
 tensor extension type, so ray.data.read_parquet gives numpy arrays back) and manifest.json, written last.
 """
 
@@ -79,15 +80,21 @@ def _as_tensor(x: Any) -> torch.Tensor:
 
 
 def sample_latents(batch: dict, manifest: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Scaled latents (B, 4, h, w) for the U-Net from a cache batch of either form.
+    """Scaled latents (B, C, h, w) for the U-Net from a cache batch (numpy arrays or tensors, which stay on their
+    device), in the form the manifest names (`latents`, what the teacher was trained on: data.latents):
 
-    "dist": draw mean + std * noise from the cached (unscaled) distribution, then scale;
+    "dist": a draw mean + std * noise from the cached (unscaled) posterior, then scaled (SD and SDXL were trained on
+            draws, as diffusers' training examples do);
+    "mean": the cached posterior mean, scaled (a teacher trained on means: its VAE's std can be large);
     "sample": the cached latent, already scaled.
     """
     import torch
 
     if manifest["latents"] == "sample":
         return _as_tensor(batch["latent"])
-    mean, std = _as_tensor(batch["latent_mean"]), _as_tensor(batch["latent_std"])
+    mean = _as_tensor(batch["latent_mean"])
+    if manifest["latents"] == "mean":
+        return mean * float(manifest["vae_scaling_factor"])
+    std = _as_tensor(batch["latent_std"])
     noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
     return (mean + std * noise) * float(manifest["vae_scaling_factor"])

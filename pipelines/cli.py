@@ -44,6 +44,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
         print(f"wrote {write_serve_config(cfg, args.write_config)} (for `serve deploy` or a RayService)")
         return 0
+    from pipelines.run import preflight
+
+    preflight(cfg, [args.command])
     result = _stage(args.command).run(cfg)
     print(json.dumps(result, indent=2, default=str))
     return 0

@@ -21,11 +21,22 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def path_safe(name: str | None) -> str | None:
+    """A name that becomes one folder under work_dir or storage_path: no separators, no '..', not empty."""
+    if name is None:
+        return name
+    if not name.strip() or "/" in name or "\\" in name or name in (".", "..") or ".." in name.split("."):
+        raise ValueError(f"{name!r} becomes a folder name: use letters, digits, '-', '_' or '.', no '/' or '..'")
+    return name
+
+
 class RayConfig(Section):
     address: str | None = None  # None: RAY_ADDRESS if set (ray job submit), else a local Ray
     num_cpus: int | None = Field(None, ge=1)  # only for a local Ray started by us
     num_gpus: int | None = Field(None, ge=0)
-    include_dashboard: bool = False
+    # a local Ray's dashboard: it also serves the State API, without which every Ray Train run's placement-group
+    # cleaner prints "Failed to query Ray Train Controller actor state" once a second
+    include_dashboard: bool = True
     runtime_env: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -57,13 +68,18 @@ class DataConfig(Section):
     max_caption_chars: int = Field(2000, ge=1)
     score_column: str | None = None  # e.g. "aesthetic"
     min_score: float | None = None
-    dedup: bool = True  # exact duplicates by content hash
+    # drop exact duplicate images (by content hash), keeping one; with dedup false every copy is cached, even rows
+    # that repeat image and caption exactly
+    dedup: bool = True
     aspect_buckets: bool = False  # SDXL: bucket by aspect ratio instead of square crops
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 0
     max_rows: int | None = Field(None, ge=1)
     output: str | None = None  # the embedding cache; default {work_dir}/cache
-    latents: Literal["dist", "sample"] = "dist"  # keep (mean, std) or one scaled sample
+    # the latents the student trains on, as the teacher was trained: "dist" keeps the VAE posterior (mean, std) and
+    # training draws from it (SD, SDXL); "mean" keeps the posterior mean (a teacher trained on means); "sample"
+    # keeps one scaled draw per image; "auto": what the teacher's folder declares (distillery.json), else "dist"
+    latents: Literal["auto", "dist", "mean", "sample"] = "auto"
     embed_batch_size: int = Field(16, ge=1)
     # embedding actors: None = three per GPU of the cluster at 0.33 GPU each (one actor per GPU idles the GPU while
     # its batch is handed to the writer: on an H200 0.65x of a plain loop for one, 0.87x for two, 0.95x for three,
@@ -90,9 +106,16 @@ class RemovalSpecConfig(Section):
     up_depths: list[list[int]] | None = None
 
 
+# models/student.py's PRESETS, named here so `config validate` (no torch) refuses a typo
+PresetName = Literal["identity", "bk-base", "bk-small", "bk-tiny", "ssd-1b", "vega"]
+
+
 class StudentConfig(Section):
-    preset: str | None = "bk-small"  # bk-base, bk-small, bk-tiny, ssd-1b, vega, identity
+    preset: PresetName | None = "bk-small"
     spec: RemovalSpecConfig | None = None  # overrides preset when set
+    # "teacher": the kept blocks start from the teacher's weights (BK-SDM); "random": the same architecture from
+    # scratch (with distill.loss task-only, the no-KD baseline; with the identity preset, a teacher of your own)
+    init: Literal["teacher", "random"] = "teacher"
     output: str | None = None  # default {work_dir}/student-init
 
     @model_validator(mode="after")
@@ -110,11 +133,15 @@ class LossConfig(Section):
     level: Literal["block", "layer"] = "block"  # BK-SDM block outputs, or every resnet/transformer
 
 
+def uses_cudagraphs(dc: Any) -> bool:
+    """Whether distill's compiled forwards run as CUDA graphs (compile modes reduce-overhead and max-autotune)."""
+    return dc.compile and dc.compile_mode in ("reduce-overhead", "max-autotune")
+
+
 class DistillConfig(Section):
     """pipelines/distill.py: Ray Train workers, DeepSpeed ZeRO, KD loss, validation, checkpoints, export."""
 
     cache: str | None = None  # default data.output
-    encode_on_the_fly: bool = False  # read data.source and encode with the teacher (no cache)
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
@@ -131,6 +158,16 @@ class DistillConfig(Section):
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(0, ge=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # linear/cosine decay ends at lr * min_lr_ratio
+    # the share of training samples whose caption is replaced by the empty prompt: the student is sampled with
+    # classifier-free guidance, so it must learn the unconditional prediction too (as SD's own training does)
+    caption_dropout: float = Field(0.1, ge=0, lt=1)
+    # keep a worker's whole training shard in device memory when it takes at most this many GiB (as float32), and
+    # draw every batch there: small caches and small models stop waiting on the data loader; 0 always streams
+    preload_gb: float = Field(2.0, ge=0)
+    # capture each training step (forwards, backward, clipping, AdamW) as one CUDA graph and replay it: for small
+    # models, which are bound by launching kernels. One CUDA worker, deepspeed false, grad_accum 1, bf16 or fp32
+    cuda_graph: bool = False
     ema_decay: float | None = Field(None, gt=0, lt=1)
     gradient_checkpointing: bool = False
     channels_last: bool = False
@@ -162,6 +199,8 @@ class DistillConfig(Section):
     run_name: str | None = None  # the Ray Train run under storage_path; default "{name}-distill"
     seed: int = 0
 
+    _run_name = field_validator("run_name")(classmethod(lambda cls, v: path_safe(v)))
+
     @model_validator(mode="after")
     def _consistent(self) -> DistillConfig:
         if self.deepspeed and self.offload_params and self.zero_stage != 3:
@@ -174,6 +213,15 @@ class DistillConfig(Section):
             raise ValueError("ema_decay is not supported with zero_stage 3 (the student's weights are sharded)")
         if self.compile_mode != "default" and not self.compile:
             raise ValueError(f"compile_mode {self.compile_mode!r} needs compile: true")
+        if self.cuda_graph:
+            why = [w for w, bad in (("deepspeed: false", self.deepspeed), ("num_workers: 1", self.num_workers != 1),
+                                    ("grad_accum: 1", self.grad_accum != 1), ("precision bf16 or fp32",
+                                                                              self.precision == "fp16"),
+                                    ("use_gpu: true", not self.use_gpu),
+                                    ("no CUDA-graph compile_mode", uses_cudagraphs(self)))
+                   if bad]
+            if why:
+                raise ValueError(f"cuda_graph needs {', '.join(why)}")
         if len(self.sample_seeds) not in (1, len(self.sample_prompts)):
             raise ValueError(f"sample_seeds has {len(self.sample_seeds)} seeds for {len(self.sample_prompts)} "
                              "sample_prompts: give one seed, or one per prompt")
@@ -202,8 +250,13 @@ class StepsConfig(Section):
     lora_rank: int | None = Field(None, ge=1)  # train LoRA adapters (merged into the exported U-Net)
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(8, ge=1)
+    # empty prompts in training: 0 by default, since a guided or consistency student takes w as an input and is
+    # sampled without CFG; set it for progressive students sampled with CFG
+    caption_dropout: float = Field(0.0, ge=0, lt=1)
     run_name: str | None = None  # the Ray Train run under distill.storage_path; default "{name}-steps"
     output: str | None = None  # default {work_dir}/student-steps
+
+    _run_name = field_validator("run_name")(classmethod(lambda cls, v: path_safe(v)))
 
     @model_validator(mode="after")
     def _check(self) -> StepsConfig:
@@ -230,7 +283,7 @@ class TuneConfig(Section):
     max_concurrent: int = Field(1, ge=1)
     steps_per_trial: int = Field(20, ge=1)
     val_every: int | None = Field(None, ge=1)  # validation = a Tune report (ASHA rung); default steps/4
-    presets: list[str] = Field(default_factory=lambda: ["bk-base", "bk-small", "bk-tiny"])
+    presets: list[PresetName] = Field(default_factory=lambda: ["bk-base", "bk-small", "bk-tiny"])
     # sample the spec per stage instead of a preset: resnet/attention pairs kept, transformer depth, mid block
     search_spec: bool = False
     mid: list[Literal["full", "resnet", "none"]] = Field(default_factory=lambda: ["full", "resnet", "none"])
@@ -398,6 +451,8 @@ class Config(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    _name = field_validator("name")(classmethod(lambda cls, v: path_safe(v)))
 
     @model_validator(mode="after")
     def _derive_uris(self) -> Config:

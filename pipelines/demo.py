@@ -25,6 +25,21 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "distillery-demo"
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+EVAL_PROMPTS = 64  # held-out prompts the student is scored on: enough that caption accuracy means something
+
+
+def heldout_prompts(n: int, train_captions: set[str], seed: int = 10_000) -> list[str]:
+    """n prompts of the shapes teacher's evaluation seed whose captions the demo's data never shows."""
+    from pipelines.shapes import prompts
+
+    out, k = [], 4 * n
+    while len(out) < n:
+        out = [p for p in dict.fromkeys(prompts(k, seed)) if p not in train_captions][:n]
+        k *= 2
+    return out
 
 
 def demo_config(work: Path, small: bool, port: int) -> Config:
@@ -39,13 +54,14 @@ def demo_config(work: Path, small: bool, port: int) -> Config:
         f"teacher.uri={teacher}",
         f"serve.port={port}",
         f"ray.num_cpus={os.cpu_count() or 2}",
+        f"evaluate.prompts={work / 'eval-prompts.txt'}",
     ]
     if small:
         sets += [
             # one validation and checkpoint, one Tune trial: each Train run costs ~a minute of start-up on 2 cores
             # (tests/test_tune.py searches several trials)
-            "distill.max_steps=6", "distill.val_every=6", "distill.checkpoint_every=6", "distill.batch_size=4",
-            "tune.num_samples=1", "tune.steps_per_trial=3", "evaluate.num_prompts=4", "evaluate.steps=3",
+            "distill.max_steps=60", "distill.val_every=60", "distill.checkpoint_every=60",
+            "tune.num_samples=1", "tune.steps_per_trial=3", "evaluate.num_prompts=16", "evaluate.steps=10",
             "evaluate.latency_repeats=1", "evaluate.embedding_samples=8",
         ]
     return load_config(REPO / "configs" / "demo.yaml", sets)
@@ -78,13 +94,20 @@ def run_demo(work_dir: str, small: bool = False, serve: bool = True, port: int =
         cfg = demo_config(work, small, port)
         written = write_shapes(cfg.data.source, "parquet", dataset_size(small), seed=cfg.seed)
         log.info("built-in shapes dataset: %s", written)
+        from pipelines.shapes import prompts
+
+        seen = set(prompts(dataset_size(small), cfg.seed))
+        (work / "eval-prompts.txt").write_text("\n".join(heldout_prompts(EVAL_PROMPTS, seen)) + "\n")
         if not ray.is_initialized():
-            # workers inherit the servers' addresses through the environment
-            env = {k: os.environ[k] for k in [*s3.env, *mlflow.env]}
-            ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
+            # workers inherit the servers' addresses through the environment; credentials only through the processes'
+            # own environment (this one's, inherited), never as job metadata
+            env = {k: os.environ[k] for k in [*s3.env, *mlflow.env] if k not in SECRET_ENV}
+            ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
+                     runtime_env={"env_vars": env})
         results = run_all(cfg)
         summary = {"work_dir": str(work), "mlflow": mlflow.url, "s3": s3.url, "results": results}
         (work / "demo-summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        print(side_by_side(results.get("evaluate") or {}))
         if serve:
             from serving.app import start
 
@@ -108,6 +131,22 @@ def run_demo(work_dir: str, small: bool = False, serve: bool = True, port: int =
                 pass
         for s in reversed(servers):
             s.stop()
+
+
+def side_by_side(m: dict[str, float]) -> str:
+    """Teacher and student as the evaluate stage measured them: caption accuracy, ms per image, U-Net size."""
+    if not m:
+        return ""
+    rows = [("caption accuracy (held-out prompts)", "caption_accuracy_teacher", "caption_accuracy", "{:.3f}"),
+            ("ms per image", "latency_image_ms_teacher", "latency_image_ms_student", "{:.1f}"),
+            ("U-Net parameters (M)", "params_teacher", "params_student", "{:.2f}")]
+    lines = [f"\n{'':38}{'teacher':>10}{'student':>10}{'student/teacher':>17}"]
+    for label, t, s, fmt in rows:
+        if t in m and s in m:
+            tv, sv = m[t] / (1e6 if "params" in t else 1), m[s] / (1e6 if "params" in s else 1)
+            ratio = f"{sv / tv:.2f}x" if tv else "-"
+            lines.append(f"{label:38}{fmt.format(tv):>10}{fmt.format(sv):>10}{ratio:>17}")
+    return "\n".join(lines)
 
 
 def _ctrl_c_event() -> threading.Event:

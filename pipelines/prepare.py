@@ -34,7 +34,7 @@ from PIL import Image, ImageOps
 
 from pipelines.cache import MANIFEST, SCHEMA_VERSION, SPLITS, read_manifest, write_manifest, write_rows
 from pipelines.config import Config, DataConfig
-from pipelines.storage import ensure_ray, exists, filesystem, join, list_files, read_bytes, write_bytes
+from pipelines.storage import delete_dir, ensure_ray, exists, filesystem, join, list_files, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,8 @@ def process_row(row: dict, cfg: DataConfig, buckets: list[tuple[int, int]] | Non
     out = {"key": key, "caption": caption or "", "split": split_of(key, cfg.val_fraction, cfg.seed), "skip": "",
            "pixels": b"", "h": 0, "w": 0, "orig_h": 0, "orig_w": 0, "crop_top": 0, "crop_left": 0}
     try:
+        if row.get("error"):  # a reader's reason (a damaged shard): the sample is lost, counted here
+            raise Skip(row["error"])
         reason = caption_skip(caption, cfg) or score_skip(row.get("score"), cfg)
         if reason:
             raise Skip(reason)
@@ -234,7 +236,7 @@ def _imagefolder_metadata(source: str, files: list[str], cfg: DataConfig) -> dic
         if name not in ("metadata.jsonl", "metadata.csv"):
             continue
         folder = f[: -len(name)]
-        text = read_bytes(join(source, f)).decode("utf-8")
+        text = read_bytes(join(source, f)).decode("utf-8-sig")
         try:
             records = (
                 [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -283,7 +285,7 @@ def _rows_imagefolder(batch: dict, root: str, fs: pafs.FileSystem, meta: dict, s
         caption = m["caption"] if m else None
         if m is None and (txt := rel.rsplit(".", 1)[0] + ".txt") in sidecars:
             with fs.open_input_stream(f"{root}/{txt}") as f:
-                caption = f.read().decode("utf-8", errors="replace")
+                caption = f.read().decode("utf-8-sig", errors="replace")
         captions.append(_text(caption))
         scores.append(_nan(m["score"]) if m else math.nan)
     return {"key": keys, "image": list(batch["bytes"]), "caption": captions, "score": scores}
@@ -300,35 +302,105 @@ def _rows_parquet(batch: dict, cfg: DataConfig) -> dict:
     return {"key": keys, "image": images, "caption": captions, "score": scores}
 
 
-def _rows_webdataset(batch: dict, root: str) -> dict:
-    n = len(batch["__key__"])
-    out: dict[str, list] = {"key": [], "image": [], "caption": [], "score": []}
-    for i in range(n):
-        shard = batch["__url__"][i][len(root) + 1 :].rsplit(".", 1)[0]
-        out["key"].append(f"{shard}/{batch['__key__'][i]}")
-        out["image"].append(batch["image"][i])
-        out["caption"].append(_text(batch["caption"][i]))
-        out["score"].append(_nan(_float(batch["score"][i])))
-    return out
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SHARD_DAMAGE = ("damaged_shard", "truncated_shard", "unreadable_shard")
 
 
-def _wds_sample(cfg: DataConfig):
-    """A webdataset decoder that keeps the image bytes undecoded and gives every sample the same columns."""
+def _wds_row(key: str, parts: dict[str, bytes], cfg: DataConfig) -> dict:
+    """One webdataset sample (its members by lower-case extension) as a row."""
+    image = next((parts[e] for e in WDS_IMAGE_EXTS if e in parts), b"")
+    meta = {}
+    if "json" in parts:
+        try:
+            meta = json.loads(parts["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = {}
+    caption = parts["txt"].decode("utf-8-sig", errors="replace") if "txt" in parts else meta.get(cfg.caption_column)
+    score = meta.get(cfg.score_column) if cfg.score_column and isinstance(meta, dict) else None
+    return {"key": key, "image": image, "caption": _text(None if caption is None else str(caption)),
+            "score": _nan(_float(score)), "error": ""}
 
-    def decode(sample: dict) -> dict:
-        image = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), b"")
-        meta = {}
-        if isinstance(sample.get("json"), bytes):
+
+def read_shard(fs: pafs.FileSystem, path: str, name: str, cfg: DataConfig) -> tuple[list[dict], list[str]]:
+    """The samples of one webdataset .tar shard, read as far as it can be read: (rows, what was damaged).
+
+    Members group into samples by the name before the first dot of the file name; extensions are matched in lower
+    case (KEY.JPG is an image). A damaged header is skipped over to the next readable member (tarfile's
+    ignore_zeros), and the unreadable stretch becomes a row with the error "damaged_shard"; a shard cut off
+    mid-file keeps the samples before the cut and a row with the error "truncated_shard" for the one cut."""
+    import tarfile
+
+    rows: list[dict] = []
+    damaged: list[str] = []
+    samples: dict[str, dict[str, bytes]] = {}
+
+    def lost(reason: str, where: int) -> None:
+        damaged.append(f"{name}: {reason} at byte {where}")
+        rows.append({"key": f"{name}/#{reason}@{where}", "image": b"", "caption": "", "score": math.nan,
+                     "error": reason})
+
+    try:
+        f = fs.open_input_file(path)
+        size = f.size()
+        tar = tarfile.open(fileobj=f, mode="r:", ignore_zeros=True)
+    except (OSError, tarfile.TarError) as err:
+        lost("unreadable_shard", 0)
+        log.warning("%s: not readable as tar (%s)", name, err)
+        return rows, damaged
+    expect = 0  # where the next header should start
+    try:
+        while True:
             try:
-                meta = json.loads(sample["json"])
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                meta = {}
-        caption = sample["txt"].decode("utf-8", errors="replace") if "txt" in sample else meta.get(cfg.caption_column)
-        score = meta.get(cfg.score_column) if cfg.score_column else None
-        return {"__key__": sample["__key__"], "__url__": sample["__url__"], "image": image,
-                "caption": None if caption is None else str(caption), "score": _float(score)}
+                m = tar.next()
+            except tarfile.ReadError as err:
+                if "unexpected end" in str(err) or tar.offset >= size:
+                    lost("truncated_shard", tar.offset)
+                    break
+                lost("damaged_shard", tar.offset)
+                continue
+            if m is None:
+                break
+            if m.offset > expect and any(f.read_at(m.offset - expect, expect).strip(b"\0")):
+                lost("damaged_shard", expect)  # members were skipped over to reach this one
+            expect = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            if not m.isfile():
+                continue
+            base = m.name.rsplit("/", 1)[-1]
+            stem, dot, ext = base.partition(".")
+            if not dot:
+                continue
+            folder = m.name[: len(m.name) - len(base)]
+            try:
+                data = tar.extractfile(m).read()
+                if len(data) != m.size:
+                    raise tarfile.ReadError("unexpected end of data")
+            except (OSError, tarfile.TarError):
+                lost("truncated_shard", m.offset)
+                break
+            samples.setdefault(f"{name}/{folder}{stem}", {})[ext.lower()] = data
+        # a whole archive ends in zero blocks: a shard cut off between members has none
+        if not damaged or "truncated_shard" not in damaged[-1]:
+            if size % tarfile.BLOCKSIZE or any(f.read_at(min(size, 2 * tarfile.BLOCKSIZE),
+                                                          max(0, size - 2 * tarfile.BLOCKSIZE))):
+                lost("truncated_shard", size)
+    finally:
+        tar.close()
+        f.close()
+    rows += [_wds_row(k, parts, cfg) for k, parts in samples.items()]
+    return rows, damaged
 
-    return decode
+
+def _rows_webdataset(batch: dict, fs: pafs.FileSystem, root: str, cfg: DataConfig) -> dict:
+    out: dict[str, list] = {"key": [], "image": [], "caption": [], "score": [], "error": []}
+    for path in batch["path"]:
+        name = str(path)[len(root) + 1 :].rsplit(".", 1)[0]
+        rows, damaged = read_shard(fs, str(path), name, cfg)
+        for d in damaged:
+            log.warning("webdataset shard %s", d)
+        for r in rows:
+            for k in out:
+                out[k].append(r[k])
+    return out
 
 
 def _with_fingerprint(rows: dict) -> dict:
@@ -336,6 +408,59 @@ def _with_fingerprint(rows: dict) -> dict:
     rows["fp"] = [_fingerprint(b, c) for b, c in zip(rows["image"], rows["caption"])]
     rows["hash"] = [content_hash(b) if b else "" for b in rows["image"]]
     return rows
+
+
+BUILTIN_SHAPES = "builtin:shapes"
+
+
+def builtin_params(source: str, field: str = "data.source") -> dict[str, int]:
+    """n, seed of a `builtin:shapes?n=N&seed=S` source (n default 2000, seed 0); errors name the field."""
+    from urllib.parse import parse_qsl
+
+    _, _, query = source.partition("?")
+    params = {"n": 2000, "seed": 0}
+    for k, v in parse_qsl(query, keep_blank_values=True):
+        if k not in params or not v.lstrip("-").isdigit():
+            raise ValueError(f"{field} {source!r}: expected builtin:shapes?n=N&seed=S (got {k}={v!r})")
+        params[k] = int(v)
+    if params["n"] < 1:
+        raise ValueError(f"{field} {source!r}: n must be at least 1")
+    return params
+
+
+def _render_shapes(batch: dict, seed: int, size: int) -> dict:
+    from pipelines.shapes import caption_of, png_bytes, render, sample_attrs
+
+    out: dict[str, list] = {"key": [], "image": [], "caption": []}
+    for i in batch["id"].tolist():
+        attrs, centers = sample_attrs(seed, i)
+        out["key"].append(f"shapes-{seed}-{i:07d}")
+        out["image"].append(png_bytes(render(attrs, centers, size)))
+        out["caption"].append(caption_of(attrs))
+    return out
+
+
+def builtin_source(cfg: Config) -> DataConfig:
+    """The data section reading a generated shapes dataset (pipelines/shapes.py) in place of `builtin:shapes?...`:
+    written once as parquet under {work_dir}/source by Ray tasks (the same images for the same n and seed as
+    pipelines.shapes.generate), read back like any parquet source, keyed by sample."""
+    import ray
+
+    d = cfg.data
+    p = builtin_params(d.source)
+    uri = join(cfg.work_dir, "source", f"shapes-n{p['n']}-seed{p['seed']}-{d.resolution}px")
+    done = join(uri, "_distillery_complete.json")
+    if not exists(done):
+        delete_dir(uri)  # what an interrupted generation left
+        fs, path = filesystem(uri)
+        ds = ray.data.range(p["n"], override_num_blocks=max(1, min(64, p["n"] // 1000)))
+        ds = ds.map_batches(_render_shapes, fn_kwargs=dict(seed=p["seed"], size=d.resolution), batch_size=500)
+        t0 = time.time()
+        ds.write_parquet(path, filesystem=fs)
+        write_bytes(done, json.dumps({"rows": p["n"], **p}).encode())
+        log.info("generated %d shapes images (seed %d) at %s in %.1fs", p["n"], p["seed"], uri, time.time() - t0)
+    return d.model_copy(update={"source": uri, "format": "parquet", "image_column": "image",
+                                "caption_column": "caption", "key_column": "key"})
 
 
 def read_rows(cfg: DataConfig) -> tuple[Any, str, int]:
@@ -379,8 +504,10 @@ def read_rows(cfg: DataConfig) -> tuple[Any, str, int]:
         shards = paths({"tar"})
         if not shards:
             raise ValueError(f"{cfg.source}: no .tar shards")
-        ds = ray.data.read_webdataset(shards, filesystem=fs, decoder=_wds_sample(cfg), **blocks)
-        ds = ds.map_batches(_rows_webdataset, fn_kwargs=dict(root=root), batch_format="numpy")
+        # one shard per task, read by read_shard (tolerant of damaged and truncated shards)
+        ds = ray.data.from_items([{"path": p} for p in shards], override_num_blocks=len(shards))
+        ds = ds.map_batches(_rows_webdataset, fn_kwargs=dict(fs=fs, root=root, cfg=cfg), batch_size=1,
+                            batch_format="numpy")
         n_files = len(shards)
     else:
         raise ValueError(f"unknown data.format {fmt!r}")
@@ -394,28 +521,41 @@ def read_rows(cfg: DataConfig) -> tuple[Any, str, int]:
 # Keys: which copy of a duplicate is kept, which keys are already in the cache
 
 
-def plan_duplicates(index: list[tuple[str, str, str]], dedup: bool) -> tuple[set, dict, set]:
+def plan_duplicates(index: list[tuple[str, str, str]], dedup: bool) -> tuple[set, dict, set, dict]:
     """From (key, fingerprint, content hash) of every row: (keys dropped as duplicate images, key → the one
-    fingerprint kept where a key occurs more than once, keys whose kept row occurs more than once)."""
+    fingerprint kept where a key occurs more than once, keys whose kept row occurs more than once, copies).
+
+    With dedup, one row per image is kept. Without it every row is kept, and a key that occurs more than once (a
+    parquet key is the image's hash: the same image twice) is made unique: `copies` maps such a key to
+    {fingerprint: the first suffix of its rows}; the rows of one fingerprint are alike, so which of them takes which
+    suffix does not matter, and a rerun gives the same set of keys."""
     by_key: dict[str, list[str]] = {}
     first_key: dict[str, str] = {}
     for key, fp, h in index:
         by_key.setdefault(key, []).append(fp)
         if dedup and h and (h not in first_key or key < first_key[h]):
             first_key[h] = key
-    winner = {k: min(fps) for k, fps in by_key.items() if len(fps) > 1}
-    ambiguous = {k for k, fps in by_key.items() if len(fps) > 1 and fps.count(winner[k]) > 1}
-    dropped = set()
-    if dedup:
-        dropped = {k for k, _, h in index if h and first_key[h] != k}
-    return dropped, winner, ambiguous
+    repeated = {k: sorted(fps) for k, fps in by_key.items() if len(fps) > 1}
+    if not dedup:
+        return set(), {}, set(), {k: {fp: fps.index(fp) for fp in set(fps)} for k, fps in repeated.items()}
+    winner = {k: fps[0] for k, fps in repeated.items()}
+    ambiguous = {k for k, fps in repeated.items() if fps.count(winner[k]) > 1}
+    dropped = {k for k, _, h in index if h and first_key[h] != k}
+    return dropped, winner, ambiguous, {}
+
+
+def copy_key(key: str, n: int) -> str:
+    """The key of the n-th copy of a row (0: the key itself)."""
+    return key if n == 0 else f"{key}#{n}"
 
 
 class _Claims:
-    """Ray actor: the first claim of a key wins (rows that are exact copies, key and all)."""
+    """Ray actor: the first claim of a key wins (rows that are exact copies, key and all); `occurrence` numbers the
+    copies of a (key, fingerprint) instead, for data.dedup false."""
 
     def __init__(self):
         self.claimed: set[str] = set()
+        self.seen: Counter = Counter()
 
     def claim(self, keys: list[str]) -> list[bool]:
         won = []
@@ -424,12 +564,25 @@ class _Claims:
             self.claimed.add(k)
         return won
 
+    def occurrence(self, pairs: list[tuple[str, str]]) -> list[int]:
+        out = []
+        for p in pairs:
+            out.append(self.seen[p])
+            self.seen[p] += 1
+        return out
+
 
 def _preprocess_batch(batch: dict, cfg: DataConfig, done: set, dropped: set, winner: dict, ambiguous: set,
-                      claims: Any, buckets: list | None) -> dict:
+                      copies: dict, claims: Any, buckets: list | None) -> dict:
     import ray
 
     rows = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
+    if copies:  # every copy kept: each gets a key of its own
+        idx = [i for i, r in enumerate(rows) if r["key"] in copies]
+        nth = ray.get(claims.occurrence.remote([(rows[i]["key"], rows[i]["fp"]) for i in idx])) if idx else []
+        for i, n in zip(idx, nth):
+            r = rows[i]
+            r["key"] = copy_key(r["key"], copies[r["key"]][r["fp"]] + n)
     rows = [r for r in rows if r["key"] not in done]  # already in the cache: not read again, not counted
     keep = [True] * len(rows)
     claim_idx = [i for i, r in enumerate(rows) if r["key"] in ambiguous and r["fp"] == winner[r["key"]]]
@@ -492,6 +645,9 @@ class Embedder:
         summary: dict[str, list] = {"kind": [], "name": [], "count": []}
         for reason, n in Counter(s for s in batch["skip"] if s).items():
             summary["kind"].append("skip"), summary["name"].append(reason), summary["count"].append(n)
+        for key, reason in zip(batch["key"], batch["skip"]):
+            if reason in SHARD_DAMAGE:  # the key names the shard: "SHARD/#reason@offset"
+                summary["kind"].append("damaged"), summary["name"].append(str(key)), summary["count"].append(1)
         good = [i for i, s in enumerate(batch["skip"]) if not s]
         groups: dict[tuple, list[int]] = {}
         for i in good:
@@ -517,9 +673,10 @@ class Embedder:
             mean, std = torch.cat(means).cpu(), torch.cat(stds).cpu()
             embed = torch.cat(embeds).cpu()
             cols: dict[str, Any] = {"key": keys, "caption": captions, "split": [split] * len(idx)}
-            if cfg.latents == "dist":
+            if cfg.latents in ("dist", "mean"):
                 cols["latent_mean"] = mean.numpy()
-                cols["latent_std"] = std.numpy()
+                if cfg.latents == "dist":
+                    cols["latent_std"] = std.numpy()
             else:
                 lat = []
                 for j, k in enumerate(keys):  # noise seeded by key: the same sample every run
@@ -562,7 +719,7 @@ def _teacher_facts(cfg: Config) -> dict:
     from diffusers import AutoencoderKL, DiffusionPipeline
     from transformers import CLIPTextConfig
 
-    from models.teacher import load_teacher, resolve_model_dir
+    from models.teacher import load_teacher, resolve_model_dir, trained_latents
 
     src = resolve_model_dir(cfg.teacher.uri)
     kw = {"revision": cfg.teacher.revision} if cfg.teacher.revision else {}
@@ -583,6 +740,7 @@ def _teacher_facts(cfg: Config) -> dict:
         "embed_shape": [int(te.max_position_embeddings), int(dim)],
         "pooled_dim": pooled,
         "has_unet": "unet" in index,
+        "latents": cfg.data.latents if cfg.data.latents != "auto" else (trained_latents(src) or "dist"),
     }
 
 
@@ -612,6 +770,7 @@ def run(cfg: Config) -> dict:
 
     facts = _teacher_facts(cfg)
     f = facts["vae_factor"]
+    log.info("latents: %s (data.latents: %s)", facts["latents"], d.latents)
     if d.resolution % f:
         raise ValueError(f"data.resolution {d.resolution} is not a multiple of the teacher's VAE factor {f}")
     if d.aspect_buckets and facts["family"] != "sdxl":
@@ -622,6 +781,8 @@ def run(cfg: Config) -> dict:
     ensure_ray(cfg)
     import ray.data
 
+    if d.source and d.source.startswith(BUILTIN_SHAPES):
+        cfg = cfg.model_copy(update={"data": builtin_source(cfg)})
     options = ray.data.DataContext.get_current().execution_options
     before = options.preserve_order
     options.preserve_order = before or d.max_rows is not None  # max_rows takes the first rows, every run
@@ -653,19 +814,19 @@ def _run(cfg: Config, facts: dict, buckets: list | None, digest: str) -> dict:
         log.info("%s: %d rows already cached; encoding only the rest", out, len(done))
 
     # pass 1 (cheap, no decoding): which copy of a duplicate is kept
-    dropped, winner, ambiguous = set(), {}, set()
+    dropped, winner, ambiguous, copies = set(), {}, set(), {}
     if d.dedup or fmt != "imagefolder":
         index = []
         for b in ds.select_columns(["key", "fp", "hash"]).iter_batches(batch_format="numpy", batch_size=4096):
             index.extend(zip(b["key"].tolist(), b["fp"].tolist(), b["hash"].tolist()))
-        dropped, winner, ambiguous = plan_duplicates(index, d.dedup)
+        dropped, winner, ambiguous, copies = plan_duplicates(index, d.dedup)
         del index
 
-    claims = ray.remote(num_cpus=0)(_Claims).remote() if ambiguous else None
+    claims = ray.remote(num_cpus=0)(_Claims).remote() if ambiguous or copies else None
     ds = ds.map_batches(
         _preprocess_batch,
-        fn_kwargs=dict(cfg=d, done=done, dropped=dropped, winner=winner, ambiguous=ambiguous, claims=claims,
-                       buckets=buckets),
+        fn_kwargs=dict(cfg=d, done=done, dropped=dropped, winner=winner, ambiguous=ambiguous, copies=copies,
+                       claims=claims, buckets=buckets),
         batch_format="numpy",
         batch_size=d.decode_batch_size,
         num_cpus=d.decode_num_cpus,
@@ -677,7 +838,8 @@ def _run(cfg: Config, facts: dict, buckets: list | None, digest: str) -> dict:
     # the actors (same resources), which saves moving pixels between processes
     summary = ds.map_batches(
         Embedder,
-        fn_constructor_kwargs=dict(teacher=cfg.teacher.model_dump(), data=d.model_dump(), fs=out_fs, root=out_root,
+        fn_constructor_kwargs=dict(teacher=cfg.teacher.model_dump(),
+                                   data={**d.model_dump(), "latents": facts["latents"]}, fs=out_fs, root=out_root,
                                    device=device),
         compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=d.rows_per_file,  # one call writes at most one file per split (and bucket)
@@ -685,10 +847,13 @@ def _run(cfg: Config, facts: dict, buckets: list | None, digest: str) -> dict:
         num_gpus=gpus,
         num_cpus=0 if gpus > 0 else 1,
     )
-    written, skipped = Counter(), Counter()
+    written, skipped, damaged = Counter(), Counter(), set()
     for b in summary.iter_batches(batch_format="numpy", batch_size=None):
         for kind, name, count in zip(b["kind"], b["name"], b["count"]):
-            (written if kind == "rows" else skipped)[str(name)] += int(count)
+            if kind == "damaged":
+                damaged.add(str(name))
+            else:
+                (written if kind == "rows" else skipped)[str(name)] += int(count)
     # rows left out by data.max_rows are not skipped rows: they were never read
     _, rows = existing_keys(out)
     for reason, n in sorted(skipped.items()):
@@ -705,7 +870,7 @@ def _run(cfg: Config, facts: dict, buckets: list | None, digest: str) -> dict:
         "prediction_type": facts["prediction_type"],
         "resolution": d.resolution,
         "dtype": "float32",
-        "latents": d.latents,
+        "latents": facts["latents"],
         "vae_scaling_factor": facts["vae_scaling_factor"],
         "latent_shape": [facts["latent_channels"], d.resolution // f, d.resolution // f],
         "embed_shape": facts["embed_shape"],
@@ -713,6 +878,7 @@ def _run(cfg: Config, facts: dict, buckets: list | None, digest: str) -> dict:
         "buckets": [f"{w}x{h}" for w, h in buckets] if buckets else None,
         "rows": rows,
         "skipped": dict(sorted(skipped.items())),
+        "damaged_shards": sorted(damaged),
         "source": d.source,
         "format": fmt,
         "config_digest": digest,

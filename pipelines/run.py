@@ -26,12 +26,35 @@ def stage_order(stages: list[str]) -> list[str]:
     return order
 
 
+def preflight(cfg: Config, stages: list[str]) -> None:
+    """The inputs the stages will read, checked before Ray starts: raises ValueError naming the config field."""
+    from pipelines.storage import exists
+
+    t = cfg.teacher.uri
+    local = t.startswith(("/", "./", "../", "~", "file://")) or (not t.startswith("builtin:") and "://" not in t
+                                                                and t.count("/") != 1)
+    path = t.removeprefix("file://")
+    if any(s in stages for s in ("prepare", "distill", "steps", "tune", "evaluate")) and local:
+        from pathlib import Path
+
+        if not (Path(path).expanduser() / "model_index.json").is_file():
+            what = "no such folder" if not Path(path).expanduser().exists() else "no model_index.json there"
+            raise ValueError(f"teacher.uri {t!r}: {what} (give a diffusers pipeline folder, a hub id or s3://)")
+    src = cfg.data.source
+    if "prepare" in stages:
+        if not src:
+            raise ValueError("data.source is not set: give the images+captions URI (local path or s3://)")
+        if not src.startswith("builtin:") and not exists(src):
+            raise ValueError(f"data.source {src!r}: no such file or folder")
+
+
 def run_all(cfg: Config) -> dict[str, Any]:
     """Run every stage of cfg.stages; returns {stage: what its run(cfg) returned}. A failing stage raises,
     naming the stage, and the stages after it do not run."""
     from pipelines.cli import STAGE_MODULES
 
     order = stage_order(list(cfg.stages))
+    preflight(cfg, order)
     results: dict[str, Any] = {}
     t_all = time.perf_counter()
     for i, name in enumerate(order, 1):

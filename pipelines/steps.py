@@ -1,6 +1,6 @@
 """`distillery steps CONFIG`: step-distill a student (or the teacher itself) into a 1-8 step sampler.
 
-The same machinery as the distill stage (pipelines/distill.py): Ray Data streams the embedding cache to a
+The training shell the distill stage runs on (pipelines/train.py): Ray Data streams the embedding cache to a
 Ray Train TorchTrainer, each worker trains the student as a DeepSpeed ZeRO engine (or DDP) with the
 distill section's workers, precision, ZeRO stage and checkpoint settings, rank 0 logs to MLflow. What
 differs is the loss, from models/steps.py, and that training runs in phases (`StepDistiller`):
@@ -32,20 +32,19 @@ from models.steps import Schedule, StepDistiller, plan, save_steps_student, stud
 from models.teacher import load_teacher, resolve_model_dir
 from pipelines import tracking
 from pipelines.config import Config, DistillConfig
-from pipelines.distill import (
+from pipelines.storage import ensure_ray, exists, join, read_bytes
+from pipelines.train import (
     StudentEngine,
-    _all_mean,
-    _datasets,
-    _manifest,
-    _train_batches,
-    _upload,
-    cache_batch,
+    TrainBatches,
+    all_mean,
+    cache_manifest,
     prompt_conditioning,
     teacher_dtype,
     trainer_configs,
+    training_datasets,
+    upload_folder,
     worker_setup,
 )
-from pipelines.storage import ensure_ray, exists, join, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +63,8 @@ def train_config(cfg: Config) -> DistillConfig:
     sc = cfg.steps
     total = len(plan(sc.objective, sc.teacher_steps, sc.rounds, sc.lcm_steps)) * sc.steps_per_round
     return cfg.distill.model_copy(update={"lr": sc.lr, "batch_size": sc.batch_size, "max_steps": total,
-                                          "grad_accum": 1, "ema_decay": None})
+                                          "grad_accum": 1, "ema_decay": None, "cuda_graph": False,
+                                          "caption_dropout": sc.caption_dropout})
 
 
 def _load_student(uri: str) -> tuple[str, Any]:
@@ -96,16 +96,19 @@ def train_loop_per_worker(config: dict) -> None:
 
     src, student = _load_student(sc.student)
     schedule = Schedule.from_scheduler(_scheduler(src))
-    guide, uncond = None, None
-    if sc.objective in ("guided", "consistency"):  # the teacher's CFG output guides
-        teacher = load_teacher(cfg.teacher.uri, dtype="float32", components=("unet", "text"),
-                               revision=cfg.teacher.revision, variant=cfg.teacher.variant)
-        uncond = prompt_conditioning(teacher, [""], int(manifest["resolution"]))
+    guide = None
+    # the empty prompt: the teacher's CFG (guided, consistency) and caption dropout
+    teacher = load_teacher(cfg.teacher.uri, dtype="float32",
+                           components=("unet", "text") if sc.objective in ("guided", "consistency") else ("text",),
+                           revision=cfg.teacher.revision, variant=cfg.teacher.variant)
+    uncond = prompt_conditioning(teacher, [""], int(manifest["resolution"]))
+    if teacher.unet is not None:  # the teacher's CFG output guides
         guide = teacher.unet.to(device, teacher_dtype(cfg.teacher.dtype, dc.precision, device))
-        del teacher
-    d = StepDistiller(sc.objective, student, guide, schedule, uncond=uncond, teacher_steps=sc.teacher_steps,
-                      rounds=sc.rounds, guidance_range=tuple(sc.guidance_range), lcm_skip=sc.lcm_skip,
-                      lcm_steps=sc.lcm_steps, ema_decay=sc.ema_decay, lora_rank=sc.lora_rank, huber_c=sc.huber_c)
+    del teacher
+    d = StepDistiller(sc.objective, student, guide, schedule, uncond=None if guide is None else uncond,
+                      teacher_steps=sc.teacher_steps, rounds=sc.rounds, guidance_range=tuple(sc.guidance_range),
+                      lcm_skip=sc.lcm_skip, lcm_steps=sc.lcm_steps, ema_decay=sc.ema_decay, lora_rank=sc.lora_rank,
+                      huber_c=sc.huber_c)
     eng = StudentEngine(d.student, dc, world, device)
     d.student = eng.engine  # forwards go through the engine (DeepSpeed/DDP hooks); copies unwrap it
     total, per = dc.max_steps, sc.steps_per_round
@@ -118,7 +121,7 @@ def train_loop_per_worker(config: dict) -> None:
             if (Path(folder) / AUX).exists():
                 aux = torch.load(Path(folder) / AUX, map_location=device)
         if rank == 0:
-            print(f"[steps] resumed from step {step}", flush=True)
+            log.info("[steps] resumed from step %d", step)
 
     def checkpoint(at: int, metrics: dict[str, float]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -136,9 +139,10 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report({"step": at, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint_{at:06d}")
 
-    batches = _train_batches(ray.train.get_dataset_shard("train"), dc, rank)
-    gen = torch.Generator(device=device).manual_seed(dc.seed * 7919 + rank * 104729 + step)
-    window, window_n, t_log = torch.zeros(1), 0, time.perf_counter()
+    batches = TrainBatches(ray.train.get_dataset_shard("train"), manifest, manifest["family"], dc, rank, world,
+                           device, uncond, seed=dc.seed * 7919 + rank * 104729 + step)
+    gen = torch.Generator(device=device).manual_seed(dc.seed * 7919 + rank * 104729 + step + 1)
+    window, window_n, t_log = torch.zeros(1, device=device), 0, time.perf_counter()
     last = float("nan")
     while step < total:
         if d.phase != step // per:
@@ -147,24 +151,26 @@ def train_loop_per_worker(config: dict) -> None:
                 (d.target if "target" in aux else d.teacher).load_state_dict(aux.get("target", aux.get("teacher")))
                 aux = None
             if rank == 0:
-                print(f"[steps] phase {d.phase + 1}/{len(d.phases)}: {ph.objective}, student samples in "
-                      f"{ph.steps} steps", flush=True)
-        _, batch = next(batches)
-        latents, cond = cache_batch(batch, manifest, manifest["family"], device, None)
-        with eng.autocast():
-            loss = d.loss(latents, cond, gen)["loss"]
-        eng.backward_step(loss)
+                log.info("[steps] phase %d/%d: %s, student samples in %d steps", d.phase + 1, len(d.phases),
+                         ph.objective, ph.steps)
+        _, latents, cond = next(batches)
+
+        def steps_loss(latents: torch.Tensor, cond: dict[str, Any]) -> dict[str, torch.Tensor]:
+            with eng.autocast():
+                return d.loss(latents, cond, gen)
+
+        loss = eng.step(steps_loss, {"latents": latents, "cond": cond})["loss"]
         d.after_step()
         step += 1
-        window += loss.detach().float().cpu()
+        window += loss.detach().float()
         window_n += 1
         end_of_phase = step % per == 0
         if step % dc.log_every == 0 or end_of_phase or step == total:
             now = time.perf_counter()
-            last = float(_all_mean(window / max(1, window_n), world)[0])
+            last = float(all_mean(window / max(1, window_n), world)[0])
             if rank == 0:
-                print(f"[steps] step {step}/{total} loss {last:.4f} "
-                      f"{dc.batch_size * world * window_n / max(now - t_log, 1e-9):.1f} samples/s", flush=True)
+                log.info("[steps] step %d/%d loss %.4f %.1f samples/s", step, total, last,
+                         dc.batch_size * world * window_n / max(now - t_log, 1e-9))
                 if run_id:
                     tracking.log_metrics(uri, run_id, {"loss": last, "phase": d.phase,
                                                        "student_steps": d.phases[d.phase].steps,
@@ -196,9 +202,6 @@ def _check(cfg: Config) -> None:
     if dc.deepspeed and dc.zero_stage == 3:
         raise ValueError("steps: distill.zero_stage 3 is not supported here (the progressive teacher and the "
                          "consistency target are copies of the whole student); use zero_stage 0-2")
-    if dc.encode_on_the_fly:
-        raise ValueError("steps: reads the embedding cache (distill.cache); distill.encode_on_the_fly is not "
-                         "supported here, run `distillery prepare` first")
 
 
 def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
@@ -215,7 +218,7 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         log.info("steps: %s already holds the final student of %s; nothing to do", sc.output, job_key)
         return {"output": sc.output, "steps": done["steps"], "loss": done.get("loss"),
                 "mlflow_run_id": done.get("mlflow_run_id"), "skipped": True}
-    manifest = _manifest(cfg)
+    manifest = cache_manifest(cfg)
     src, student = _load_student(sc.student)
     t_cfg = UNet2DConditionModel.load_config(resolve_model_dir(cfg.teacher.uri), subfolder="unet")
     if t_cfg["cross_attention_dim"] != student.config.cross_attention_dim:
@@ -230,14 +233,14 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
                                          tags={"distillery.stage": "steps", "distillery.config_digest": cfg.digest(),
                                                "distillery.objective": sc.objective})
     log.info("steps: %s MLflow run %s", "resuming" if resumed else "starting", run_id)
-    datasets = _datasets(cfg, manifest)
+    datasets = training_datasets(cfg, manifest)
     datasets.pop("val", None)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "manifest": manifest, "tracking_uri": uri,
                            "mlflow_run_id": run_id},
         datasets=datasets,
-        **trainer_configs(cfg, callbacks),
+        **trainer_configs(cfg, job_name(cfg), callbacks),
     )
     try:
         result = trainer.fit()
@@ -260,7 +263,7 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             folder = save_steps_student(unet, src, Path(tmp) / "student", scheduler, meta)
             tracking.log_artifact(uri, run_id, folder / "distillery.json", "student")
-            _upload(folder, sc.output)
+            upload_folder(folder, sc.output)
     tracking.set_tags(uri, run_id, {"distillery.output": sc.output, "distillery.student_steps": meta["steps"]})
     tracking.end_run(uri, run_id)
     return {"output": sc.output, "steps": meta["steps"], "guidance_scale": meta["guidance_scale"],

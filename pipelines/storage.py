@@ -100,12 +100,13 @@ def ensure_ray(cfg: Any) -> Any:
     if ray.is_initialized():
         return ray
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    kw: dict[str, Any] = {"include_dashboard": cfg.ray.include_dashboard}
+    kw: dict[str, Any] = {}
     if cfg.ray.runtime_env:
         kw["runtime_env"] = cfg.ray.runtime_env
     if address:
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, **kw)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, **kw)
+        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=cfg.ray.include_dashboard,
+                 **kw)
     return ray

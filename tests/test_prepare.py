@@ -87,12 +87,15 @@ def test_split_and_filters():
     assert prepare.score_skip(4.9, cfg) == "low_score" and prepare.score_skip(float("nan"), cfg) == "missing_score"
     assert prepare.score_skip(7.5, cfg) is None
     # duplicates: the smallest key of an image is kept; a repeated key keeps one fingerprint
-    dropped, winner, ambiguous = prepare.plan_duplicates(
-        [("b", "f1", "h1"), ("a", "f2", "h1"), ("c", "f3", "h3"), ("c", "f4", "h4"), ("d", "f5", "h5"),
-         ("d", "f5", "h5")],
-        dedup=True,
-    )
-    assert dropped == {"b"} and winner == {"c": "f3", "d": "f5"} and ambiguous == {"d"}
+    index = [("b", "f1", "h1"), ("a", "f2", "h1"), ("c", "f3", "h3"), ("c", "f4", "h4"), ("d", "f5", "h5"),
+             ("d", "f5", "h5")]
+    dropped, winner, ambiguous, copies = prepare.plan_duplicates(index, dedup=True)
+    assert dropped == {"b"} and winner == {"c": "f3", "d": "f5"} and ambiguous == {"d"} and copies == {}
+    # without dedup every row stays, and repeated keys get suffixes: c's two fingerprints 0 and 1, d's copies 0 and 1
+    dropped, winner, ambiguous, copies = prepare.plan_duplicates(index, dedup=False)
+    assert dropped == set() and winner == {} and ambiguous == set()
+    assert copies == {"c": {"f3": 0, "f4": 1}, "d": {"f5": 0}}
+    assert [prepare.copy_key("d", n) for n in (0, 1)] == ["d", "d#1"]
 
 
 # ---------------------------------------------------------------------------------------------- stage
@@ -313,3 +316,64 @@ def test_embed_resources_defaults_and_overrides():
     assert prepare.embed_resources(d, 8) == (8, 1)
     d = parse_config({"data": {"embed_num_gpus": 0}}).data  # CPU actors on a GPU cluster
     assert prepare.embed_resources(d, 8) == (1, 0)
+
+
+def _tar_shard(path, samples: list[tuple[str, bytes, str]], ext: str = "jpg") -> list[int]:
+    """A webdataset shard written with Python's tarfile (an outside writer); returns each member's header offset."""
+    import tarfile
+
+    offsets = []
+    with tarfile.open(path, "w") as tar:
+        for key, img, cap in samples:
+            for name, data in ((f"{key}.{ext}", img), (f"{key}.txt", cap.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                offsets.append(tar.fileobj.tell())
+                tar.addfile(info, io.BytesIO(data))
+    return offsets
+
+
+def test_webdataset_damaged_and_truncated_shards(ray_local, tmp_path, tiny_sd1_dir):
+    """Shards written by tarfile: one intact (upper-case .JPG members), one cut off mid-file (an interrupted
+    upload), one whose third sample's header is corrupted. Every readable sample is cached, each lost one is
+    counted under a shard-level reason, and the manifest names the damaged shards."""
+    from PIL import Image
+
+    def jpeg(i):
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), (20 * i % 255, 80, 160)).save(buf, "JPEG")
+        return buf.getvalue()
+
+    src = tmp_path / "wds"
+    src.mkdir()
+    shard = lambda s: [(f"s{s}-{i:02d}", jpeg(10 * s + i), f"sample {i} of shard {s}") for i in range(5)]  # noqa: E731
+    _tar_shard(src / "a.tar", shard(0), ext="JPG")
+    _tar_shard(src / "b.tar", shard(1))
+    data = (src / "b.tar").read_bytes()
+    cut = _tar_shard(tmp_path / "tmp.tar", shard(1))[6] + 700  # inside the 4th sample's image
+    (src / "b.tar").write_bytes(data[:cut])
+    offsets = _tar_shard(src / "c.tar", shard(2))
+    raw = bytearray((src / "c.tar").read_bytes())
+    raw[offsets[4] : offsets[4] + 100] = b"\xff" * 100  # the 3rd sample's image header
+    (src / "c.tar").write_bytes(bytes(raw))
+
+    out = str(tmp_path / "cache")
+    prepare.run(_cfg(str(src), out, str(tiny_sd1_dir), val_fraction=0.0, min_side=0))
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    keys = set(_read_cache_train(out)["key"])
+    assert {f"a/s0-{i:02d}" for i in range(5)} <= keys  # .JPG read as images
+    assert {f"b/s1-{i:02d}" for i in range(3)} <= keys and not {"b/s1-03", "b/s1-04"} & keys
+    assert {f"c/s2-{i:02d}" for i in (0, 1, 3, 4)} <= keys
+    assert manifest["rows"]["train"] == len(keys) == 12
+    sk = manifest["skipped"]
+    assert sk.get("truncated_shard") == 1 and sk.get("damaged_shard", 0) >= 1, sk
+    # the sample whose image header was lost keeps its caption member: it is counted, not silently gone
+    assert sum(sk.values()) >= 2 and set(sk) <= {"truncated_shard", "damaged_shard", "empty_file"}, sk
+    assert {d.split("/")[0] for d in manifest["damaged_shards"]} == {"b", "c"}
+
+
+def _read_cache_train(output: str) -> dict:
+    import ray
+
+    return ray.data.read_parquet(join(output, "train"), filesystem=filesystem(output)[0]).take_batch(
+        10_000, batch_format="numpy")

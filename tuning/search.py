@@ -38,6 +38,7 @@ from models.student import RemovalSpec, count_params, student_config
 from pipelines import tracking
 from pipelines.config import Config, dump_config
 from pipelines.storage import delete_dir, ensure_ray, exists, filesystem, is_remote, join, read_bytes, write_bytes
+from pipelines.train import cache_manifest
 from tuning import space
 
 log = logging.getLogger(__name__)
@@ -371,8 +372,6 @@ def run(cfg: Config) -> dict[str, Any]:
     trial's row, the number of trials and the MLflow parent run id."""
     from ray import tune
 
-    from pipelines import distill
-
     tc = cfg.tune
     digest, name, out = search_digest(cfg), experiment_name(cfg), results_uri(cfg)
     summary_uri = join(out, SUMMARY)
@@ -381,8 +380,8 @@ def run(cfg: Config) -> dict[str, Any]:
         if summary.get("digest") == digest:
             log.info("tune: %s already holds the results of search %s; nothing to do", out, name)
             return {**summary, "skipped": True}
-    manifest = distill._manifest(cfg)
-    if not cfg.distill.encode_on_the_fly and not manifest["rows"].get("val"):
+    manifest = cache_manifest(cfg)
+    if not manifest["rows"].get("val"):
         raise ValueError(f"distill.cache {cfg.distill.cache}: no validation rows; trials are compared on the "
                          "validation loss, so prepare the data with data.val_fraction > 0")
     t_config = _teacher_unet_config(cfg.teacher.uri)

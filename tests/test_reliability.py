@@ -1,0 +1,133 @@
+"""Faults and inputs from the outside: concurrent fetches of one remote teacher, names that would escape work_dir,
+credentials that must stay out of job metadata and MLflow, and config errors reported at the edge (one line, the
+field named, no traceback, before Ray starts)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import ConfigError, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = REPO / "models" / "assets" / "shapes-sd1"
+
+
+def _resolve(uri: str, cache: str, env: dict, out: multiprocessing.Queue) -> None:
+    os.environ.update(env, DISTILLERY_CACHE=cache)
+    try:
+        from models.teacher import resolve_model_dir
+
+        out.put(("ok", resolve_model_dir(uri)))
+    except Exception as e:  # noqa: BLE001 - the parent reports it
+        out.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def test_concurrent_fetches_of_one_remote_teacher(s3_bucket, s3_server, tmp_path):
+    """Four processes on one node load the same s3:// teacher at once (every Train worker and embedding actor
+    does on a fresh node): one downloads, all get the same complete folder, no .partial is left."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    bucket = s3_bucket.removeprefix("s3://")
+    for f in SHAPES.rglob("*"):
+        if f.is_file():
+            s3.upload_file(str(f), bucket, f"teacher/{f.relative_to(SHAPES)}")
+    cache = str(tmp_path / "cache")
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_resolve, args=(f"{s3_bucket}/teacher", cache, s3_server.env, out))
+             for _ in range(4)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert [r[0] for r in results] == ["ok"] * 4, results
+    folders = {r[1] for r in results}
+    assert len(folders) == 1
+    folder = Path(folders.pop())
+    want = sorted(str(f.relative_to(SHAPES)) for f in SHAPES.rglob("*") if f.is_file())
+    assert sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()) == want
+    assert not list(folder.parent.glob("*.partial"))
+
+
+@pytest.mark.parametrize("tree, field", [
+    ({"name": "../../../elsewhere"}, "name"),
+    ({"name": "a/b"}, "name"),
+    ({"distill": {"run_name": "../x"}}, "distill.run_name"),
+    ({"steps": {"run_name": ".."}}, "steps.run_name"),
+])
+def test_names_that_become_paths_stay_inside_work_dir(tree, field):
+    with pytest.raises(ConfigError, match=rf"{field}: .*folder name"):
+        parse_config(tree)
+
+
+def test_unknown_presets_are_refused_by_config_validate():
+    with pytest.raises(ConfigError, match="student.preset"):
+        parse_config({"student": {"preset": "bk-smal"}})
+    with pytest.raises(ConfigError, match=r"tune.presets.1"):
+        parse_config({"tune": {"presets": ["bk-base", "bk-tinyy"]}})
+    from typing import get_args
+
+    from models.student import PRESETS
+    from pipelines.config import PresetName
+
+    assert set(get_args(PresetName)) == set(PRESETS)
+
+
+def test_secrets_in_the_config_never_reach_mlflow_params():
+    from pipelines.tracking import flatten
+
+    cfg = parse_config({"ray": {"runtime_env": {"env_vars": {"AWS_SECRET_ACCESS_KEY": "SECRETVALUE123",
+                                                             "HF_TOKEN": "hf_SECRETVALUE", "MY_PASSWORD": "pw1",
+                                                             "PLAIN": "visible"}}},
+                        "data": {"key_column": "id"}, "serve": {"api_key_env": "API_KEY"}})
+    flat = flatten(cfg.model_dump(mode="json"))
+    text = repr(flat)
+    for secret in ("SECRETVALUE123", "hf_SECRETVALUE", "pw1"):
+        assert secret not in text
+    assert flat["ray.runtime_env.env_vars.PLAIN"] == "visible"
+    assert flat["ray.runtime_env.env_vars.HF_TOKEN"] == "***"
+    assert flat["data.key_column"] == "id" and flat["serve.api_key_env"] == "API_KEY"
+
+
+def test_training_workers_get_no_credentials(monkeypatch):
+    from pipelines.train import trainer_configs, worker_env
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAPLANTEDKEY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "planted-secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "planted-token")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    env = worker_env(False)
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9"
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(env)
+    run = trainer_configs(parse_config({}), "job")["run_config"]
+    assert "planted" not in repr(run.worker_runtime_env) and "AKIAPLANTED" not in repr(run.worker_runtime_env)
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    return subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("sets, field", [
+    (["teacher.uri=/no/such/teacher", "data.source=."], "teacher.uri"),
+    (["teacher.uri=./nowhere/teacher"], "teacher.uri"),
+    (["data.source=/no/such/images"], "data.source"),
+    (["student.preset=bk-smal"], "student.preset"),
+])
+def test_config_errors_at_the_edge_are_one_line_before_ray_starts(tmp_path, sets, field):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"work_dir: {tmp_path / 'w'}\nstages: [prepare, distill]\n")
+    r = _cli(tmp_path, "run", str(cfg), *[a for s in sets for a in ("--set", s)])
+    assert r.returncode == 2, r.stderr
+    assert field in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "Started a local Ray" not in r.stderr + r.stdout
+    assert not (tmp_path / "w").exists()
