@@ -73,15 +73,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="distillery", description="Distill Stable Diffusion students on Ray.")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("diffusion-distillery")
+    except PackageNotFoundError:  # a checkout run as `python -m pipelines` without an install
+        ver = "unknown (not installed)"
+    p = argparse.ArgumentParser(prog="distillery", description="Distill Stable Diffusion students on Ray.",
+                                epilog="exit status: 0 done, 1 a stage failed, 2 a bad command line or config")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--version", action="version", version=f"distillery {ver}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_overrides(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set distill.max_steps=10")
 
-    c = sub.add_parser("config", help="validate or show a config with its defaults filled in")
+    c = sub.add_parser("config", help="validate or show a config with its defaults filled in",
+                       description="Validate a config, or show it with every default filled in.")
     c.add_argument("action", choices=["validate", "show"])
     c.add_argument("file")
     with_overrides(c)
@@ -96,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("register", "register the student in MLflow, alias champion if it wins"),
         ("serve", "serve the registered student with Ray Serve (blocks)"),
     ]:
-        sp = sub.add_parser(name, help=text)
+        sp = sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}.")
         sp.add_argument("config")
         with_overrides(sp)
         if name == "serve":
@@ -104,12 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
                             help="write the Serve config (serve deploy / RayService serveConfigV2) and exit")
         sp.set_defaults(func=cmd_stage)
 
-    r = sub.add_parser("run", help="run the config's stages in order, skipping finished ones")
+    r = sub.add_parser("run", help="run the config's stages in order, skipping finished ones",
+                       description="Run the config's stages in order, skipping the ones whose output is complete.")
     r.add_argument("config")
     with_overrides(r)
     r.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("student", help="student presets and building")
+    s = sub.add_parser("student", help="student presets and building",
+                       description="List the student presets, or build a student folder from a teacher.")
     ssub = s.add_subparsers(dest="action", required=True)
     sp = ssub.add_parser("presets", help="list presets with parameter counts and what they remove")
     sp.add_argument("--teacher", default=None, help="count on this teacher (default: SD 1.5 and SDXL configs)")
@@ -122,13 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--dtype", default="float32")
     s.set_defaults(func=cmd_student)
 
-    d = sub.add_parser("demo", help="the whole system on one machine: local Ray, S3 and MLflow")
+    d = sub.add_parser("demo", help="the whole system on one machine: local Ray, S3 and MLflow",
+                       description="The whole system on one machine: local Ray, S3 and MLflow servers, the shapes "
+                                   "teacher distilled, evaluated, registered and served.")
     d.add_argument("--work-dir", default="./runs/demo")
     d.add_argument("--no-serve", action="store_true", help="stop after registering")
     d.add_argument("--small", action="store_true", help="reduced sizes (tests)")
     d.add_argument("--port", type=int, default=8000)
     d.set_defaults(func=cmd_demo)
     return p
+
+
+# exit codes: 2 for a bad command line or config (argparse's own code too), 1 for a run that failed
+EXIT_USAGE, EXIT_FAILED = 2, 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,10 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as err:
         print(str(err), file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_FAILED
 
 
 def run(argv: Any = None) -> None:

@@ -53,6 +53,8 @@ from pipelines.train import (
     eager_if_compiled,
     fp8_linears,
     prompt_conditioning,
+    resume_checkpoint,
+    seal_checkpoint,
     teacher_dtype,
     to_device,
     trainer_configs,
@@ -230,7 +232,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     # resume: the latest checkpoint Ray Train knows (after a worker failure, or a rerun of the same job)
     step = 0
-    ckpt = ray.train.get_checkpoint()
+    ckpt = resume_checkpoint(ray.train.get_checkpoint(), dc.storage_path, job_name(cfg))
     if ckpt is not None:
         with ckpt.as_directory() as d:
             step = eng.load(Path(d))
@@ -315,6 +317,7 @@ def train_loop_per_worker(config: dict) -> None:
                 (folder / STATE).write_text(json.dumps({"step": at, "mlflow_run_id": run_id}))
                 if ema is not None:
                     torch.save(ema.shadow, folder / EMA_FILE)
+            seal_checkpoint(folder, rank, world)
             ray.train.report({"step": at, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint_{at:06d}")
 
@@ -455,7 +458,8 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     losses = {k: v for k, v in metrics.items() if "loss" in k or k.startswith("val_")}
     with result.checkpoint.as_directory() as d:
         state = json.loads((Path(d) / STATE).read_text())
-        meta = {"teacher": cfg.teacher.uri, "preset": cfg.student.preset, "init": cfg.student.init,
+        meta = {"teacher": cfg.teacher.uri, "family": manifest["family"], "preset": cfg.student.preset,
+                "init": cfg.student.init,
                 "spec": spec.to_dict(), "latents": "mean" if manifest["latents"] == "mean" else "dist",
                 "job_key": job_key, "step": state["step"], "losses": losses, "mlflow_run_id": run_id,
                 "checkpoint": result.checkpoint.path, "config_digest": cfg.digest()}

@@ -54,7 +54,31 @@ INPUT_EXAMPLE = pd.DataFrame([{
     "prompt": "a red circle on a blue background", "negative_prompt": "", "num_inference_steps": 1,
     "guidance_scale": 7.5, "seed": 0, "width": 64, "height": 64,
 }])
-PIP_REQUIREMENTS = ["torch", "diffusers==0.42.1", "transformers==5.23.0", "accelerate==1.15.0", "pillow", "pandas"]
+# what the pyfunc needs where it is loaded, pinned to the versions it was registered with (torch without its local
+# build tag, so the CUDA or CPU build of that version both satisfy it)
+REQUIRED = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "pillow", "pandas", "numpy", "pydantic",
+            "pyyaml")
+CODE_PACKAGES = ("models", "pipelines", "serving")  # the project code the pyfunc imports, shipped with the model
+
+
+def pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in REQUIRED]
+
+
+def code_paths(dest: Path) -> list[str]:
+    """Copies of the project's packages (Python files only: no shipped weights) for the model's code/ folder, so
+    the model loads where this project is not installed (mlflow models serve, another environment)."""
+    root = Path(__file__).resolve().parents[1]
+    out = []
+    for pkg in CODE_PACKAGES:
+        for f in (root / pkg).rglob("*.py"):
+            target = dest / pkg / f.relative_to(root / pkg)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target)
+        out.append(str(dest / pkg))
+    return out
 
 
 def _cell(row: pd.Series, key: str, default: Any) -> Any:
@@ -143,7 +167,7 @@ def _tags(meta: dict, metrics: dict[str, float], cfg: Config, fingerprint: str) 
         "family": str(meta.get("family", "")),
         "preset": str(meta.get("preset") or ""),
         "spec": json.dumps(meta.get("spec")) if meta.get("spec") is not None else "",
-        "config_hash": str(meta.get("config_hash") or cfg.digest()),
+        "config_digest": str(meta.get("config_digest") or cfg.digest()),
         "fingerprint": fingerprint,
         "params": str(meta.get("params", "")),
     }
@@ -196,7 +220,7 @@ def register_student(pipeline_dir: str | Path, metrics: dict[str, float], cfg: C
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{cfg.name}-register") as run, \
             tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as staging:
         mlflow.log_metrics(metrics)
-        mlflow.set_tags({"distillery.stage": "register", "distillery.config_hash": tags["config_hash"]})
+        mlflow.set_tags({"distillery.stage": "register", "distillery.config_digest": tags["config_digest"]})
         # MLflow names a logged folder after its basename (and refuses symlinks): hard-link the student
         # as "pipeline" so the model always holds artifacts/pipeline, whatever the folder is called
         staged = Path(staging) / "pipeline"
@@ -207,7 +231,8 @@ def register_student(pipeline_dir: str | Path, metrics: dict[str, float], cfg: C
             artifacts={"pipeline": str(staged)},
             signature=SIGNATURE,
             input_example=INPUT_EXAMPLE,
-            pip_requirements=PIP_REQUIREMENTS,
+            pip_requirements=pip_requirements(),
+            code_paths=code_paths(Path(staging) / "code"),
             registered_model_name=name,
         )
         run_id = run.info.run_id

@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Any
 
-from pipelines.config import Config
+from pipelines.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def stage_order(stages: list[str]) -> list[str]:
 
 
 def preflight(cfg: Config, stages: list[str]) -> None:
-    """The inputs the stages will read, checked before Ray starts: raises ValueError naming the config field."""
+    """The inputs the stages will read, checked before Ray starts: raises ConfigError naming the config field."""
     from pipelines.storage import exists
 
     t = cfg.teacher.uri
@@ -39,13 +39,13 @@ def preflight(cfg: Config, stages: list[str]) -> None:
 
         if not (Path(path).expanduser() / "model_index.json").is_file():
             what = "no such folder" if not Path(path).expanduser().exists() else "no model_index.json there"
-            raise ValueError(f"teacher.uri {t!r}: {what} (give a diffusers pipeline folder, a hub id or s3://)")
+            raise ConfigError(f"teacher.uri {t!r}: {what} (give a diffusers pipeline folder, a hub id or s3://)")
     src = cfg.data.source
     if "prepare" in stages:
         if not src:
-            raise ValueError("data.source is not set: give the images+captions URI (local path or s3://)")
+            raise ConfigError("data.source is not set: give the images+captions URI (local path or s3://)")
         if not src.startswith("builtin:") and not exists(src):
-            raise ValueError(f"data.source {src!r}: no such file or folder")
+            raise ConfigError(f"data.source {src!r}: no such file or folder")
 
 
 def run_all(cfg: Config) -> dict[str, Any]:

@@ -39,6 +39,8 @@ from pipelines.train import (
     all_mean,
     cache_manifest,
     prompt_conditioning,
+    resume_checkpoint,
+    seal_checkpoint,
     teacher_dtype,
     trainer_configs,
     training_datasets,
@@ -114,7 +116,7 @@ def train_loop_per_worker(config: dict) -> None:
     total, per = dc.max_steps, sc.steps_per_round
 
     step, aux = 0, None
-    ckpt = ray.train.get_checkpoint()
+    ckpt = resume_checkpoint(ray.train.get_checkpoint(), dc.storage_path, job_name(cfg))
     if ckpt is not None:
         with ckpt.as_directory() as folder:
             step = eng.load(Path(folder))
@@ -136,6 +138,7 @@ def train_loop_per_worker(config: dict) -> None:
                         torch.save({"teacher": d.teacher.state_dict()}, folder / AUX)
                 if at == total:
                     d.export_student().save_pretrained(folder / FINAL)
+            seal_checkpoint(folder, rank, world)
             ray.train.report({"step": at, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint_{at:06d}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import uuid
 from typing import Any
 
@@ -99,6 +100,12 @@ def ensure_ray(cfg: Any) -> Any:
 
     if ray.is_initialized():
         return ray
+    if not sys.stdout.isatty():
+        # off a terminal (ray job logs, a CI log) Ray Data logs every operator's progress every few seconds; the
+        # stages log what they did
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     kw: dict[str, Any] = {}
     if cfg.ray.runtime_env:

@@ -597,6 +597,66 @@ def trainer_configs(cfg: Config, name: str, callbacks: list | None = None) -> di
     }
 
 
+FILE_LIST = "files-rank{rank}.json"  # written last into each rank's checkpoint folder: what a complete one holds
+
+
+def seal_checkpoint(folder: Path, rank: int, world: int) -> None:
+    """Record the files (and sizes) of this rank's part of a checkpoint folder, after everything else is written:
+    a checkpoint is complete when every rank's list is there and every listed file has its size."""
+    import json
+
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / FILE_LIST.format(rank=rank)).write_text(json.dumps({"world": world, "files": files}))
+
+
+def checkpoint_complete(fs: Any, path: str) -> bool:
+    """Whether a checkpoint folder (on `fs`) holds every file that every rank's list names, at its size."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    sizes = {i.path[len(path) + 1 :]: i.size for i in infos if i.type == pafs.FileType.File}
+    lists = [k for k in sizes if k.startswith("files-rank") and k.endswith(".json")]
+    if not lists:
+        return False
+    world = None
+    for name in lists:
+        with fs.open_input_stream(f"{path}/{name}") as f:
+            listed = json.loads(f.read())
+        world = listed["world"]
+        if any(sizes.get(k) != v for k, v in listed["files"].items()):
+            return False
+    return len(lists) == world
+
+
+def resume_checkpoint(registered: Any, storage_path: str, name: str) -> Any:
+    """The checkpoint a restarted worker resumes from: the newest complete one on storage, which can be newer than
+    the one Ray Train registered (a run killed within the moment between writing a checkpoint and registering it);
+    half-written ones are passed over. `registered`: ray.train.get_checkpoint()."""
+    import re
+
+    import pyarrow.fs as pafs
+    import ray.train
+
+    fs, root = filesystem(join(storage_path, name))
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        m = re.fullmatch(r"checkpoint_(\d+)", info.base_name)
+        if info.type == pafs.FileType.Directory and m:
+            found.append((int(m.group(1)), info.path))
+    known = -1
+    if registered is not None:
+        m = re.search(r"checkpoint_(\d+)$", registered.path.rstrip("/"))
+        known = int(m.group(1)) if m else 10**12  # a checkpoint of another layout: trust Ray's
+    for step, path in sorted(found, reverse=True):
+        if step <= known:
+            break
+        if checkpoint_complete(fs, path):
+            return ray.train.Checkpoint(path, filesystem=fs)
+    return registered
+
+
 def training_datasets(cfg: Config, manifest: dict) -> dict[str, Any]:
     """The cache's splits as Ray datasets of the columns training reads ("val" only where there are rows)."""
     import ray.data

@@ -214,7 +214,7 @@ class ImageServer:
         from serving.images import generate_images, load_pipeline, render_images
 
         self.cfg = ServeConfig.model_validate(serve_cfg)
-        self.model = model
+        self.model = {**model, "created": int(time.time())}
         self._key = read_api_key(self.cfg)
         self._render = render_images
         device = "cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
@@ -332,8 +332,8 @@ class ImageServer:
     async def models(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
         m = self.model
-        card = ModelCard(id=m["name"], version=m["version"], alias=m["alias"], teacher=m["teacher"],
-                         preset=m["preset"], source=m["uri"], decoder=self.cfg.decoder)
+        card = ModelCard(id=m["name"], created=m["created"], version=m["version"], alias=m["alias"],
+                         teacher=m["teacher"], preset=m["preset"], source=m["uri"], decoder=self.cfg.decoder)
         return {"object": "list", "data": [{"name": m["name"], **card.model_dump()}]}
 
     @api.get("/healthz")

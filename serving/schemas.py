@@ -45,6 +45,11 @@ class ImageRequest(BaseModel):
     user: StrictStr | None = None
     quality: StrictStr | None = None
     style: StrictStr | None = None
+    # newer fields of the OpenAI images API, accepted and ignored the same way (the images are always PNG)
+    output_format: StrictStr | None = None
+    output_compression: StrictInt | None = None
+    background: StrictStr | None = None
+    moderation: StrictStr | None = None
 
 
 class ImageData(BaseModel):
@@ -72,6 +77,7 @@ class ImageResponse(BaseModel):
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
+    created: int  # unix time the replica loaded the model (the OpenAI models API field)
     owned_by: str = "distillery"
     version: int | None = None
     alias: str | None = None

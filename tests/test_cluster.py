@@ -1,7 +1,8 @@
 """cluster/ and configs/: the launcher configs pass Ray's own cluster-config validation (what `ray up` runs
 before it touches a cloud), the KubeRay manifests carry what KubeRay needs and their embedded Serve config
 and runtime env pass Ray's own schemas, the real-run configs validate and match the published recipes,
-and a real `ray job submit --working-dir .` of a tiny demo config runs on a local head (127.0.0.1, CPU)."""
+and a real `ray job submit --runtime-env cluster/runtime_env.yaml` of a tiny demo config runs on a local head
+(127.0.0.1, CPU)."""
 
 from __future__ import annotations
 
@@ -343,7 +344,7 @@ def _ray(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedPro
 
 @pytest.mark.parametrize("stages", [["prepare"]])
 def test_ray_job_submit_runs_the_demo_config(ray_head, s3_bucket, tmp_path, stages):
-    """The README's path: `ray job submit --runtime-env cluster/runtime_env.yaml --working-dir . -- python -m
+    """The README's path: `ray job submit --runtime-env cluster/runtime_env.yaml -- python -m
     pipelines run CONFIG` to a head, following the logs; data and results on S3 (the local S3 server), its
     endpoint and credentials in the job's env as a cluster's nodes would have them."""
     import boto3
@@ -374,7 +375,7 @@ def test_ray_job_submit_runs_the_demo_config(ray_head, s3_bucket, tmp_path, stag
     try:
         # without --no-wait: follows the job's logs until it ends; exits 1 if the job failed
         submit = _ray(client_env, "job", "submit", "--submission-id", job_id, "--runtime-env", str(env_path),
-                      "--working-dir", ".", "--", "python", "-m", "pipelines", "run", str(cfg_path), timeout=300)
+                      "--", "python", "-m", "pipelines", "run", str(cfg_path), timeout=300)
     except subprocess.TimeoutExpired as err:
         _ray(client_env, "job", "stop", job_id)
         logs = _ray(client_env, "job", "logs", job_id).stdout
@@ -393,6 +394,11 @@ def test_ray_job_submit_runs_the_demo_config(ray_head, s3_bucket, tmp_path, stag
     names = {p.name for p in pkg.iterdir()}
     assert {"pipelines", "models", "configs"} <= names and (pkg / "pipelines" / "run.py").exists()
     assert not names & {".venv", "runs", ".git"} and not any(n.startswith(".offline") for n in names), names
+    # the shipped teacher travels whole (builtin:shapes-sd1 loads on the cluster), and Ray saw one working_dir
+    shipped = pkg / "models" / "assets" / "shapes-sd1"
+    assert (shipped / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (shipped / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    assert "working_dir" not in out or "overriding" not in out.lower(), out[-3000:]
     size = sum(p.stat().st_size for p in pkg.rglob("*") if p.is_file())
     assert size < 20 * 2**20, f"working_dir upload is {size / 2**20:.1f} MiB"
 

@@ -67,6 +67,17 @@ def test_demo_end_to_end(tmp_path):
     assert results["register"]["alias"] == "champion"
     metrics = json.loads((work / "eval" / "metrics.json").read_text())
     assert metrics["params_student"] < metrics["params_teacher"]
+    # the student draws what its held-out prompts say: each attribute read back from its images is right far more
+    # often than chance (~0.3) or a broken pipeline (its 40-step demo scored 0.0 overall); the teacher is the check
+    attrs = ("shape", "color", "size", "position", "count", "background")
+    mean_attr = sum(metrics[f"caption_accuracy_{a}"] for a in attrs) / len(attrs)
+    assert metrics["caption_accuracy_n"] >= 16 and metrics["caption_accuracy_teacher"] >= 0.5, metrics
+    assert mean_attr >= 0.6, {k: v for k, v in metrics.items() if k.startswith("caption")}
+    prompts = (work / "eval-prompts.txt").read_text().split("\n")
+    from pipelines.shapes import prompts as shape_prompts
+
+    assert not set(prompts) & set(shape_prompts(64, 0)), "evaluation prompts must be held out from the demo's data"
+    assert "caption accuracy (held-out prompts)" in (tmp_path / "demo.log").read_text(errors="replace")
     # Ctrl-C stopped the servers it started
     with pytest.raises(requests.RequestException):
         requests.get(url + "/healthz", timeout=3)

@@ -181,6 +181,23 @@ def _wait_for_checkpoint(run_dir: Path, step: int, timeout: float, proc: subproc
         time.sleep(0.1)
 
 
+def _wait_for_checkpoint_on_disk(run_dir: Path, step: int, timeout: float, proc: subprocess.Popen) -> None:
+    """Until the checkpoint folder of `step` is complete on disk (every rank's file list and files there), which is
+    before Ray Train registers it in its snapshot (~0.5 s later)."""
+    import pyarrow.fs as pafs
+
+    from pipelines.train import checkpoint_complete
+
+    folder = run_dir / f"checkpoint_{step:06d}"
+    deadline = time.time() + timeout
+    while not (folder.is_dir() and checkpoint_complete(pafs.LocalFileSystem(), str(folder))):
+        if proc.poll() is not None:
+            raise AssertionError(f"the distill process exited ({proc.returncode}) before {folder.name} was written")
+        if time.time() > deadline:
+            raise AssertionError(f"{folder} was not complete within {timeout:.0f}s")
+        time.sleep(0.02)
+
+
 def _train_workers(since: float) -> list[psutil.Process]:
     """Ray Train worker processes of our local Ray (children of this process) started after `since`."""
     found = []
@@ -195,9 +212,9 @@ def _train_workers(since: float) -> list[psutil.Process]:
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, ray_local, mlflow_server):
-    """One distillation job run twice: first as `distillery distill` in its own process, killed after the
-    checkpoint of step 4; then the same config again here, during which one training worker is killed
-    after the checkpoint of step 8. It must resume twice and finish at step 12."""
+    """One distillation job run twice: first as `distillery distill` in its own process, killed as soon as the
+    checkpoint of step 4 is on disk (before Ray Train registers it); then the same config again here, during which
+    one training worker is killed after the checkpoint of step 8. It must resume twice and finish at step 12."""
     from pipelines import distill
     from pipelines.config import load_config
 
@@ -213,9 +230,9 @@ def job(tmp_path_factory, ray_local, mlflow_server):
         proc = subprocess.Popen([sys.executable, "-m", "pipelines", "distill", str(cfg_path)], cwd=REPO, env=env,
                                 stdout=out, stderr=out, start_new_session=True)
         try:
-            _wait_for_checkpoint(ckpts, 4, 240, proc)
+            _wait_for_checkpoint_on_disk(ckpts, 4, 240, proc)
         finally:
-            os.kill(proc.pid, signal.SIGKILL)  # a stopped job: no chance to clean up
+            os.killpg(proc.pid, signal.SIGKILL)  # a stopped job: no chance to clean up, nor to register step 4
             proc.wait()
     time.sleep(2)
 

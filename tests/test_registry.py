@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import uuid
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -15,6 +17,8 @@ from PIL import Image
 
 from pipelines import registry
 from pipelines.config import parse_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(tmp_path, server, **registry_kw):
@@ -31,7 +35,7 @@ def student_dir(tiny_sd1_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("student") / "pipe"
     shutil.copytree(tiny_sd1_dir, d)
     (d / "distillery.json").write_text(json.dumps({"teacher": "builtin:tiny-sd1", "preset": "identity",
-                                                   "family": "sd1", "config_hash": "abc123"}))
+                                                   "family": "sd1", "config_digest": "abc123"}))
     return d
 
 
@@ -48,7 +52,7 @@ def test_worse_second_model_keeps_champion(mlflow_server, student_dir, tmp_path)
     assert client.get_model_version_by_alias(name, "challenger").version == "2"
     tags = client.get_model_version(name, "1").tags
     assert tags["teacher"] == "builtin:tiny-sd1" and tags["preset"] == "identity"
-    assert tags["config_hash"] == "abc123"
+    assert tags["config_digest"] == "abc123" and tags["family"] == "sd1"
     assert float(tags["metric.fid_student_vs_teacher"]) == 10.0 and float(tags["metric.clip_score_student"]) == 0.3
 
     # a better one takes the alias; with mode=max the comparison flips
@@ -129,3 +133,38 @@ def test_run_reads_evaluation_metrics(mlflow_server, student_dir, tmp_path):
 def test_not_a_pipeline_folder(mlflow_server, tmp_path):
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         registry.register_student(tmp_path, {"fid_student_vs_teacher": 1.0}, _cfg(tmp_path, mlflow_server))
+
+
+def test_registered_model_loads_where_the_project_is_not_installed(mlflow_server, student_dir, tmp_path):
+    """`mlflow.pyfunc.load_model` in a process that cannot import this project (its editable install and checkout
+    hidden): the model carries its own code (code_paths) and pinned requirements."""
+    import subprocess
+    import sys
+    import textwrap
+
+    cfg = _cfg(tmp_path, mlflow_server)
+    registry.register_student(student_dir, {"fid_student_vs_teacher": 1.0}, cfg)
+    uri = f"models:/{cfg.registry.model_name}@champion"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("__editable__")]
+        sys.path[:] = [p for p in sys.path if p and "{REPO}" not in p]
+        try:
+            import pipelines  # noqa: F401
+            raise SystemExit("the project is still importable")
+        except ImportError:
+            pass
+        import mlflow, pandas as pd
+        model = mlflow.pyfunc.load_model("{uri}")
+        out = model.predict(pd.DataFrame([{{"prompt": "a red circle", "num_inference_steps": 2, "seed": 1}}]))
+        print("images", len(out["image"]), len(out["image"][0]) > 100)
+    """)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url}
+    env.pop("PYTHONPATH", None)
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "images 1 True" in r.stdout, (r.stdout + r.stderr)[-3000:]
+    reqs = mlflow.pyfunc.get_model_dependencies(uri)
+    pins = Path(reqs).read_text()
+    for name in ("torch==", "diffusers==", "pillow==", "pandas=="):
+        assert name in pins, pins

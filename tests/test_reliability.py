@@ -131,3 +131,54 @@ def test_config_errors_at_the_edge_are_one_line_before_ray_starts(tmp_path, sets
     assert field in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert "Started a local Ray" not in r.stderr + r.stdout
     assert not (tmp_path / "w").exists()
+
+
+def test_planted_credentials_reach_no_log_mlflow_or_output(s3_bucket, s3_server, tmp_path):
+    """A whole `distillery run` (prepare from S3, distill on a local Ray, outputs to S3, MLflow in SQLite) with
+    recognizable credentials in the standard AWS variables: none of them appears in Ray's session logs, the MLflow
+    store, anything the stages wrote, or the terminal."""
+    import shutil
+    import tempfile
+
+    import boto3
+    import yaml
+
+    from pipelines.shapes import write_shapes
+
+    write_shapes(f"{s3_bucket}/data", "parquet", 24, seed=0)
+    planted = {"AWS_ACCESS_KEY_ID": "AKIAPLANTEDKEYID0042", "AWS_SECRET_ACCESS_KEY": "planted+Secret/Value0042xyz",
+               "AWS_SESSION_TOKEN": "PlantedSessionToken0042"}
+    ray_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env.update(s3_server.env, **planted, RAY_TMPDIR=ray_dir, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db",
+               PYTHONPATH=str(REPO))
+    cfg = {"name": "creds", "work_dir": f"{s3_bucket}/run", "stages": ["prepare", "distill"],
+           "ray": {"num_cpus": 2, "include_dashboard": False},
+           "teacher": {"uri": "builtin:tiny-sd1"},
+           "data": {"source": f"{s3_bucket}/data", "resolution": 32, "val_fraction": 0.2, "embed_batch_size": 8},
+           "distill": {"num_workers": 1, "deepspeed": False, "batch_size": 2, "max_steps": 2, "val_every": 2,
+                       "checkpoint_every": 2, "val_batches": 1, "sample_steps": 1}}
+    path = tmp_path / "creds.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    try:
+        r = subprocess.run([sys.executable, "-m", "pipelines", "run", str(path)], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+        secrets = [v.encode() for v in planted.values()]
+        found = []
+        for root in (Path(ray_dir), tmp_path):
+            for f in root.rglob("*"):
+                if f.is_file() and not f.is_symlink():
+                    data = f.read_bytes()
+                    found += [f"{f}: {s.decode()}" for s in secrets if s in data]
+        s3 = boto3.client("s3")
+        bucket = s3_bucket.removeprefix("s3://")
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for obj in page.get("Contents", []):
+                data = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+                found += [f"s3 {obj['Key']}: {s.decode()}" for s in secrets if s in data]
+        found += [f"terminal: {s.decode()}" for s in secrets if s.decode() in r.stdout + r.stderr]
+        assert not found, found
+        assert any(Path(ray_dir).rglob("*.log")), "Ray wrote no session logs where the test looked"
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)

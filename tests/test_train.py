@@ -138,3 +138,38 @@ def test_lr_floor_and_cuda_graph_config():
     with pytest.raises(ConfigError, match="num_workers: 1"):
         parse_config({"distill": {"cuda_graph": True, "use_gpu": True, "deepspeed": False, "num_workers": 2}})
     parse_config({"distill": {"cuda_graph": True, "use_gpu": True, "deepspeed": False, "precision": "bf16"}})
+
+
+def test_resume_takes_the_newest_complete_checkpoint_on_disk(tmp_path):
+    """A run killed between writing a checkpoint and Ray Train registering it resumes from that checkpoint; a
+    half-written one (a rank's file missing, or cut short) is passed over."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from pipelines.train import resume_checkpoint, seal_checkpoint
+
+    run = tmp_path / "train" / "job"
+
+    def write(step: int, world: int = 2) -> Path:
+        folder = run / f"checkpoint_{step:06d}"
+        for rank in range(world):
+            (folder / "ds").mkdir(parents=True, exist_ok=True)
+            (folder / "ds" / f"shard_{rank}.pt").write_bytes(b"x" * (100 + rank))
+            part = tmp_path / f"part{step}-{rank}"
+            part.mkdir()
+            (part / "ds").mkdir()
+            (part / "ds" / f"shard_{rank}.pt").write_bytes(b"x" * (100 + rank))
+            seal_checkpoint(part, rank, world)
+            (folder / f"files-rank{rank}.json").write_text((part / f"files-rank{rank}.json").read_text())
+        return folder
+
+    registered = SimpleNamespace(path=str(write(4)))
+    assert resume_checkpoint(registered, str(tmp_path / "train"), "job") is registered
+    write(8)  # complete, never registered
+    newer = write(12)
+    (newer / "ds" / "shard_1.pt").write_bytes(b"x" * 10)  # cut short
+    got = resume_checkpoint(registered, str(tmp_path / "train"), "job")
+    assert Path(got.path).name == "checkpoint_000008"
+    (run / "checkpoint_000008" / "files-rank1.json").unlink()  # a rank's part never arrived
+    assert resume_checkpoint(registered, str(tmp_path / "train"), "job") is registered
+    assert Path(resume_checkpoint(None, str(tmp_path / "train"), "job").path).name == "checkpoint_000004"
