@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,17 @@ class Schedule:
     alphas_cumprod: torch.Tensor  # (T,)
     final_alpha: float  # alpha_cumprod "after" t=0 (DDIM's final_alpha_cumprod)
     prediction_type: str
+    # device copies made once (of alphas_cumprod, of timestep grids): no host-to-device copy per training step,
+    # which would also keep a step from being captured as a CUDA graph
+    _on_device: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def on(self, device: Any, values: tuple[int, ...] | None = None) -> torch.Tensor:
+        """alphas_cumprod (or the timesteps `values`) as a tensor on `device`, copied there once."""
+        key = (str(device), values)
+        if key not in self._on_device:
+            src = self.alphas_cumprod if values is None else torch.tensor(values)
+            self._on_device[key] = src.to(device)
+        return self._on_device[key]
 
     @classmethod
     def from_scheduler(cls, scheduler: Any) -> Schedule:
@@ -62,7 +73,7 @@ class Schedule:
 
     def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """sqrt(ᾱ_t), sqrt(1-ᾱ_t) shaped (B, 1, 1, 1) for broadcasting over `like`; t < 0 is the end."""
-        ac = self.alphas_cumprod.to(like.device)
+        ac = self.on(like.device)
         a = torch.where(t >= 0, ac[t.clamp(min=0)], torch.full_like(ac[:1], self.final_alpha).expand(t.shape))
         a = a.to(torch.float32).view(-1, *([1] * (like.dim() - 1)))
         return a.sqrt(), (1 - a).sqrt()
@@ -229,7 +240,7 @@ def progressive_loss(student: torch.nn.Module, teacher: torch.nn.Module, schedul
     Students with a w input (guided) get w; a teacher without one is guided by CFG when `uncond` is given."""
     x0 = latents.float()
     n, T = x0.shape[0], schedule.num_train_timesteps
-    grid = torch.tensor(trailing_timesteps(steps, T), device=x0.device)
+    grid = schedule.on(x0.device, tuple(trailing_timesteps(steps, T)))
     t = grid[torch.randint(0, steps, (n,), device=x0.device, generator=generator)]
     delta = T // steps
     t_mid, t_end = t - delta // 2, t - delta
@@ -261,7 +272,7 @@ def consistency_loss(student: torch.nn.Module, target: torch.nn.Module, teacher:
     one DDIM step of the teacher's CFG-guided ODE at w. Pseudo-Huber loss (LCM) or MSE when huber_c is None."""
     x0 = latents.float()
     n = x0.shape[0]
-    grid = torch.tensor(lcm_timesteps(skip, schedule.num_train_timesteps), device=x0.device)
+    grid = schedule.on(x0.device, tuple(lcm_timesteps(skip, schedule.num_train_timesteps)))
     t = grid[torch.randint(0, len(grid), (n,), device=x0.device, generator=generator)]
     t_prev = (t - skip).clamp(min=0)
     z = schedule.add_noise(x0, _randn(x0, generator), t)

@@ -53,6 +53,7 @@ from pipelines.train import (
     eager_if_compiled,
     fp8_linears,
     prompt_conditioning,
+    prune_orphan_checkpoints,
     resume_checkpoint,
     seal_checkpoint,
     teacher_dtype,
@@ -454,6 +455,7 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         raise
     if result.checkpoint is None:
         raise RuntimeError(f"distill: the run {job_key} finished without a checkpoint")
+    prune_orphan_checkpoints(result, dc.storage_path, job_name(cfg))
     metrics = dict(result.metrics or {})
     losses = {k: v for k, v in metrics.items() if "loss" in k or k.startswith("val_")}
     with result.checkpoint.as_directory() as d:

@@ -39,6 +39,7 @@ from pipelines.train import (
     all_mean,
     cache_manifest,
     prompt_conditioning,
+    prune_orphan_checkpoints,
     resume_checkpoint,
     seal_checkpoint,
     teacher_dtype,
@@ -65,7 +66,7 @@ def train_config(cfg: Config) -> DistillConfig:
     sc = cfg.steps
     total = len(plan(sc.objective, sc.teacher_steps, sc.rounds, sc.lcm_steps)) * sc.steps_per_round
     return cfg.distill.model_copy(update={"lr": sc.lr, "batch_size": sc.batch_size, "max_steps": total,
-                                          "grad_accum": 1, "ema_decay": None, "cuda_graph": False,
+                                          "grad_accum": 1, "ema_decay": None,
                                           "caption_dropout": sc.caption_dropout})
 
 
@@ -146,10 +147,16 @@ def train_loop_per_worker(config: dict) -> None:
                            device, uncond, seed=dc.seed * 7919 + rank * 104729 + step)
     gen = torch.Generator(device=device).manual_seed(dc.seed * 7919 + rank * 104729 + step + 1)
     window, window_n, t_log = torch.zeros(1, device=device), 0, time.perf_counter()
+
+    def steps_loss(latents: torch.Tensor, cond: dict[str, Any]) -> dict[str, torch.Tensor]:
+        with eng.autocast():
+            return d.loss(latents, cond, gen)
+
     last = float("nan")
     while step < total:
         if d.phase != step // per:
             ph = d.start_phase(step // per)
+            eng.reset_graph()  # a captured step would read the last phase's teacher
             if aux is not None:  # resumed mid-phase: the same teacher / target as before the stop
                 (d.target if "target" in aux else d.teacher).load_state_dict(aux.get("target", aux.get("teacher")))
                 aux = None
@@ -157,12 +164,7 @@ def train_loop_per_worker(config: dict) -> None:
                 log.info("[steps] phase %d/%d: %s, student samples in %d steps", d.phase + 1, len(d.phases),
                          ph.objective, ph.steps)
         _, latents, cond = next(batches)
-
-        def steps_loss(latents: torch.Tensor, cond: dict[str, Any]) -> dict[str, torch.Tensor]:
-            with eng.autocast():
-                return d.loss(latents, cond, gen)
-
-        loss = eng.step(steps_loss, {"latents": latents, "cond": cond})["loss"]
+        loss = eng.step(steps_loss, {"latents": latents, "cond": cond}, generators=(gen,))["loss"]
         d.after_step()
         step += 1
         window += loss.detach().float()
@@ -252,6 +254,7 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         raise
     if result.checkpoint is None:
         raise RuntimeError(f"steps: the run {job_key} finished without a checkpoint")
+    prune_orphan_checkpoints(result, dc.storage_path, job_name(cfg))
     phases = plan(sc.objective, sc.teacher_steps, sc.rounds, sc.lcm_steps)
     guided = sc.objective != "progressive" or student_w(src)
     meta = {"objective": sc.objective, "steps": phases[-1].steps,

@@ -250,7 +250,8 @@ class StudentEngine:
             if not use_gpu:
                 skip_shm_comm_build()
             opt = make_optimizer(student, dc, use_gpu)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, dc) / dc.lr)
+            # a callable: DeepSpeed builds the schedule on the optimizer it wraps (ZeRO drops empty param groups)
+            sched = lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_at(s, dc) / dc.lr)  # noqa: E731
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=student, optimizer=opt, lr_scheduler=sched, config=ds_config(dc, world_size, use_gpu),
                 dist_init_required=False)
@@ -285,8 +286,15 @@ class StudentEngine:
         """Whether steps replay a captured CUDA graph."""
         return self._graph is not None
 
-    def step(self, loss_fn: Any, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """One micro-batch of `loss_fn(**inputs)`; returns its parts (see the class docstring)."""
+    def reset_graph(self) -> None:
+        """Capture the step again after the next warm-up steps (the loss now reads other tensors: a new phase)."""
+        self._graph, self._static_in, self._static_out, self._calls = None, None, {}, 0
+
+    def step(self, loss_fn: Any, inputs: dict[str, Any],
+             generators: tuple[torch.Generator, ...] = ()) -> dict[str, torch.Tensor]:
+        """One micro-batch of `loss_fn(**inputs)`; returns its parts (see the class docstring). `generators`: device
+        generators the loss draws from itself (step distillation's timesteps and noise); a captured step advances
+        them on every replay, as an eager one does."""
         if self.dc.deepspeed:
             parts = loss_fn(**inputs)
             self.engine.backward(parts["loss"])
@@ -309,6 +317,8 @@ class StudentEngine:
             self._static_in = _tree_clone(inputs)
             self.optimizer.zero_grad(set_to_none=True)  # the graph's backward writes the gradients afresh
             graph = torch.cuda.CUDAGraph()
+            for g in generators:
+                graph.register_generator_state(g)
             set_lr(self.optimizer, lr_at(self.opt_steps, self.dc))
             try:
                 with torch.cuda.graph(graph):  # records the step without running it: the replay below runs it
@@ -321,7 +331,7 @@ class StudentEngine:
                 logging.getLogger(__name__).warning("distill.cuda_graph: capture failed, eager steps from here: %s", e)
                 self._stream, self.graph_error = None, str(e)
                 self.optimizer.zero_grad(set_to_none=True)
-                return self.step(loss_fn, inputs)
+                return self.step(loss_fn, inputs, generators)
             self._graph = graph
         _tree_copy(self._static_in, inputs)
         set_lr(self.optimizer, lr_at(self.opt_steps, self.dc))
@@ -655,6 +665,29 @@ def resume_checkpoint(registered: Any, storage_path: str, name: str) -> Any:
         if checkpoint_complete(fs, path):
             return ray.train.Checkpoint(path, filesystem=fs)
     return registered
+
+
+def prune_orphan_checkpoints(result: Any, storage_path: str, name: str) -> list[str]:
+    """Remove the checkpoint folders that Ray Train does not keep and that are older than its newest (written by a
+    run killed before it registered them; resume_checkpoint may have started from one). Returns what was removed."""
+    import re
+
+    import pyarrow.fs as pafs
+
+    kept = {c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in (getattr(result, "best_checkpoints", None) or [])}
+    if result.checkpoint is not None:
+        kept.add(result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
+    steps = [int(m.group(1)) for k in kept if (m := re.fullmatch(r"checkpoint_(\d+)", k))]
+    if not steps:
+        return []
+    fs, root = filesystem(join(storage_path, name))
+    removed = []
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        m = re.fullmatch(r"checkpoint_(\d+)", info.base_name)
+        if info.type == pafs.FileType.Directory and m and info.base_name not in kept and int(m.group(1)) < max(steps):
+            fs.delete_dir(info.path)
+            removed.append(info.base_name)
+    return removed
 
 
 def training_datasets(cfg: Config, manifest: dict) -> dict[str, Any]:

@@ -291,9 +291,14 @@ class ImageServer:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.cfg.max_body_bytes:
             raise ApiError(413, f"request body of {declared} bytes; the limit is {self.cfg.max_body_bytes}")
-        raw = await request.body()
-        if len(raw) > self.cfg.max_body_bytes:
-            raise ApiError(413, f"request body of {len(raw)} bytes; the limit is {self.cfg.max_body_bytes}")
+        # read as it streams in (a chunked body declares no length): refused as soon as it passes the limit
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.cfg.max_body_bytes:
+                raise ApiError(413, f"request body over {self.cfg.max_body_bytes} bytes (the limit)")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         req = parse_request(raw, self.cfg)
         w, h = parse_size(req.size or self.cfg.sizes[0])
         seed = req.seed if req.seed is not None else secrets.randbits(31)

@@ -377,3 +377,81 @@ def _read_cache_train(output: str) -> dict:
 
     return ray.data.read_parquet(join(output, "train"), filesystem=filesystem(output)[0]).take_batch(
         10_000, batch_format="numpy")
+
+
+def _bomb_png() -> bytes:
+    """A valid PNG whose header says 15000 x 15000 pixels (a decompression bomb), patched with its CRC."""
+    import struct
+    import zlib
+
+    png = bytearray(encode(picture(5), "PNG"))
+    ihdr = png.index(b"IHDR")
+    png[ihdr + 4 : ihdr + 12] = struct.pack(">II", 15000, 15000)
+    png[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(png[ihdr : ihdr + 17])))
+    return bytes(png)
+
+
+def test_parquet_written_by_pyarrow_with_20_percent_bad_rows(ray_local, tmp_path, tiny_sd1_dir):
+    """A parquet file written with pyarrow directly (an outside writer): 80 good rows in eight encodings and 20 bad
+    ones of 17 kinds. Exactly the good rows are cached; every bad row is counted, under its reason."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    jpeg, png, gif = encode(picture(900), "JPEG"), encode(picture(901), "PNG"), encode(picture(902), "GIF")
+    good = [(good_image(i), caption(i) + f" {i}", 6.0 + i % 3) for i in range(80)]
+    bad = [  # (image bytes, caption, score, the reason it must be counted under, or None: any reason)
+        (b"", "empty", 7.0, "empty_file"),
+        (None, "null image", 7.0, "empty_file"),
+        (jpeg[: len(jpeg) // 2], "half a jpeg", 7.0, "truncated"),
+        (png[: len(png) // 2], "half a png", 7.0, None),
+        (gif[: len(gif) // 3], "a third of a gif", 7.0, None),
+        (b"this is not an image", "text", 7.0, "undecodable"),
+        (bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)), "noise", 7.0, "undecodable"),
+        (b"<html><body>404 Not Found</body></html>", "an error page", 7.0, "undecodable"),
+        (encode(picture(903, 16, 16)), "tiny", 7.0, "too_small"),
+        (encode(picture(904, 200, 40)), "a banner", 7.0, "bad_aspect_ratio"),
+        (encode(picture(905)), None, 7.0, "missing_caption"),
+        (encode(picture(906)), "   ", 7.0, "missing_caption"),
+        (encode(picture(907)), "x" * 3000, 7.0, "caption_too_long"),
+        (_bomb_png(), "a bomb", 7.0, "too_large"),
+        (good[0][0], "the same bytes as good row 0", 7.0, "duplicate"),
+        (encode(picture(908)), "a dull one", 2.0, "low_score"),
+        (encode(picture(909)), "no score", None, "missing_score"),
+        (b"\x89PNG\r\n\x1a\n", "only a png signature", 7.0, None),
+        (encode(picture(910))[:40], "a png header alone", 7.0, None),
+        (b"GIF89a", "only a gif signature", 7.0, None),
+    ]
+    assert len(bad) == 20
+    rows = [(f"g{i:03d}", *g) for i, g in enumerate(good)] + [(f"z{j:03d}", *b[:3]) for j, b in enumerate(bad)]
+    table = pa.table({"id": [r[0] for r in rows], "jpg": pa.array([r[1] for r in rows], pa.binary()),
+                      "text": pa.array([r[2] for r in rows], pa.string()),
+                      "aesthetic": pa.array([r[3] for r in rows], pa.float64())})
+    src = tmp_path / "pq"
+    src.mkdir()
+    pq.write_table(table.slice(0, 50), src / "part-0.parquet")
+    pq.write_table(table.slice(50), src / "part-1.parquet")
+
+    out = str(tmp_path / "cache")
+    prepare.run(_cfg(str(src), out, str(tiny_sd1_dir), image_column="jpg", caption_column="text", key_column="id",
+                     score_column="aesthetic", min_score=5.0, val_fraction=0.0))
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert sorted(_read_cache_train(out)["key"]) == [f"g{i:03d}" for i in range(80)]
+    skipped = manifest["skipped"]
+    assert sum(skipped.values()) == 20, skipped
+    for reason in {r for *_, r in bad if r}:
+        assert skipped.get(reason, 0) >= sum(1 for *_, r in bad if r == reason), (reason, skipped)
+
+
+def test_a_utf8_bom_never_reaches_the_caption(tmp_path):
+    """Sidecars and metadata.jsonl saved by editors that write a UTF-8 byte-order mark."""
+    import pyarrow.fs as pafs
+
+    (tmp_path / "a.png").write_bytes(encode(picture(1)))
+    (tmp_path / "a.txt").write_bytes("\ufeffa red square".encode())
+    (tmp_path / "metadata.jsonl").write_bytes('\ufeff{"file_name": "b.png", "text": "a blue circle"}\n'.encode())
+    cfg = parse_config({}).data
+    rows = prepare._rows_imagefolder({"path": [str(tmp_path / "a.png")], "bytes": [b"x"]}, str(tmp_path),
+                                     pafs.LocalFileSystem(), {}, {"a.txt"})
+    assert rows["caption"] == ["a red square"]
+    meta = prepare._imagefolder_metadata(str(tmp_path), ["metadata.jsonl"], cfg)
+    assert meta["b.png"]["caption"] == "a blue circle"

@@ -147,8 +147,12 @@ def test_registered_model_loads_where_the_project_is_not_installed(mlflow_server
     uri = f"models:/{cfg.registry.model_name}@champion"
     script = textwrap.dedent(f"""
         import sys
-        sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("__editable__")]
-        sys.path[:] = [p for p in sys.path if p and "{REPO}" not in p]
+        editable = lambda f: (getattr(f, "__module__", "") or type(f).__module__).startswith("__editable__")
+        sys.meta_path[:] = [f for f in sys.meta_path if not editable(f)]
+        sys.path_hooks[:] = [h for h in sys.path_hooks if not editable(h)]
+        sys.path_importer_cache.clear()
+        repo = "{REPO}"
+        sys.path[:] = [p for p in sys.path if p and p != repo and not (p.startswith(repo + "/") and "/.venv/" not in p)]
         try:
             import pipelines  # noqa: F401
             raise SystemExit("the project is still importable")

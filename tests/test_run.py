@@ -65,10 +65,22 @@ def test_run_all_runs_the_stages_and_a_rerun_skips_finished_ones(ray_local, tmp_
     assert time.perf_counter() - t0 < 10  # a finished stage returns without doing the work again
 
 
-def test_a_failing_stage_stops_the_run_with_its_error(ray_local, tmp_path, caplog):
+def test_missing_inputs_stop_the_run_before_any_stage(tmp_path, caplog):
+    from pipelines.config import ConfigError
+
     missing = str(tmp_path / "no-such-data")
     cfg = _config(tmp_path, missing, ["prepare", "distill"])
-    with caplog.at_level(logging.INFO, logger="pipelines.run"), pytest.raises(FileNotFoundError, match=missing):
+    with caplog.at_level(logging.INFO, logger="pipelines.run"), pytest.raises(ConfigError, match="data.source"):
+        run_all(cfg)
+    assert "start" not in caplog.text
+
+
+def test_a_failing_stage_stops_the_run_with_its_error(ray_local, tmp_path, caplog):
+    empty = tmp_path / "no-images-here"  # exists (so the preflight passes), but holds nothing to read
+    empty.mkdir()
+    (empty / "notes.md").write_text("nothing")
+    cfg = _config(tmp_path, str(empty), ["prepare", "distill"])
+    with caplog.at_level(logging.INFO, logger="pipelines.run"), pytest.raises(ValueError, match="format"):
         run_all(cfg)
     assert "stage 1/2 prepare: failed after" in caplog.text
     assert "distill: start" not in caplog.text  # the stages after a failure do not run

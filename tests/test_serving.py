@@ -182,7 +182,14 @@ def test_models_and_health(server):
     assert card["name"] == server["name"] and card["version"] == server["version"]
     assert card["alias"] == "champion" and card["teacher"] == "builtin:tiny-sd1" and card["preset"] == "identity"
     assert card["decoder"] == "builtin:tiny-decoder"
+    assert card["object"] == "model" and abs(card["created"] - time.time()) < 24 * 3600
     assert requests.get(server["url"] + "healthz", timeout=30).json() == {"status": "ok"}
+
+
+def test_newer_openai_fields_are_accepted_and_ignored(server):
+    body = {"prompt": "a red circle", "num_inference_steps": 2, "seed": 3, "output_format": "png",
+            "output_compression": 80, "background": "auto", "moderation": "low", "quality": "high", "style": "vivid"}
+    assert len(images(post(server, body))) == 1
     assert requests.get(server["url"] + "readyz", timeout=30).status_code == 200
 
 
@@ -219,6 +226,38 @@ def test_bad_bodies_then_good(server):
     r = requests.get(server["url"] + "v2/nothing", timeout=30)
     assert r.status_code == 404 and "no route" in r.json()["error"]["message"]
     # the server is still up and serving
+    assert len(images(post(server, {"prompt": "still here", "num_inference_steps": 2}))) == 1
+
+
+def test_chunked_body_over_the_limit_is_refused_as_it_streams(server):
+    """A chunked body (no Content-Length) of up to 200 MiB, sent a MiB at a time over a raw socket: the 413 arrives
+    once the body passes serve.max_body_bytes, while the client is still sending; the server stays up."""
+    import select
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(server["url"])
+    sock = socket.create_connection((u.hostname, u.port), timeout=30)
+    head = (f"POST /v1/images/generations HTTP/1.1\r\nHost: {u.hostname}\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    sock.sendall(head.encode())
+    chunk = b"%x\r\n" % 2**20 + b"x" * 2**20 + b"\r\n"
+    answer, sent = b"", 0
+    try:
+        while sent < 200 and not answer:
+            sock.sendall(chunk)
+            sent += 1
+            if select.select([sock], [], [], 0.05)[0]:
+                answer = sock.recv(65536)
+        if not answer:
+            sock.sendall(b"0\r\n\r\n")
+            answer = sock.recv(65536)
+    except (BrokenPipeError, ConnectionResetError):
+        answer = answer or b"(closed)"
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 413") or answer == b"(closed)", answer[:200]
+    assert sent < 100, f"{sent} MiB were sent before the refusal"
     assert len(images(post(server, {"prompt": "still here", "num_inference_steps": 2}))) == 1
 
 
