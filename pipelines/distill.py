@@ -453,18 +453,21 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     except BaseException:
         tracking.end_run(uri, run_id, "FAILED")
         raise
-    if result.checkpoint is None:
+    # the newest complete checkpoint: a worker that died right after writing the last one (before Ray registered
+    # it) resumes at max_steps and reports nothing more, so Ray's own result can be one checkpoint behind
+    final = resume_checkpoint(result.checkpoint, dc.storage_path, job_name(cfg))
+    if final is None:
         raise RuntimeError(f"distill: the run {job_key} finished without a checkpoint")
     prune_orphan_checkpoints(result, dc.storage_path, job_name(cfg))
     metrics = dict(result.metrics or {})
     losses = {k: v for k, v in metrics.items() if "loss" in k or k.startswith("val_")}
-    with result.checkpoint.as_directory() as d:
+    with final.as_directory() as d:
         state = json.loads((Path(d) / STATE).read_text())
         meta = {"teacher": cfg.teacher.uri, "family": manifest["family"], "preset": cfg.student.preset,
                 "init": cfg.student.init,
                 "spec": spec.to_dict(), "latents": "mean" if manifest["latents"] == "mean" else "dist",
                 "job_key": job_key, "step": state["step"], "losses": losses, "mlflow_run_id": run_id,
-                "checkpoint": result.checkpoint.path, "config_digest": cfg.digest()}
+                "checkpoint": final.path, "config_digest": cfg.digest()}
         with tempfile.TemporaryDirectory() as tmp:
             folder = export_student(d, cfg, spec, Path(tmp) / "student", meta)
             from diffusers import UNet2DConditionModel as U
@@ -476,4 +479,4 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     tracking.set_tags(uri, run_id, {"distillery.output": dc.output, "distillery.final_step": state["step"]})
     tracking.end_run(uri, run_id)
     return {"output": dc.output, "step": state["step"], "losses": losses, "mlflow_run_id": run_id,
-            "checkpoint": result.checkpoint.path}
+            "checkpoint": final.path}

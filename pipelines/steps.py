@@ -252,7 +252,8 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     except BaseException:
         tracking.end_run(uri, run_id, "FAILED")
         raise
-    if result.checkpoint is None:
+    final = resume_checkpoint(result.checkpoint, dc.storage_path, job_name(cfg))  # as in distill.run
+    if final is None:
         raise RuntimeError(f"steps: the run {job_key} finished without a checkpoint")
     prune_orphan_checkpoints(result, dc.storage_path, job_name(cfg))
     phases = plan(sc.objective, sc.teacher_steps, sc.rounds, sc.lcm_steps)
@@ -262,7 +263,7 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
             "phases": [vars(p) for p in phases], "teacher": cfg.teacher.uri, "source": sc.student,
             "lora_rank": sc.lora_rank, "job_key": job_key, "step": dc.max_steps,
             "loss": (result.metrics or {}).get("loss"), "mlflow_run_id": run_id, "config_digest": cfg.digest()}
-    with result.checkpoint.as_directory() as d:
+    with final.as_directory() as d:
         unet = UNet2DConditionModel.from_pretrained(Path(d) / FINAL, torch_dtype=torch.float32)
         scheduler = student_scheduler(sc.objective, _scheduler(src), meta["steps"], sc.lcm_skip)
         meta["scheduler"] = type(scheduler).__name__

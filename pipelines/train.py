@@ -384,7 +384,7 @@ class StudentEngine:
         for g, lr in zip(self.optimizer.param_groups, lr_tensors):  # a captured step reads the same LR tensor
             g["lr"] = lr
         self.scaler.load_state_dict(st["scaler"])
-        self.opt_steps = int(st["opt_steps"])
+        self.opt_steps = int(st.get("opt_steps", st["step"]))  # checkpoints written before opt_steps was saved
         return int(st["step"])
 
 
