@@ -429,14 +429,14 @@ def builtin_params(source: str, field: str = "data.source") -> dict[str, int]:
 
 
 def _render_shapes(batch: dict, seed: int, size: int) -> dict:
-    from pipelines.shapes import caption_of, png_bytes, render, sample_attrs
+    from pipelines.shapes import png_bytes, sample
 
     out: dict[str, list] = {"key": [], "image": [], "caption": []}
     for i in batch["id"].tolist():
-        attrs, centers = sample_attrs(seed, i)
-        out["key"].append(f"shapes-{seed}-{i:07d}")
-        out["image"].append(png_bytes(render(attrs, centers, size)))
-        out["caption"].append(caption_of(attrs))
+        s = sample(seed, i, size)
+        out["key"].append(s.key)
+        out["image"].append(png_bytes(s.image))
+        out["caption"].append(s.caption)
     return out
 
 

@@ -117,13 +117,18 @@ def render(attrs: dict, centers: list[tuple[float, float]], size: int = 64) -> I
     return canvas.resize((size, size), Image.BOX)
 
 
+def sample(seed: int, index: int, size: int = 64) -> ShapeSample:
+    """Sample `index` of seed `seed`: the same whatever else is generated."""
+    attrs, centers = sample_attrs(seed, index)
+    return ShapeSample(f"shapes-{seed}-{index:07d}", caption_of(attrs), attrs, render(attrs, centers, size), centers)
+
+
 def generate(n: int, seed: int = 0, size: int = 64) -> Iterator[ShapeSample]:
     """n captioned images, deterministic from the seed."""
     if n < 0 or size < 16:
         raise ValueError(f"shapes: need n >= 0 and size >= 16, got n={n}, size={size}")
     for i in range(n):
-        attrs, centers = sample_attrs(seed, i)
-        yield ShapeSample(f"shapes-{seed}-{i:07d}", caption_of(attrs), attrs, render(attrs, centers, size), centers)
+        yield sample(seed, i, size)
 
 
 def prompts(n: int, seed: int = 0) -> list[str]:
