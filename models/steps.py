@@ -295,8 +295,13 @@ def consistency_loss(student: torch.nn.Module, target: torch.nn.Module, teacher:
 def ema_update(target: torch.nn.Module, source: torch.nn.Module, decay: float) -> None:
     """target <- decay·target + (1-decay)·source, over parameters of the same name."""
     src = dict(_unwrap(source).named_parameters())
-    for name, p in _unwrap(target).named_parameters():
-        p.lerp_(src[name].detach().to(p.dtype), 1 - decay)
+    pairs = [(p, src[name].detach()) for name, p in _unwrap(target).named_parameters()]
+    same = [(p, q) for p, q in pairs if p.dtype == q.dtype]
+    if same:  # one fused launch per tensor list, not one per parameter (small U-Nets are launch-bound)
+        torch._foreach_lerp_([p for p, _ in same], [q for _, q in same], 1 - decay)
+    for p, q in pairs:
+        if p.dtype != q.dtype:
+            p.lerp_(q.to(p.dtype), 1 - decay)
 
 
 def frozen_copy(unet: torch.nn.Module) -> UNet2DConditionModel:
@@ -460,6 +465,9 @@ class StepDistiller:
         self.teacher: torch.nn.Module | None = None
         self.target: torch.nn.Module | None = None
         self.phase = -1
+        # the empty prompt's conditioning on each device, copied once: a host-to-device copy per step would stall
+        # the step and keep it from being captured as a CUDA graph
+        self._uncond_on: dict[str, dict[str, Any] | None] = {}
 
     def start_phase(self, i: int) -> Phase:
         """Enter phase i: progressive rounds are taught by a frozen copy of the student as it is now."""
@@ -476,7 +484,10 @@ class StepDistiller:
              generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         ph = self.phases[self.phase]
         w = sample_w(latents.shape[0], self.guidance_range, latents.device, generator) if self.guided else None
-        uncond = _to(self.uncond, latents.device)
+        key = str(latents.device)
+        if key not in self._uncond_on:
+            self._uncond_on[key] = _to(self.uncond, latents.device)
+        uncond = self._uncond_on[key]
         if ph.objective == "guided":
             return guided_loss(self.student, self.teacher, self.schedule, latents, cond, uncond, w, generator)
         if ph.objective == "progressive":

@@ -240,6 +240,10 @@ class StudentEngine:
         graph = dc.cuda_graph and use_gpu and not dc.deepspeed and world_size == 1
         self._graph: torch.cuda.CUDAGraph | None = None
         self._stream = torch.cuda.Stream(device) if graph else None
+        if graph and hasattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch"):
+            # the warm-up steps run on the side stream on purpose (capture needs it): autograd's warning that the
+            # gradient accumulators were made on another stream says nothing here
+            torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
         self._static_in: Any = None
         self._static_out: dict[str, torch.Tensor] = {}
         self._calls = 0
