@@ -398,7 +398,7 @@ def save_steps_student(unet: UNet2DConditionModel, source_dir: str, out_dir: Any
 
     unet = merge_lora(_unwrap(unet))
     out = Path(out_dir)
-    pipe = DiffusionPipeline.from_pretrained(source_dir, unet=unet, scheduler=scheduler, torch_dtype=unet.dtype)
+    pipe = DiffusionPipeline.from_pretrained(source_dir, unet=unet, scheduler=scheduler, dtype=unet.dtype)
     pipe.save_pretrained(out)
     old = Path(source_dir) / "distillery.json"
     prior = json.loads(old.read_text()) if old.exists() else {}

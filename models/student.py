@@ -353,7 +353,7 @@ def save_student(
     from diffusers import DiffusionPipeline
 
     out = Path(out_dir)
-    pipe = DiffusionPipeline.from_pretrained(teacher_dir, unet=student, torch_dtype=student.dtype)
+    pipe = DiffusionPipeline.from_pretrained(teacher_dir, unet=student, dtype=student.dtype)
     pipe.save_pretrained(out)
     (out / "distillery.json").write_text(json.dumps(meta, indent=2, default=str))
     return out

@@ -127,7 +127,7 @@ def load_decoder(uri: str, dtype: torch.dtype = torch.float32) -> Any:
     if cls is None:
         raise ValueError(f"decoder {uri}: a {name or 'folder with no _class_name'}; need an AutoencoderTiny (TAESD) "
                          "or AutoencoderKL")
-    return cls.from_pretrained(src, subfolder=sub, torch_dtype=dtype)
+    return cls.from_pretrained(src, subfolder=sub, dtype=dtype)
 
 
 def swap_decoder(pipe: Any, decoder: Any, uri: str = "decoder") -> Any:
@@ -229,19 +229,19 @@ def load_teacher(
     unet_cfg = UNet2DConditionModel.load_config(src, subfolder="unet", **kw)
     unet = None
     if "unet" in components:
-        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=torch_dtype, **kw)
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", dtype=torch_dtype, **kw)
     vae = None
     if "vae" in components:
         # the SD/SDXL VAE overflows in fp16; keep it in fp32 unless bf16 was asked for
         vae_dtype = torch.float32 if torch_dtype == torch.float16 else torch_dtype
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=vae_dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", dtype=vae_dtype, **kw)
     te = tok = te2 = tok2 = None
     if "text" in components:
-        te = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", torch_dtype=torch_dtype, **kw)
+        te = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", dtype=torch_dtype, **kw)
         tok = AutoTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
         if sdxl:
             te2 = CLIPTextModelWithProjection.from_pretrained(
-                src, subfolder="text_encoder_2", torch_dtype=torch_dtype, **kw
+                src, subfolder="text_encoder_2", dtype=torch_dtype, **kw
             )
             tok2 = AutoTokenizer.from_pretrained(src, subfolder="tokenizer_2", **kw)
     sched_cls = _scheduler_class(index)

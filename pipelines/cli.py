@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_overrides(r)
     r.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("student", help="student presets and building",
-                       description="List the student presets, or build a student folder from a teacher.")
+    s = sub.add_parser("student", help="student presets, building and publishing",
+                       description="List the student presets, build a student folder from a teacher, or push one "
+                                   "to the Hugging Face Hub.")
     ssub = s.add_subparsers(dest="action", required=True)
     sp = ssub.add_parser("presets", help="list presets with parameter counts and what they remove")
     sp.add_argument("--teacher", default=None, help="count on this teacher (default: SD 1.5 and SDXL configs)")
@@ -131,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--spec", help="a YAML/JSON removal spec file")
     sb.add_argument("--out", required=True)
     sb.add_argument("--dtype", default="float32")
+    sb.add_argument("--fp16-variant", action="store_true", help="also write *.fp16.safetensors of every component")
+    sb.add_argument("--no-model-card", action="store_true", help="write no README.md model card")
+    sh = ssub.add_parser("push", help="publish a student folder to the Hugging Face Hub",
+                         description="Publish a student folder (model card included) as a Hub model repo, in one "
+                                     "commit. The token comes from HF_TOKEN or `hf auth login`.")
+    sh.add_argument("folder", help="a diffusers pipeline folder (distill.output, steps.output, student build --out)")
+    sh.add_argument("--repo-id", required=True, help="owner/name on the Hub")
+    sh.add_argument("--public", action="store_true", help="create the repo public (default: private)")
+    sh.add_argument("--revision", default=None, help="branch to commit to (default: main)")
+    sh.add_argument("--endpoint", default=None, help="a Hub endpoint (default: HF_ENDPOINT, else huggingface.co)")
+    sh.add_argument("--message", default=None, help="the commit message")
     s.set_defaults(func=cmd_student)
 
     d = sub.add_parser("demo", help="the whole system on one machine: local Ray, S3 and MLflow",

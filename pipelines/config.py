@@ -348,6 +348,9 @@ class EvaluateConfig(Section):
     batch_size: int = Field(4, ge=1)
     output: str | None = None  # default {work_dir}/eval
     seed: int = 0
+    # the share of the teacher's quality the student must keep (caption accuracy where the teacher has an analyzer,
+    # else CLIP score, else FID): the report's and the model card's verdict
+    goal: float = Field(0.95, gt=0)
 
     @field_validator("steps_sweep")
     @classmethod
@@ -358,6 +361,15 @@ class EvaluateConfig(Section):
         if dup:
             raise ValueError(f"step counts must not repeat ({', '.join(map(str, dup))} more than once)")
         return v
+
+
+class ExportConfig(Section):
+    """What every exported student folder (distill, steps, `student build`) holds besides its weights."""
+
+    model_card: bool = True  # README.md: Hub metadata, how it was made, the evaluate stage's scores once scored
+    fp16_variant: bool = False  # also *.fp16.safetensors of every component (from_pretrained(variant="fp16"))
+    license: str | None = None  # the card's license (a Hub license id); the teacher's terms still apply
+    tags: list[str] = Field(default_factory=list)  # more Hub tags for the card
 
 
 class RegistryConfig(Section):
@@ -449,6 +461,7 @@ class Config(Section):
     steps: StepsConfig = Field(default_factory=StepsConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 

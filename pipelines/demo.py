@@ -18,8 +18,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from models import report
 from pipelines import local
 from pipelines.config import Config, load_config
+from pipelines.storage import quiet_progress
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,7 @@ def run_demo(work_dir: str, small: bool = False, serve: bool = True, port: int =
 
         seen = set(prompts(dataset_size(small), cfg.seed))
         (work / "eval-prompts.txt").write_text("\n".join(heldout_prompts(EVAL_PROMPTS, seen)) + "\n")
+        quiet_progress()
         if not ray.is_initialized():
             # workers inherit the servers' addresses through the environment; credentials only through the processes'
             # own environment (this one's, inherited), never as job metadata
@@ -108,7 +111,9 @@ def run_demo(work_dir: str, small: bool = False, serve: bool = True, port: int =
         results = run_all(cfg)
         summary = {"work_dir": str(work), "mlflow": mlflow.url, "s3": s3.url, "results": results}
         (work / "demo-summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        print(side_by_side(results.get("evaluate") or {}))
+        m = results.get("evaluate") or {}
+        if m:
+            print("\n" + report.text_table(m) + "\n" + report.verdict(m, cfg.evaluate.goal))
         if serve:
             from serving.app import start
 
@@ -132,22 +137,6 @@ def run_demo(work_dir: str, small: bool = False, serve: bool = True, port: int =
                 pass
         for s in reversed(servers):
             s.stop()
-
-
-def side_by_side(m: dict[str, float]) -> str:
-    """Teacher and student as the evaluate stage measured them: caption accuracy, ms per image, U-Net size."""
-    if not m:
-        return ""
-    rows = [("caption accuracy (held-out prompts)", "caption_accuracy_teacher", "caption_accuracy", "{:.3f}"),
-            ("ms per image", "latency_image_ms_teacher", "latency_image_ms_student", "{:.1f}"),
-            ("U-Net parameters (M)", "params_teacher", "params_student", "{:.2f}")]
-    lines = [f"\n{'':38}{'teacher':>10}{'student':>10}{'student/teacher':>17}"]
-    for label, t, s, fmt in rows:
-        if t in m and s in m:
-            tv, sv = m[t] / (1e6 if "params" in t else 1), m[s] / (1e6 if "params" in s else 1)
-            ratio = f"{sv / tv:.2f}x" if tv else "-"
-            lines.append(f"{label:38}{fmt.format(tv):>10}{fmt.format(sv):>10}{ratio:>17}")
-    return "\n".join(lines)
 
 
 def _ctrl_c_event() -> threading.Event:

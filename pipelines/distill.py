@@ -51,6 +51,7 @@ from pipelines.train import (
     cache_manifest,
     compile_kwargs,
     eager_if_compiled,
+    finish_export,
     fp8_linears,
     prompt_conditioning,
     prune_orphan_checkpoints,
@@ -474,6 +475,7 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
 
             meta["params"] = count_params(U.from_pretrained(folder / "unet"))
             (folder / "distillery.json").write_text(json.dumps(meta, indent=2, default=str))
+            finish_export(folder, cfg, f"{cfg.name}-student")
             tracking.log_artifact(uri, run_id, folder, "student")
             upload_folder(folder, dc.output)
     tracking.set_tags(uri, run_id, {"distillery.output": dc.output, "distillery.final_step": state["step"]})

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models import report
 from models.kd import Taps, feature_pairs
 from models.steps import guidance_embedding
 from models.student import RemovalSpec, count_params
@@ -761,9 +762,11 @@ SECTIONS = [
 ]
 
 
-def write_report(ev: Evaluation, out: Path, title: str, info: dict[str, Any] | None = None) -> None:
+def write_report(ev: Evaluation, out: Path, title: str, info: dict[str, Any] | None = None,
+                 goal: float = 0.95) -> None:
     """images/{teacher,student,student_{k}steps}/*.png, plots/*.png, metrics.json and report.html under a
-    local folder."""
+    local folder. The page answers first (the verdict against `goal`, teacher | student side by side), then shows
+    the images and the plots, and lists every metric last."""
     columns = _image_columns(ev)
     for folder, _, images in columns:
         d = out / "images" / folder
@@ -789,22 +792,31 @@ def write_report(ev: Evaluation, out: Path, title: str, info: dict[str, Any] | N
         grid.append(f"<tr><td>{esc(p)}<br><small>seed {s}</small></td>{cells}</tr>")
     heads = "".join(f"<th>{esc(label)}</th>" for _, label, _ in columns)
     info_rows = "".join(f"<tr><td>{esc(str(k))}</td><td>{esc(str(v))}</td></tr>" for k, v in (info or {}).items())
+    met = report.goal_met(ev.metrics, goal)
+    verdict_class = "none" if met is None else "met" if met else "missed"
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>
 body {{ font-family: sans-serif; margin: 2em; }} table {{ border-collapse: collapse; margin-bottom: 2em; }}
 td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }}
 th {{ background: #eee; }} img {{ max-width: 256px; image-rendering: pixelated; }} .plot img {{ max-width: 100%; }}
+#verdict {{ font-size: 1.2em; padding: 0.5em 1em; border-left: 6px solid #999; }} #verdict.met {{ border-color: #2a2; }}
+#verdict.missed {{ border-color: #c22; }}
 </style></head><body>
 <h1>{esc(title)}</h1>
-<table>{info_rows}</table>
-<h2>Metrics</h2>
-<table>{"".join(rows)}</table>
+<p id="verdict" class="{verdict_class}">{esc(report.verdict(ev.metrics, goal))}</p>
+<h2>Teacher | student</h2>
+{report.html_table(ev.metrics)}
 {_sweep_table(ev.metrics, sorted(ev.sweep_images))}
 <h2>Teacher | student, same prompt and seed</h2>
 <table><tr><th>prompt</th>{heads}</tr>{"".join(grid)}</table>
 <h2>Plots</h2>
 {"".join(f'<div class="plot"><h3>{esc(p)}</h3><img src="{esc(p)}"></div>' for p in plots)}
+<h2>The run</h2>
+<table>{info_rows}</table>
+<details><summary>Every metric ({len(ev.metrics)})</summary>
+<table id="metrics">{"".join(rows)}</table>
+</details>
 </body></html>
 """
     (out / "report.html").write_text(page)
@@ -1012,7 +1024,7 @@ def run(cfg: Config) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(out_uri) if not is_remote(out_uri) else Path(tmp)
         local.mkdir(parents=True, exist_ok=True)
-        write_report(result, local, f"{cfg.name}: student vs teacher", info)
+        write_report(result, local, f"{cfg.name}: student vs teacher", info, goal=ev.goal)
         run_id = log_to_mlflow(cfg, meta, result.metrics, local)
         manifest = {"digest": digest, "complete": True, "mlflow_run_id": run_id, "student": ev.student,
                     "teacher": cfg.teacher.uri, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -1021,7 +1033,25 @@ def run(cfg: Config) -> dict[str, float]:
             _upload(local, out_uri, names)
         write_bytes(done, json.dumps(manifest, indent=2).encode())  # last: the outputs are complete
     log.info("evaluate: wrote %s (MLflow run %s)", out_uri, run_id)
+    _score_card(ev.student, result.metrics, ev.goal)
     return result.metrics
+
+
+def _score_card(student: str, metrics: dict[str, float], goal: float) -> None:
+    """The student folder's model card gets these scores (a folder or s3:// with a card this project wrote; a
+    registry or Hub student is left as it is)."""
+    from models.export import with_scores
+
+    card_uri = join(student, "README.md")
+    try:
+        if not exists(card_uri):
+            return
+        text = with_scores(read_bytes(card_uri).decode(), metrics, goal)
+        if text is not None:
+            write_bytes(card_uri, text.encode())
+            log.info("evaluate: the scores are in %s", card_uri)
+    except (OSError, ValueError) as e:  # a read-only or remote-only student: the report has the scores anyway
+        log.warning("evaluate: could not write the scores into %s: %s", card_uri, e)
 
 
 def _sampling(pipe: Any, steps: int, guidance_scale: float) -> str:

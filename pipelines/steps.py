@@ -38,6 +38,7 @@ from pipelines.train import (
     TrainBatches,
     all_mean,
     cache_manifest,
+    finish_export,
     prompt_conditioning,
     prune_orphan_checkpoints,
     resume_checkpoint,
@@ -78,7 +79,7 @@ def _load_student(uri: str) -> tuple[str, Any]:
         raise FileNotFoundError(f"steps.student {uri}: no diffusers pipeline folder with a unet/ there; run the "
                                 "distill stage first, or set steps.student to the teacher's URI to step-distill "
                                 "the teacher itself")
-    return src, UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=torch.float32)
+    return src, UNet2DConditionModel.from_pretrained(src, subfolder="unet", dtype=torch.float32)
 
 
 def _scheduler(src: str) -> Any:
@@ -264,11 +265,12 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
             "lora_rank": sc.lora_rank, "job_key": job_key, "step": dc.max_steps,
             "loss": (result.metrics or {}).get("loss"), "mlflow_run_id": run_id, "config_digest": cfg.digest()}
     with final.as_directory() as d:
-        unet = UNet2DConditionModel.from_pretrained(Path(d) / FINAL, torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(Path(d) / FINAL, dtype=torch.float32)
         scheduler = student_scheduler(sc.objective, _scheduler(src), meta["steps"], sc.lcm_skip)
         meta["scheduler"] = type(scheduler).__name__
         with tempfile.TemporaryDirectory() as tmp:
             folder = save_steps_student(unet, src, Path(tmp) / "student", scheduler, meta)
+            finish_export(folder, cfg, f"{cfg.name}-steps")
             tracking.log_artifact(uri, run_id, folder / "distillery.json", "student")
             upload_folder(folder, sc.output)
     tracking.set_tags(uri, run_id, {"distillery.output": sc.output, "distillery.student_steps": meta["steps"]})

@@ -93,19 +93,32 @@ def delete_dir(uri: str) -> None:
         fs.delete_dir(path)
 
 
+def quiet_progress() -> None:
+    """Off a terminal (ray job logs, a CI log, a file), no progress bars (Ray Data's, diffusers' and transformers'
+    loading bars): Ray Data redraws every operator every few seconds, and the stages log what they did. Set before
+    Ray starts, the variables reach every worker (the Ray Train dataset's split coordinator draws bars of its own);
+    the rest covers this process."""
+    if sys.stdout.isatty():
+        return
+    import diffusers.utils.logging
+    import ray.data
+    import transformers.utils.logging
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars read it at import
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def ensure_ray(cfg: Any) -> Any:
     """The Ray every stage uses: the one already initialized, else cfg.ray.address or RAY_ADDRESS (a cluster,
     `ray job submit`), else a local Ray with cfg.ray.num_cpus."""
     import ray
 
+    quiet_progress()
     if ray.is_initialized():
         return ray
-    if not sys.stdout.isatty():
-        # off a terminal (ray job logs, a CI log) Ray Data logs every operator's progress every few seconds; the
-        # stages log what they did
-        import ray.data
-
-        ray.data.DataContext.get_current().enable_progress_bars = False
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     kw: dict[str, Any] = {}
     if cfg.ray.runtime_env:

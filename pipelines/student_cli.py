@@ -1,13 +1,17 @@
-"""`distillery student presets|build`: the model core from the command line, no Ray needed."""
+"""`distillery student presets|build|push`: the model core from the command line, no Ray needed; push publishes a
+student folder to the Hugging Face Hub (or any Hub endpoint) with huggingface_hub."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import tempfile
 from pathlib import Path
 
 import yaml
 
+from models.export import save_fp16_variant, write_model_card
 from models.student import (
     PRESETS,
     RemovalSpec,
@@ -86,6 +90,16 @@ def main(args: argparse.Namespace) -> int:
             print(f"{r['teacher']:<8} {r['preset']:<9} {r['params'] / 1e6:9.1f}M  {r['ratio']:5.1%}  "
                   f"removes: {r['removes']}")
         return 0
+    if args.action == "push":
+        from huggingface_hub.errors import HfHubHTTPError
+
+        try:
+            pushed = push_folder(args.folder, args.repo_id, private=not args.public, revision=args.revision,
+                                 endpoint=args.endpoint, message=args.message)
+        except HfHubHTTPError as e:  # a refusal (token, permissions, name) is an answer, not a crash
+            raise ValueError(f"student push {args.repo_id}: the Hub refused: {e}") from e
+        print(json.dumps(pushed, indent=2))
+        return 0
     from models.teacher import load_teacher
 
     teacher = load_teacher(args.teacher, dtype=args.dtype, components=("unet",))
@@ -95,5 +109,41 @@ def main(args: argparse.Namespace) -> int:
     meta = {"teacher": args.teacher, "family": teacher.family, "preset": args.preset, "spec": spec.to_dict(),
             "params": count_params(student), "teacher_params": count_params(teacher.unet)}
     out = save_student(student, teacher.source, args.out, meta)
+    if args.fp16_variant:
+        save_fp16_variant(out)
+    if not args.no_model_card:
+        write_model_card(out, meta, title=out.name)
     print(json.dumps({"out": str(out), **meta}, indent=2))
     return 0
+
+
+def push_folder(folder: str | Path, repo_id: str, *, private: bool = True, revision: str | None = None,
+                endpoint: str | None = None, message: str | None = None) -> dict[str, str]:
+    """Publish a student folder as a Hub model repo in one commit: created if missing (private unless asked
+    otherwise), every file of the folder, and its model card pointed at the repo (written from distillery.json
+    when the folder has none). The token comes from huggingface_hub's usual sources (HF_TOKEN, `hf auth login`);
+    the endpoint from `endpoint`, else HF_ENDPOINT, else the Hub."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{folder}: no model_index.json; push takes a diffusers pipeline folder (a student "
+                                "that distill, steps or `student build` wrote)")
+    readme = folder / "README.md"
+    if readme.is_file():
+        card = readme.read_text()
+    else:
+        meta_file = folder / "distillery.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        with tempfile.TemporaryDirectory() as tmp:
+            card = write_model_card(Path(tmp), meta, title=repo_id.split("/")[-1]).read_text()
+    # the card's code loads the folder it was written in; on the Hub it loads the repo
+    card = re.sub(r'from_pretrained\("[^"]*"', f'from_pretrained("{repo_id}"', card)
+    api = HfApi(endpoint=endpoint)
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    ops = [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode())]
+    ops += [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
+            for p in sorted(folder.rglob("*")) if p.is_file() and p != readme and ".cache" not in p.parts]
+    info = api.create_commit(repo_id, ops, commit_message=message or f"Upload {folder.name} (diffusion-distillery)",
+                             revision=revision, repo_type="model")
+    return {"repo": str(url), "commit": info.oid, "commit_url": info.commit_url, "files": str(len(ops))}

@@ -14,12 +14,14 @@ A stage's worker function reads top to bottom as set up, step, validate, save; w
     trainer_configs(cfg), training_datasets(cfg, manifest), cache_manifest(cfg), upload_folder(local, uri)
                                               the driver's side: Ray Train's scaling/run configs, the cache as
                                               Ray datasets, the checked manifest, the exported folder to its URI
+    finish_export(folder, cfg, title)         the exported folder's model card and fp16 variant (cfg.export)
 
 Only the functions that say so touch Ray; the rest is plain PyTorch.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -581,7 +583,8 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     workers need to reach the same storage and servers as the driver. Credentials never travel with a job (Ray
     shows and logs runtime environments): workers read them from their own node, as the driver does."""
     env = {"DS_ACCELERATOR": "cpu"} if not use_gpu else {}
-    env["RAY_DATA_DISABLE_PROGRESS_BARS"] = os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    for k in ("RAY_DATA_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):  # no loading bars in worker logs
+        env[k] = os.environ.get(k, "1")
     for k in WORKER_ENV:
         if os.environ.get(k):
             env[k] = os.environ[k]
@@ -722,6 +725,21 @@ def cache_manifest(cfg: Config) -> dict:
         raise ValueError(f"distill.cache {dc.cache} holds embeddings of teacher {manifest['teacher']!r}, but "
                          f"teacher.uri is {cfg.teacher.uri!r}; prepare the data with this teacher")
     return manifest
+
+
+def finish_export(folder: Path, cfg: Config, title: str) -> None:
+    """The rest of an exported student folder, as cfg.export asks: the fp16 variant, then the model card (which
+    shows how to load the variant when there is one). Reads how the student was made from its distillery.json."""
+    from models.export import save_fp16_variant, write_model_card
+
+    ex = cfg.export
+    if ex.fp16_variant:
+        save_fp16_variant(folder)
+    if ex.model_card:
+        meta = json.loads((folder / "distillery.json").read_text())
+        prompt = cfg.distill.sample_prompts[0] if cfg.distill.sample_prompts else "a photo of a cat"
+        write_model_card(folder, meta, title=title, license=ex.license, tags=ex.tags, goal=cfg.evaluate.goal,
+                         prompt=prompt)
 
 
 def upload_folder(local: Path, uri: str) -> None:

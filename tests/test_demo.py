@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,21 @@ import requests
 from PIL import Image
 
 from pipelines.local import free_port
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def repeated_warnings(log: str, at_most: int) -> dict[str, int]:
+    """Warning/error lines of a log seen more than `at_most` times, once process ids, times, addresses and
+    numbers are taken out (the same message from another worker or another second is the same line)."""
+    counts: dict[str, int] = {}
+    for line in ANSI.sub("", log).splitlines():
+        if not re.search(r"warn|error|fail", line, re.I):
+            continue
+        key = re.sub(r"^\(.*?pid=\d+.*?\)\s*", "", line)
+        key = re.sub(r"0x[0-9a-f]+|[0-9a-f]{16,}|\d+", "#", key)
+        counts[key] = counts.get(key, 0) + 1
+    return {k: n for k, n in counts.items() if n > at_most}
 
 
 @pytest.mark.slow
@@ -53,6 +69,12 @@ def test_demo_end_to_end(tmp_path):
         while "Ctrl-C stops the servers" not in (tmp_path / "demo.log").read_text(errors="replace"):
             assert time.time() < deadline, "the demo did not print its serving banner"
             time.sleep(1)
+        # a minute of serving, as a user leaves it running: a request now and then, and nothing floods the terminal
+        served_from = len((tmp_path / "demo.log").read_text(errors="replace"))
+        for i in range(6):
+            time.sleep(10)
+            assert requests.post(url + "/v1/images/generations", json={"prompt": "two small blue squares",
+                                 "seed": i, "num_inference_steps": 2}, timeout=120).status_code == 200
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
@@ -77,7 +99,15 @@ def test_demo_end_to_end(tmp_path):
     from pipelines.shapes import prompts as shape_prompts
 
     assert not set(prompts) & set(shape_prompts(64, 0)), "evaluation prompts must be held out from the demo's data"
-    assert "caption accuracy (held-out prompts)" in (tmp_path / "demo.log").read_text(errors="replace")
+    text = (tmp_path / "demo.log").read_text(errors="replace")
+    assert "caption accuracy (held-out prompts)" in text and "of the teacher's caption accuracy: goal" in text
+    # the terminal stays readable: no warning or error line over and over (one per training worker at most), no
+    # progress bars redrawn into the log, one line per progress report, and nothing repeated while serving
+    assert not repeated_warnings(text, at_most=2), repeated_warnings(text, at_most=2)
+    assert not repeated_warnings(text[served_from:], at_most=1), text[served_from:][-3000:]
+    assert "row/s]" not in text and "it/s]" not in text, "progress bars in a log"
+    steps = re.findall(r"\[distill\] step (\d+)/", text)
+    assert steps and len(steps) == len(set(steps)), steps
     # Ctrl-C stopped the servers it started
     with pytest.raises(requests.RequestException):
         requests.get(url + "/healthz", timeout=3)

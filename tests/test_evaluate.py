@@ -137,6 +137,9 @@ def test_identity_student_matches_teacher(tiny_sd1_dir, students, clip_dir, tmp_
     meta_path = students["identity"] / "distillery.json"
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "mlflow_run_id": train_run}))
 
+    from models.export import NOT_SCORED, write_model_card
+
+    write_model_card(students["identity"], json.loads(meta_path.read_text()), title="identity")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n\n")
     ref = tmp_path / "ref"
@@ -176,6 +179,13 @@ def test_identity_student_matches_teacher(tiny_sd1_dir, students, clip_dir, tmp_
     for p in plots:
         assert (out / p).stat().st_size > 1000 and f'src="{p}"' in report
     assert "a green square on a black background" in report and 'src="images/student/0003.png"' in report
+    # the card of the student folder now carries the verdict and the side-by-side table; read as the Hub does
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(students["identity"] / "README.md")
+    assert card.data.library_name == "diffusers" and "diffusion-distillery" in card.data.tags
+    assert NOT_SCORED not in card.text and "keeps 1.00 of the teacher's CLIP score: goal 0.95 met" in card.text
+    assert "| CLIP score | " in card.text and "| U-Net parameters (M) |" in card.text
 
     logged = client.get_run(train_run)  # into the training run that distillery.json names
     assert logged.data.metrics["fid_student_vs_teacher"] == pytest.approx(metrics["fid_student_vs_teacher"])
@@ -187,6 +197,56 @@ def test_identity_student_matches_teacher(tiny_sd1_dir, students, clip_dir, tmp_
     stamp = (out / "report.html").stat().st_mtime_ns
     assert run(cfg) == metrics
     assert (out / "report.html").stat().st_mtime_ns == stamp
+
+
+def test_report_answers_first_in_a_browser(tiny_sd1_dir, students, clip_dir, tmp_path):
+    """report.html as a browser shows it: the verdict, then teacher | student side by side, before the images,
+    the plots and the list of every metric."""
+    from browser import chromium
+    from selenium.webdriver.common.by import By
+
+    from pipelines.evaluate import run
+
+    cfg = parse_config({"work_dir": str(tmp_path / "work"), "teacher": {"uri": str(tiny_sd1_dir)},
+                        "evaluate": small_eval(student=str(students["bk-small"]), prompts=str(_prompts(tmp_path)),
+                                               reference=str(_reference(tmp_path)), clip_model=str(clip_dir),
+                                               goal=2.0)})
+    metrics = run(cfg)
+    with chromium(tmp_path / "profile") as driver:
+        driver.get((Path(cfg.evaluate.output) / "report.html").resolve().as_uri())
+        verdict = driver.find_element(By.ID, "verdict")
+        assert "of the teacher's CLIP score: goal 2.00 not met" in verdict.text  # no student doubles CLIP score
+        assert verdict.get_attribute("class") == "missed"
+        headings = [h.text for h in driver.find_elements(By.TAG_NAME, "h2")]
+        assert headings[0] == "Teacher | student", headings
+        table = driver.find_element(By.ID, "side-by-side")
+        rows = {r.find_elements(By.TAG_NAME, "td")[0].text: [c.text for c in r.find_elements(By.TAG_NAME, "td")[1:]]
+                for r in table.find_elements(By.TAG_NAME, "tr")[1:]}
+        t, s, ratio = rows["U-Net parameters (M)"]
+        assert float(s) < float(t) and ratio == f"{metrics['params_student'] / metrics['params_teacher']:.2f}x"
+        assert float(rows["ms per image (ratio: speed-up)"][1]) == pytest.approx(
+            metrics["latency_image_ms_student"], abs=0.06)
+        # the answer sits above the images; every metric is listed further down, folded
+        y = lambda el: el.location["y"]  # noqa: E731
+        first_image = driver.find_element(By.CSS_SELECTOR, 'img[src^="images/"]')
+        assert y(verdict) < y(table) < y(first_image)
+        assert not driver.find_element(By.ID, "metrics").is_displayed()
+        assert all(driver.execute_script("return arguments[0].naturalWidth", im) > 0
+                   for im in driver.find_elements(By.TAG_NAME, "img"))
+
+
+def _prompts(tmp_path: Path) -> Path:
+    p = tmp_path / "prompts.txt"
+    p.write_text("\n".join(PROMPTS) + "\n")
+    return p
+
+
+def _reference(tmp_path: Path) -> Path:
+    ref = tmp_path / "ref"
+    ref.mkdir(exist_ok=True)
+    for i in range(6):
+        shape_image(i, 80).save(ref / f"{i}.png")
+    return ref
 
 
 def test_bk_small_from_cache_to_s3_via_cli(tiny_sd1_dir, students, s3_bucket, mlflow_server, tmp_path, capsys):

@@ -135,6 +135,26 @@ def test_not_a_pipeline_folder(mlflow_server, tmp_path):
         registry.register_student(tmp_path, {"fid_student_vs_teacher": 1.0}, _cfg(tmp_path, mlflow_server))
 
 
+HIDE_PROJECT = """
+import sys
+editable = lambda f: (getattr(f, "__module__", "") or type(f).__module__).startswith("__editable__")
+sys.meta_path[:] = [f for f in sys.meta_path if not editable(f)]
+sys.path_hooks[:] = [h for h in sys.path_hooks if not editable(h)]
+sys.path_importer_cache.clear()
+repo = "{repo}"
+sys.path[:] = [p for p in sys.path if p and p != repo and not (p.startswith(repo + "/") and "/.venv/" not in p)]
+"""
+
+
+def _env_without_project(tmp_path, server) -> dict[str, str]:
+    """The environment of a Python process (and of every Python process it starts) that cannot import this
+    project: a sitecustomize drops its editable install and its checkout from the import path."""
+    site = tmp_path / "hide-project"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(HIDE_PROJECT.format(repo=REPO))
+    return {**os.environ, "MLFLOW_TRACKING_URI": server.url, "PYTHONPATH": str(site)}
+
+
 def test_registered_model_loads_where_the_project_is_not_installed(mlflow_server, student_dir, tmp_path):
     """`mlflow.pyfunc.load_model` in a process that cannot import this project (its editable install and checkout
     hidden): the model carries its own code (code_paths) and pinned requirements."""
@@ -146,13 +166,6 @@ def test_registered_model_loads_where_the_project_is_not_installed(mlflow_server
     registry.register_student(student_dir, {"fid_student_vs_teacher": 1.0}, cfg)
     uri = f"models:/{cfg.registry.model_name}@champion"
     script = textwrap.dedent(f"""
-        import sys
-        editable = lambda f: (getattr(f, "__module__", "") or type(f).__module__).startswith("__editable__")
-        sys.meta_path[:] = [f for f in sys.meta_path if not editable(f)]
-        sys.path_hooks[:] = [h for h in sys.path_hooks if not editable(h)]
-        sys.path_importer_cache.clear()
-        repo = "{REPO}"
-        sys.path[:] = [p for p in sys.path if p and p != repo and not (p.startswith(repo + "/") and "/.venv/" not in p)]
         try:
             import pipelines  # noqa: F401
             raise SystemExit("the project is still importable")
@@ -163,12 +176,58 @@ def test_registered_model_loads_where_the_project_is_not_installed(mlflow_server
         out = model.predict(pd.DataFrame([{{"prompt": "a red circle", "num_inference_steps": 2, "seed": 1}}]))
         print("images", len(out["image"]), len(out["image"][0]) > 100)
     """)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url}
-    env.pop("PYTHONPATH", None)
-    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=_env_without_project(tmp_path, mlflow_server),
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "images 1 True" in r.stdout, (r.stdout + r.stderr)[-3000:]
     reqs = mlflow.pyfunc.get_model_dependencies(uri)
     pins = Path(reqs).read_text()
     for name in ("torch==", "diffusers==", "pillow==", "pandas=="):
         assert name in pins, pins
+
+
+def test_mlflow_models_serve_answers_where_the_project_is_not_installed(mlflow_server, student_dir, tmp_path):
+    """MLflow's own scoring server (`mlflow models serve`, the local environment manager) serves the registered
+    student over HTTP from a process tree that cannot import this project."""
+    import base64
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    from pipelines.local import free_port
+
+    cfg = _cfg(tmp_path, mlflow_server)
+    registry.register_student(student_dir, {"fid_student_vs_teacher": 1.0}, cfg)
+    port = free_port()
+    env = _env_without_project(tmp_path, mlflow_server)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m",
+                             f"models:/{cfg.registry.model_name}@champion", "-p", str(port), "-h", "127.0.0.1",
+                             "--env-manager", "local", "-w", "1"], cwd=tmp_path, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline, ready = time.time() + 240, False
+        while time.time() < deadline and proc.poll() is None and not ready:
+            try:
+                ready = requests.get(url + "/ping", timeout=2).status_code == 200
+            except requests.RequestException:
+                time.sleep(1)
+        assert ready, (tmp_path / "serve.log").read_text(errors="replace")[-3000:]
+        r = requests.post(url + "/invocations", timeout=180, json={
+            "dataframe_records": [{"prompt": "a red circle", "num_inference_steps": 2, "seed": 1}]})
+        assert r.status_code == 200, r.text[:2000]
+        rows = r.json()["predictions"]
+        png = base64.b64decode(rows[0]["image"]) if isinstance(rows[0]["image"], str) else None
+        assert png is not None and Image.open(io.BytesIO(png)).size == (64, 64), str(rows)[:500]
+        assert "No module named 'pipelines'" not in (tmp_path / "serve.log").read_text(errors="replace")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

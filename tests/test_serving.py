@@ -262,20 +262,11 @@ def test_chunked_body_over_the_limit_is_refused_as_it_streams(server):
 
 
 def test_web_page(server, tmp_path):
-    if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
-        pytest.skip("chromium and chromium-driver are not installed (apt-get install -y chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    from browser import chromium
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = shutil.which("chromium")
-    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-              "--disable-component-update", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"):
-        opts.add_argument(a)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
-    try:
+    with chromium(tmp_path / "profile") as driver:
         driver.get(server["url"])
         driver.find_element(By.ID, "prompt").send_keys("a green triangle")
         driver.find_element(By.ID, "apikey").send_keys(KEY)
@@ -287,8 +278,6 @@ def test_web_page(server, tmp_path):
         assert img.get_attribute("src").startswith("data:image/png;base64,")
         WebDriverWait(driver, 10).until(lambda d: d.execute_script("return arguments[0].naturalWidth", img) == 64)
         assert "for a batch of 1" in driver.find_element(By.ID, "status").text
-    finally:
-        driver.quit()
 
 
 def _replicas() -> dict[str, int]:
