@@ -90,13 +90,14 @@ class Evaluation:
 def read_prompts(uri: str) -> list[str]:
     """A text file (local or remote), one prompt per line; blank lines are skipped. `builtin:shapes?n=N&seed=S`:
     the captions of that generated shapes dataset (pipelines/shapes.py; seed 10000 is the shapes teacher's held-out
-    evaluation set)."""
+    evaluation set); `&holdout=K&only=heldout`: only captions of the K shape-color pairs a limited-data student's
+    data left out."""
     if uri.startswith("builtin:shapes"):
         from pipelines.prepare import builtin_params
         from pipelines.shapes import prompts as shape_prompts
 
         p = builtin_params(uri, "evaluate.prompts")
-        return shape_prompts(p["n"], p["seed"])
+        return shape_prompts(p["n"], p["seed"], p["holdout"], p["only"])
     if not exists(uri):
         raise FileNotFoundError(f"evaluate.prompts {uri}: no such file")
     prompts = [line.strip() for line in read_bytes(uri).decode("utf-8").splitlines() if line.strip()]

@@ -413,27 +413,39 @@ def _with_fingerprint(rows: dict) -> dict:
 BUILTIN_SHAPES = "builtin:shapes"
 
 
-def builtin_params(source: str, field: str = "data.source") -> dict[str, int]:
-    """n, seed of a `builtin:shapes?n=N&seed=S` source (n default 2000, seed 0); errors name the field."""
+def builtin_params(source: str, field: str = "data.source") -> dict[str, Any]:
+    """n, seed, holdout, only of a `builtin:shapes?n=N&seed=S[&holdout=K][&only=seen|heldout]` source (n default
+    2000, seed 0, nothing held out; with holdout K, the K shape-color pairs of pipelines.shapes.held_out(K) are
+    left out of the data, and only=heldout asks for them alone, for evaluation prompts); errors name the field."""
     from urllib.parse import parse_qsl
 
+    from pipelines.shapes import indices
+
     _, _, query = source.partition("?")
-    params = {"n": 2000, "seed": 0}
+    params: dict[str, Any] = {"n": 2000, "seed": 0, "holdout": 0, "only": None}
+    usage = "builtin:shapes?n=N&seed=S[&holdout=K][&only=seen|heldout]"
     for k, v in parse_qsl(query, keep_blank_values=True):
-        if k not in params or not v.lstrip("-").isdigit():
-            raise ValueError(f"{field} {source!r}: expected builtin:shapes?n=N&seed=S (got {k}={v!r})")
-        params[k] = int(v)
+        if k == "only" and v in ("seen", "heldout"):
+            params[k] = v
+        elif k in ("n", "seed", "holdout") and v.lstrip("-").isdigit():
+            params[k] = int(v)
+        else:
+            raise ValueError(f"{field} {source!r}: expected {usage} (got {k}={v!r})")
     if params["n"] < 1:
         raise ValueError(f"{field} {source!r}: n must be at least 1")
+    try:
+        indices(1, params["seed"], params["holdout"], params["only"])  # checks holdout and only together
+    except ValueError as e:
+        raise ValueError(f"{field} {source!r}: {e}") from None
     return params
 
 
-def _render_shapes(batch: dict, seed: int, size: int) -> dict:
+def _render_shapes(batch: dict, seed: int, size: int, picked: list[int] | None = None) -> dict:
     from pipelines.shapes import png_bytes, sample
 
     out: dict[str, list] = {"key": [], "image": [], "caption": []}
-    for i in batch["id"].tolist():
-        s = sample(seed, i, size)
+    for j in batch["id"].tolist():
+        s = sample(seed, j if picked is None else picked[j], size)
         out["key"].append(s.key)
         out["image"].append(png_bytes(s.image))
         out["caption"].append(s.caption)
@@ -447,18 +459,25 @@ def builtin_source(cfg: Config) -> DataConfig:
     import ray
 
     d = cfg.data
+    from pipelines.shapes import held_out, indices
+
     p = builtin_params(d.source)
-    uri = join(cfg.work_dir, "source", f"shapes-n{p['n']}-seed{p['seed']}-{d.resolution}px")
+    hold = f"-holdout{p['holdout']}" + (f"-{p['only']}" if p["only"] else "") if p["holdout"] else ""
+    uri = join(cfg.work_dir, "source", f"shapes-n{p['n']}-seed{p['seed']}{hold}-{d.resolution}px")
     done = join(uri, "_distillery_complete.json")
     if not exists(done):
         delete_dir(uri)  # what an interrupted generation left
         fs, path = filesystem(uri)
+        picked = indices(p["n"], p["seed"], p["holdout"], p["only"]) if p["holdout"] else None
         ds = ray.data.range(p["n"], override_num_blocks=max(1, min(64, p["n"] // 1000)))
-        ds = ds.map_batches(_render_shapes, fn_kwargs=dict(seed=p["seed"], size=d.resolution), batch_size=500)
+        ds = ds.map_batches(_render_shapes, fn_kwargs=dict(seed=p["seed"], size=d.resolution, picked=picked),
+                            batch_size=500)
         t0 = time.time()
         ds.write_parquet(path, filesystem=fs)
-        write_bytes(done, json.dumps({"rows": p["n"], **p}).encode())
-        log.info("generated %d shapes images (seed %d) at %s in %.1fs", p["n"], p["seed"], uri, time.time() - t0)
+        pairs = sorted(f"{s} {c}" for s, c in held_out(p["holdout"]))
+        write_bytes(done, json.dumps({"rows": p["n"], **p, "held_out_pairs": pairs}).encode())
+        log.info("generated %d shapes images (seed %d%s) at %s in %.1fs", p["n"], p["seed"],
+                 f"; never {', '.join(pairs)}" if pairs and p["only"] != "heldout" else "", uri, time.time() - t0)
     return d.model_copy(update={"source": uri, "format": "parquet", "image_column": "image",
                                 "caption_column": "caption", "key_column": "key"})
 

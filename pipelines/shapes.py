@@ -131,9 +131,44 @@ def generate(n: int, seed: int = 0, size: int = 64) -> Iterator[ShapeSample]:
         yield sample(seed, i, size)
 
 
-def prompts(n: int, seed: int = 0) -> list[str]:
-    """The captions of generate(n, seed) without rendering the images (evaluation prompts)."""
-    return [caption_of(sample_attrs(seed, i)[0]) for i in range(n)]
+def prompts(n: int, seed: int = 0, holdout: int = 0, only: str | None = None) -> list[str]:
+    """The captions of generate(n, seed) without rendering the images (evaluation prompts); with `holdout` and
+    `only`, the captions of the samples `indices` picks."""
+    return [caption_of(sample_attrs(seed, i)[0]) for i in indices(n, seed, holdout, only)]
+
+
+# --- held-out attribute combinations (the limited-data benchmark) ------------------------------------------
+
+# every (shape, color) pair in one fixed order: held_out(k) is its first k, the same for every seed and run
+PAIRS = [(s, c) for s in SHAPES for c in COLORS]
+PAIR_ORDER = [PAIRS[i] for i in np.random.default_rng(20261202).permutation(len(PAIRS))]
+
+
+def held_out(k: int) -> set[tuple[str, str]]:
+    """The k (shape, color) pairs a limited-data student never sees: data keeps the others, evaluation can ask
+    for these alone."""
+    if not 0 <= k < len(PAIRS):
+        raise ValueError(f"holdout={k}: hold out 0 to {len(PAIRS) - 1} of the {len(PAIRS)} shape-color pairs")
+    return set(PAIR_ORDER[:k])
+
+
+def indices(n: int, seed: int = 0, holdout: int = 0, only: str | None = None) -> list[int]:
+    """The sample indices of the first n samples of `seed` whose (shape, color) pair is held out (only="heldout")
+    or not (only="seen", the default when holdout > 0); 0..n-1 when nothing is held out."""
+    if only not in (None, "seen", "heldout"):
+        raise ValueError(f"only={only!r}: choose seen or heldout")
+    if holdout == 0:
+        if only == "heldout":
+            raise ValueError("only=heldout needs holdout >= 1")
+        return list(range(n))
+    held, want = held_out(holdout), (only or "seen") == "heldout"
+    out, i = [], 0
+    while len(out) < n:
+        a = sample_attrs(seed, i)[0]
+        if ((a["shape"], a["color"]) in held) == want:
+            out.append(i)
+        i += 1
+    return out
 
 
 _CAPTION = re.compile(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -213,6 +214,35 @@ def test_webdataset_local_path(ray_local, tmp_path, tiny_sd1_dir):
     # they change how the stage runs, not what it caches: other values find the cache complete
     again = prepare.run(_cfg(src, out, str(tiny_sd1_dir), crop="random", decode_batch_size=64, read_parallelism=None))
     assert again["status"] == "already complete"
+
+
+def test_builtin_shapes_source_leaves_out_the_held_out_pairs(ray_local, tmp_path, tiny_sd1_dir):
+    """The limited-data split, made by the data stage itself: `builtin:shapes?...&holdout=K` generates N images of
+    which none shows one of the K held-out shape-color pairs; `only=heldout` prompts ask for those alone."""
+    from pipelines.evaluate import read_prompts
+    from pipelines.shapes import held_out, parse_caption
+
+    out = str(tmp_path / "cache")
+    cfg = _cfg("builtin:shapes?n=90&seed=0&holdout=5", out, str(tiny_sd1_dir), min_side=16)
+    cfg = cfg.model_copy(update={"work_dir": str(tmp_path / "work")})
+    prepare.run(cfg)
+    held = held_out(5)
+    assert len(held) == 5 and held < held_out(6)  # nested: a larger holdout keeps the smaller one's pairs out
+    rows = _read_cache(out)
+    pairs = {(a["shape"], a["color"]) for a in map(parse_caption, rows["caption"])}
+    assert len(rows["caption"]) == 90 and not pairs & held and len(pairs) >= 8
+    done = json.loads(next((tmp_path / "work" / "source").glob("*/_distillery_complete.json")).read_text())
+    assert done["rows"] == 90 and sorted(done["held_out_pairs"]) == sorted(f"{s} {c}" for s, c in held)
+
+    unseen = read_prompts("builtin:shapes?n=30&seed=10000&holdout=5&only=heldout")
+    assert len(unseen) == 30 and {(a["shape"], a["color"]) for a in map(parse_caption, unseen)} <= held
+    seen = read_prompts("builtin:shapes?n=30&seed=10000&holdout=5&only=seen")
+    assert not {(a["shape"], a["color"]) for a in map(parse_caption, seen)} & held
+    for bad, says in (("holdout=18", "hold out 0 to 17"), ("only=heldout", "needs holdout"),
+                      ("holdout=2&only=some", "only=seen|heldout")):
+        with pytest.raises(ValueError, match=re.escape(says)) as err:
+            read_prompts(f"builtin:shapes?n=3&{bad}")
+        assert "evaluate.prompts" in str(err.value)
 
 
 def test_read_parallelism_sets_read_tasks(ray_local, tmp_path):
