@@ -55,6 +55,12 @@ def _made(meta: dict[str, Any]) -> str:
             ("training steps", meta.get("step")),
             ("latents", {"mean": "VAE posterior means", "dist": "draws from the VAE posterior"}.get(
                 meta.get("latents"), meta.get("latents")))]
+    kd = meta.get("kd_loss") or {}
+    if kd:
+        weights = ", ".join(f"{k} {kd[k]:g}" for k in ("task", "out", "feat", "attn", "self_attn") if kd.get(k))
+        extras = [f"{k} {kd[k]}" for k in ("level", "min_snr_gamma", "attn_temperature") if kd.get(k) is not None]
+        extras += ["feature terms normalized (LAPTOP-Diff)"] if kd.get("feat_norm") else []
+        rows.append(("KD loss", "; ".join([weights, *extras])))
     losses = meta.get("losses") or {}
     if losses:
         rows.append(("final losses", ", ".join(f"{k} {v:.4g}" for k, v in sorted(losses.items())

@@ -126,11 +126,20 @@ class StudentConfig(Section):
 
 
 class LossConfig(Section):
+    """The KD loss (models/kd.py): a weight per term, and the settings later papers found to help."""
+
     task: float = Field(1.0, ge=0)  # MSE(student, noise/v target)
     out: float = Field(1.0, ge=0)  # MSE(student, teacher output)
     feat: float = Field(1.0, ge=0)  # sum of MSE over mapped features
-    attn: float = Field(0.0, ge=0)  # attention-map transfer
-    level: Literal["block", "layer"] = "block"  # BK-SDM block outputs, or every resnet/transformer
+    attn: float = Field(0.0, ge=0)  # cross-attention transfer (MSE of head-mean maps, or KL with attn_temperature)
+    self_attn: float = Field(0.0, ge=0)  # self-attention outputs of every mapped transformer block (KOALA)
+    # the features compared: BK-SDM's block outputs, every resnet and Transformer2DModel ("layer"), or every resnet
+    # and every transformer block inside ("transformer", as SSD-1B)
+    level: Literal["block", "layer", "transformer"] = "block"
+    feat_norm: bool = False  # each feature term over the teacher feature's mean square (LAPTOP-Diff)
+    min_snr_gamma: float | None = Field(None, gt=0)  # min-SNR-γ weights on the task and output terms (e.g. 5)
+    # τ: attention transfer as τ²·KL(teacher ‖ student) of each head's softened cross-attention (KD temperature)
+    attn_temperature: float | None = Field(None, gt=0)
 
 
 def uses_cudagraphs(dc: Any) -> bool:
@@ -290,6 +299,8 @@ class TuneConfig(Section):
     lambda_task: tuple[float, float] = (1.0, 1.0)
     lambda_out: tuple[float, float] = (0.5, 2.0)
     lambda_feat: tuple[float, float] = (0.0, 2.0)
+    lambda_attn: tuple[float, float] = (0.0, 0.0)  # distill.loss.attn; (0, 0): off, not searched
+    lambda_self_attn: tuple[float, float] = (0.0, 0.0)  # distill.loss.self_attn
     lr: tuple[float, float] = (5e-5, 5e-4)  # sampled log-uniformly
     objective: Literal["scalar", "multi"] = "scalar"
     metric: Literal["val_loss", "val_out", "val_task"] = "val_loss"  # quality (lower is better)
@@ -305,7 +316,7 @@ class TuneConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> TuneConfig:
-        for name in ("lambda_task", "lambda_out", "lambda_feat", "lr"):
+        for name in ("lambda_task", "lambda_out", "lambda_feat", "lambda_attn", "lambda_self_attn", "lr"):
             lo, hi = getattr(self, name)
             if not 0 <= lo <= hi:
                 raise ValueError(f"{name} {[lo, hi]}: need 0 <= low <= high")

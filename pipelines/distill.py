@@ -36,7 +36,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.kd import KDTaps, KDWeights, attention_pairs, diffusion_batch, feature_pairs, kd_loss
+from models.kd import (
+    KDTaps,
+    KDWeights,
+    attention_pairs,
+    diffusion_batch,
+    feature_pairs,
+    kd_loss,
+    self_attention_pairs,
+)
 from models.student import RemovalSpec, count_params, resolve_spec, student_config
 from models.teacher import load_teacher, resolve_model_dir
 from pipelines import tracking
@@ -71,6 +79,7 @@ log = logging.getLogger(__name__)
 STATE = "state.json"  # step, MLflow run id: written by rank 0 into each checkpoint
 EMA_FILE = "ema.pt"
 VAL_SEED = 1234
+TERMS = ("task", "out", "feat", "attn", "self_attn")  # the KD loss parts, validated and logged one by one
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -79,7 +88,9 @@ VAL_SEED = 1234
 
 
 def kd_weights(dc: DistillConfig) -> KDWeights:
-    return KDWeights(task=dc.loss.task, out=dc.loss.out, feat=dc.loss.feat, attn=dc.loss.attn)
+    lc = dc.loss
+    return KDWeights(task=lc.task, out=lc.out, feat=lc.feat, attn=lc.attn, self_attn=lc.self_attn,
+                     feat_norm=lc.feat_norm, min_snr_gamma=lc.min_snr_gamma, attn_temperature=lc.attn_temperature)
 
 
 def kd_teacher(unet: torch.nn.Module, dc: DistillConfig) -> torch.nn.Module:
@@ -144,9 +155,17 @@ def consolidated_state(ckpt_dir: str | Path, zero_stage: int, deepspeed: bool) -
     if not deepspeed:
         return {k: v.float() for k, v in torch.load(ckpt / "model.pt", map_location="cpu").items()}
     if zero_stage >= 1:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        import functools
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
+        from deepspeed.utils import zero_to_fp32
+        from tqdm import tqdm
+
+        # its loading bars only on a terminal (tqdm's disable=None), not redrawn into a job's log
+        bars, zero_to_fp32.tqdm = zero_to_fp32.tqdm, functools.partial(tqdm, disable=None)
+        try:
+            return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
+        finally:
+            zero_to_fp32.tqdm = bars
     module = torch.load(ckpt / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return {k: v.float() for k, v in module["module"].items()}
 
@@ -213,6 +232,9 @@ def train_loop_per_worker(config: dict) -> None:
     weights = kd_weights(dc)
     pairs = feature_pairs(student, teacher.unet, spec, dc.loss.level) if weights.feat > 0 else []
     attn_pairs = attention_pairs(student, teacher.unet, spec) if weights.attn > 0 else []
+    self_pairs = self_attention_pairs(student, teacher.unet, spec) if weights.self_attn > 0 else []
+    # the schedule on the device once (min-SNR weights index it every step; no host copy in a captured step)
+    alphas = teacher.scheduler.alphas_cumprod.to(device) if weights.min_snr_gamma else None
     if dc.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     if dc.channels_last:
@@ -229,7 +251,8 @@ def train_loop_per_worker(config: dict) -> None:
     eng = StudentEngine(student, dc, world, device)
     ema = EMA(eng.module, dc.ema_decay) if dc.ema_decay else None
     # KD hooks registered once for the run (per-step hooks would break or recompile compiled forwards)
-    taps = KDTaps(eng.module, teacher.unet, weights, pairs, attn_pairs, cudagraphs=uses_cudagraphs(dc)).attach()
+    taps = KDTaps(eng.module, teacher.unet, weights, pairs, attn_pairs, cudagraphs=uses_cudagraphs(dc),
+                  self_attn_pairs=self_pairs).attach()
     t_unet = kd_teacher(teacher.unet, dc)
 
     # resume: the latest checkpoint Ray Train knows (after a worker failure, or a rerun of the same job)
@@ -268,7 +291,8 @@ def train_loop_per_worker(config: dict) -> None:
     # --- step: one micro-batch of the KD loss
     def kd_step(noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, Any], target: torch.Tensor) -> dict:
         with eng.autocast():
-            return kd_loss(eng.engine, t_unet, noisy, t, cond, target, weights, taps=taps)
+            return kd_loss(eng.engine, t_unet, noisy, t, cond, target, weights, taps=taps, alphas_cumprod=alphas,
+                           prediction_type=teacher.prediction_type)
 
     # --- validate: fixed-batch losses and a teacher | student image grid
     def validate(at: int) -> dict[str, float]:
@@ -282,14 +306,15 @@ def train_loop_per_worker(config: dict) -> None:
         eng.train(False)
         metrics: dict[str, float] = {}
         if val_set:
-            sums = torch.zeros(4)
+            sums = torch.zeros(len(TERMS))
             with torch.no_grad(), eng.autocast():
                 for noisy, t, cond, target in val_set:
                     parts = kd_loss(eng.module, teacher.unet, noisy.to(device, eng.input_dtype), t.to(device),
-                                    to_device(cond, device, eng.input_dtype), target.to(device), weights, taps=taps)
-                    sums += torch.stack([parts[k].detach().float().cpu() for k in ("task", "out", "feat", "attn")])
+                                    to_device(cond, device, eng.input_dtype), target.to(device), weights, taps=taps,
+                                    alphas_cumprod=alphas, prediction_type=teacher.prediction_type)
+                    sums += torch.stack([parts[k].detach().float().cpu() for k in TERMS])
             sums = all_mean(sums / len(val_set), world)
-            metrics = {f"val_{k}": float(v) for k, v in zip(("task", "out", "feat", "attn"), sums)}
+            metrics = {f"val_{k}": float(v) for k, v in zip(TERMS, sums)}
             metrics["val_loss"] = metrics["val_task"] + metrics["val_out"]
         # every rank samples (a ZeRO-3 student needs all ranks for a forward); rank 0 draws the grid
         with eng.autocast():
@@ -334,7 +359,7 @@ def train_loop_per_worker(config: dict) -> None:
                  else "streamed", dc.batch_size, dc.caption_dropout, manifest["latents"],
                  ", one CUDA graph per step" if dc.cuda_graph else "")
     samples_per_step = dc.batch_size * dc.grad_accum * world
-    window = torch.zeros(5, device=device)  # loss, task, out, feat, attn summed over micro-batches since the last log
+    window = torch.zeros(1 + len(TERMS), device=device)  # the loss and its TERMS, summed since the last log
     window_n, t_log, t_start, start_step = 0, time.perf_counter(), time.perf_counter(), step
     gen = torch.Generator(device=device).manual_seed(dc.seed * 7919 + rank * 104729 + step + 1)
     epoch, last_loss = 0, float("nan")
@@ -346,7 +371,7 @@ def train_loop_per_worker(config: dict) -> None:
                 noisy = noisy.contiguous(memory_format=torch.channels_last)
             parts = eng.step(kd_step, {"noisy": noisy.to(eng.input_dtype), "t": t,
                                        "cond": to_device(cond, device, eng.input_dtype), "target": target})
-            window += torch.stack([parts[k].detach().float() for k in ("loss", "task", "out", "feat", "attn")])
+            window += torch.stack([parts[k].detach().float() for k in ("loss", *TERMS)])
             window_n += 1
         step += 1
         if ema is not None:
@@ -363,8 +388,8 @@ def train_loop_per_worker(config: dict) -> None:
                 log.info("[distill] step %d/%d loss %.4f %.1f samples/s elapsed %.0fs ETA %s", step, dc.max_steps,
                          means[0], sps, now - t_start, time.strftime("%H:%M:%S", time.gmtime(eta)))
                 if run_id:
-                    m = {"loss": means[0], "loss_task": means[1], "loss_out": means[2], "loss_feat": means[3],
-                         "loss_attn": means[4], "lr": eng.lr(), "samples_per_s": sps, "epoch": epoch}
+                    m = {"loss": means[0], **{f"loss_{k}": v for k, v in zip(TERMS, means[1:])}, "lr": eng.lr(),
+                         "samples_per_s": sps, "epoch": epoch}
                     if device.type == "cuda":
                         m["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                     tracking.log_metrics(uri, run_id, {k: float(v) for k, v in m.items()}, step)
@@ -468,7 +493,7 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
                 "init": cfg.student.init,
                 "spec": spec.to_dict(), "latents": "mean" if manifest["latents"] == "mean" else "dist",
                 "job_key": job_key, "step": state["step"], "losses": losses, "mlflow_run_id": run_id,
-                "checkpoint": final.path, "config_digest": cfg.digest()}
+                "checkpoint": final.path, "config_digest": cfg.digest(), "kd_loss": dc.loss.model_dump(mode="json")}
         with tempfile.TemporaryDirectory() as tmp:
             folder = export_student(d, cfg, spec, Path(tmp) / "student", meta)
             from diffusers import UNet2DConditionModel as U

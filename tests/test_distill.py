@@ -343,6 +343,30 @@ def test_distill_zero3_on_s3_exports_consolidated_student(tmp_path, ray_local, m
     assert moved > len(a) // 2  # the whole student was consolidated from the shards, trained
 
 
+def test_distill_with_the_newer_kd_terms_logs_each(tmp_path, ray_local, mlflow_server):
+    """The KD settings of later papers through the stage (one DDP worker): transformer-level features with
+    LAPTOP-Diff normalization, self-attention KD, min-SNR weights, tempered attention transfer; each term is
+    logged to MLflow on its own, in training and in validation."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import distill
+
+    make_cache(str(tmp_path / "cache"), "builtin:tiny-sd1", n_train=16, n_val=4)
+    loss = {"level": "transformer", "feat_norm": True, "self_attn": 0.5, "attn": 0.5, "attn_temperature": 2.0,
+            "min_snr_gamma": 5.0}
+    tree = _config(tmp_path, num_workers=1, deepspeed=False, max_steps=2, val_every=2, checkpoint_every=2,
+                   loss=loss)
+    tree["data"] = {"output": str(tmp_path / "cache")}
+    tree["mlflow"] = {"tracking_uri": mlflow_server.url, "experiment": "kd-terms"}
+    result = distill.run(parse_config(tree))
+    assert result["step"] == 2
+    run = MlflowClient(mlflow_server.url).get_run(result["mlflow_run_id"])
+    m = run.data.metrics
+    for term in ("task", "out", "feat", "attn", "self_attn"):
+        assert m[f"loss_{term}"] > 0 and m[f"val_{term}"] > 0, term
+    assert run.data.params["distill.loss.level"] == "transformer"
+
+
 def test_distill_imports_no_mlflow():
     """MLflow loads only where a run is tracked: the training code (and the GPU benchmark, whose offline bundle
     leaves MLflow out) imports without it."""

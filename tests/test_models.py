@@ -276,3 +276,115 @@ def test_custom_spec_builds(sd1):
     assert list(student.config.layers_per_block) == [2, 1, 1, 1]
     out = student(torch.randn(1, 4, 16, 16), torch.tensor([5]), **_cond(sd1, ["a red star"])).sample
     assert out.shape == (1, 4, 16, 16)
+
+
+# --- the KD settings of later papers (models/kd.py): transformer level, self-attention, LAPTOP-Diff's feature
+# normalization, min-SNR weighting, a temperature for attention transfer
+
+
+def test_transformer_level_and_self_attention_pairs_match_shapes(sdxl):
+    from models.kd import self_attention_pairs
+
+    spec = preset_spec("ssd-1b", sdxl.unet.config)  # thins transformer depth: 10 -> fewer blocks
+    student = build_student(sdxl.unet, spec)
+    layer = feature_pairs(student, sdxl.unet, spec, "layer")
+    deep = feature_pairs(student, sdxl.unet, spec, "transformer")
+    sattn = self_attention_pairs(student, sdxl.unet, spec)
+    blocks = [p for p in deep if ".transformer_blocks." in p[0]]
+    assert len(deep) > len(layer) and blocks and len(sattn) == len(blocks)
+    # a thinned stack maps each student block to a distinct teacher block of the same attention, in order
+    by_attn: dict[str, list[int]] = {}
+    for _, t in blocks:
+        by_attn.setdefault(t.rsplit(".transformer_blocks.", 1)[0], []).append(int(t.rsplit(".", 1)[1]))
+    assert any(len(v) > 1 for v in by_attn.values())
+    assert all(v == sorted(set(v)) for v in by_attn.values()), by_attn
+    cond = _cond(sdxl, ["a red circle", "a blue square"])
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    paths = deep + sattn
+    with Taps(student, [s for s, _ in paths]) as st, Taps(sdxl.unet, [t for _, t in paths]) as tt, torch.no_grad():
+        student(latents, torch.tensor([10, 500]), **cond)
+        sdxl.unet(latents, torch.tensor([10, 500]), **cond)
+        for s, t in paths:
+            assert st.features[s].shape == tt.features[t].shape, (s, t)
+
+
+def test_feature_normalization_makes_each_term_scale_free():
+    from models.kd import feature_term
+
+    g = torch.Generator().manual_seed(0)
+    t = {"a": torch.randn(2, 8, generator=g), "b": 100 * torch.randn(2, 8, generator=g)}
+    s = {k: 1.1 * v for k, v in t.items()}  # 10% off everywhere: MSE = 0.01 x the teacher's mean square
+    pairs = [("a", "a"), ("b", "b")]
+    plain = [feature_term(s, t, [p]).item() for p in pairs]
+    normed = [feature_term(s, t, [p], normalize=True).item() for p in pairs]
+    assert plain[1] > 1000 * plain[0]  # unnormalized, the large-norm layer is all of the sum
+    assert normed == pytest.approx([0.01, 0.01], rel=1e-4)  # normalized, both count alike
+    scaled = feature_term({k: 3 * v for k, v in s.items()}, {k: 3 * v for k, v in t.items()}, pairs, normalize=True)
+    assert scaled.item() == pytest.approx(sum(normed), rel=1e-5)
+
+
+def test_min_snr_weights_follow_the_formula(sd1):
+    from models.kd import min_snr_weights
+
+    ac = sd1.scheduler.alphas_cumprod
+    t = torch.tensor([0, 100, 500, 999])
+    snr = ac[t] / (1 - ac[t])
+    eps = min_snr_weights(ac, t, 5.0, "epsilon")
+    torch.testing.assert_close(eps, torch.minimum(snr, torch.tensor(5.0)) / snr)
+    assert eps[0] < 0.01 and eps[-1] == pytest.approx(1.0)  # low-noise steps weigh little, high-noise ones fully
+    v = min_snr_weights(ac, t, 5.0, "v_prediction")
+    torch.testing.assert_close(v, torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
+
+
+def test_attention_kl_is_the_tempered_kd_term():
+    import torch.nn.functional as F
+
+    from models.kd import attention_kl
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 5, 7, generator=g), 2 * torch.randn(2, 3, 5, 7, generator=g)
+    assert attention_kl(t, t, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    for tau in (1.0, 4.0):
+        ref = F.kl_div(F.log_softmax(s / tau, -1), F.log_softmax(t / tau, -1), log_target=True,
+                       reduction="none").sum(-1).mean() * tau**2
+        assert attention_kl(s, t, tau).item() == pytest.approx(ref.item(), rel=1e-5)
+    assert attention_kl(s, t, 4.0) / 16 < attention_kl(s, t, 1.0)  # softened distributions differ less
+
+
+def test_kd_loss_with_every_new_setting_trains_and_logs_each_term(sd1):
+    from models.kd import self_attention_pairs
+
+    spec = preset_spec("bk-small", sd1.unet.config)
+    student = build_student(sd1.unet, spec)
+    weights = KDWeights(task=1.0, out=1.0, feat=1.0, attn=1.0, self_attn=1.0, feat_norm=True, min_snr_gamma=5.0,
+                        attn_temperature=2.0)
+    pairs = feature_pairs(student, sd1.unet, spec, "transformer")
+    attn, sattn = attention_pairs(student, sd1.unet, spec), self_attention_pairs(student, sd1.unet, spec)
+    latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = _cond(sd1, ["a red circle", "a blue square", "two green stars", "a yellow triangle"])
+    ac = sd1.scheduler.alphas_cumprod
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    losses = []
+    with KDTaps(student, sd1.unet, weights, pairs, attn, self_attn_pairs=sattn) as taps:
+        for step in range(8):
+            noisy, t, target = diffusion_batch(sd1.scheduler, latents, "epsilon", torch.Generator().manual_seed(1))
+            parts = kd_loss(student, sd1.unet, noisy, t, cond, target, weights, taps=taps, alphas_cumprod=ac)
+            if step == 0:  # the run-long taps give what per-call hooks give
+                once = kd_loss(student, sd1.unet, noisy, t, cond, target, weights, pairs, attn,
+                               self_attn_pairs=sattn, alphas_cumprod=ac)
+                for k in ("loss", "task", "out", "feat", "attn", "self_attn"):
+                    assert parts[k].item() == pytest.approx(once[k].item(), rel=1e-5), k
+            opt.zero_grad()
+            parts["loss"].backward()
+            opt.step()
+            losses.append(parts["loss"].item())
+    assert losses[-1] < losses[0] * 0.9, losses
+    assert all(parts[k] > 0 for k in ("task", "out", "feat", "attn", "self_attn"))
+    # min-SNR weighting changes the task term (the same batch, unweighted, differs)
+    noisy, t, target = diffusion_batch(sd1.scheduler, latents, "epsilon", torch.Generator().manual_seed(1))
+    plain = kd_loss(student, sd1.unet, noisy, t, cond, target, KDWeights(out=0, feat=0))
+    snr = kd_loss(student, sd1.unet, noisy, t, cond, target, KDWeights(out=0, feat=0, min_snr_gamma=5.0),
+                  alphas_cumprod=ac)
+    assert snr["task"].item() != pytest.approx(plain["task"].item(), rel=1e-3)
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        kd_loss(student, sd1.unet, noisy, t, cond, target, KDWeights(min_snr_gamma=5.0))

@@ -68,6 +68,13 @@ def test_param_space_samples_only_ranges(unet_configs):
     ps = space.param_space(unet_configs["sd1"], tc)
     assert set(ps) == {"preset", "lambda_feat", "lr"}  # lambda_task and lambda_out are fixed
     assert isinstance(ps["lr"], tune.search.sample.Float) and ps["preset"].categories == tc.presets
+    # the newer KD terms are searchable too, and a sampled weight lands in the trial's distill.loss
+    tc = parse_config({"tune": {"lambda_self_attn": [0.1, 1.0], "lambda_attn": [0.5, 0.5]}}).tune
+    ps = space.param_space(unet_configs["sd1"], tc)
+    assert "lambda_self_attn" in ps and "lambda_attn" not in ps
+    cfg = parse_config({"tune": {"lambda_self_attn": [0.1, 1.0], "lambda_attn": [0.5, 0.5]}})
+    t = space.trial_config(cfg, {"preset": "bk-small", "lambda_self_attn": 0.3}, None, "bk-small", "/tmp/t", "r")
+    assert (t.distill.loss.self_attn, t.distill.loss.attn) == (0.3, 0.5)
 
 
 def test_objective_budgets_and_winner():
@@ -105,10 +112,11 @@ def test_trial_and_best_configs():
     assert (d.loss.task, d.loss.out, d.loss.feat, d.lr) == (1.0, 0.7, 0.0, 2e-4)
     assert d.storage_path == "/tmp/w/tune/trials/e" and d.run_name == "abc" and t.student.preset == "bk-tiny"
     row = {"preset": None, "spec": spec.to_dict(), "lambda_task": 1.0, "lambda_out": 0.7, "lambda_feat": 0.0,
-           "lr": 2e-4}
+           "lambda_attn": 0.0, "lambda_self_attn": 0.25, "lr": 2e-4}
     best = space.best_config(cfg, row)
     assert best.student.preset is None and best.student.spec.down == [[0]] * 3 and best.student.spec.drop_inner == 1
     assert best.distill.max_steps == 1000 and best.distill.num_workers == 4 and best.stages == ["prepare", "distill"]
+    assert best.distill.loss.self_attn == 0.25
 
 
 # --- a real search -----------------------------------------------------------------------------------

@@ -46,9 +46,9 @@ log = logging.getLogger(__name__)
 DRIVER_CPU = 0.1  # a trial's own Tune actor only starts its Train run and waits; the training worker is apart
 ENV_KEYS = ("DISTILLERY_CACHE", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI", "TOKENIZERS_PARALLELISM")
 SUMMARY = "summary.json"
-COLUMNS = ("trial_id", "status", "step", "preset", "spec", "lambda_task", "lambda_out", "lambda_feat", "lr",
-           "val_loss", "val_task", "val_out", "val_feat", "latency_ms", "params", "objective", "completed",
-           "pareto", "best", "mlflow_run_id", "error")
+COLUMNS = ("trial_id", "status", "step", "preset", "spec", *space.LOSS_KEYS, "val_loss", "val_task", "val_out",
+           "val_feat", "val_attn", "val_self_attn", "latency_ms", "params", "objective", "completed", "pareto", "best",
+           "mlflow_run_id", "error")
 
 
 def search_digest(cfg: Config) -> str:
@@ -229,8 +229,8 @@ def result_rows(grid: Any, cfg: Config) -> list[dict[str, Any]]:
         row["trial_id"] = m.get("trial_id") or Path(res.path).name
         for key in space.LOSS_KEYS:
             row[key] = float(sample.get(key, getattr(tc, key)[0]))
-        for key in ("step", "val_loss", "val_task", "val_out", "val_feat", "latency_ms", "params", "objective",
-                    "mlflow_run_id"):
+        for key in ("step", "val_loss", "val_task", "val_out", "val_feat", "val_attn", "val_self_attn", "latency_ms",
+                    "params", "objective", "mlflow_run_id"):
             row[key] = m.get(key)
         row["preset"] = m.get("preset") or sample.get("preset") or None
         row["spec"] = json.loads(m["spec"]) if m.get("spec") else None

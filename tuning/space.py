@@ -5,7 +5,8 @@ A sample is a flat dict. The student is either `preset` (a choice among tune.pre
 tune.search_spec, one entry per teacher stage: `pairs{s}` resnet(+attention) pairs the down stage s keeps
 (its up stage keeps one more), `depth_down{s}` / `depth_up{u}` transformer depth of the stage's attention
 blocks (only where the teacher's is deeper than 1), and `mid` (full, resnet, none). Loss weights and the
-learning rate are `lambda_task`, `lambda_out`, `lambda_feat`, `lr`; a range with low == high is not sampled.
+learning rate are `lambda_task`, `lambda_out`, `lambda_feat`, `lambda_attn`, `lambda_self_attn`, `lr`; a range with
+low == high is not sampled.
 
 Objectives (all minimized): the quality metric (a validation loss, unit weights, so trials with different
 loss weights compare) and, for "multi", latency per denoising step. "scalar" folds the budgets in: a trial
@@ -23,7 +24,10 @@ from models.student import RemovalSpec, layout_of, preset_spec, spread, validate
 from pipelines.config import Config, RemovalSpecConfig, TuneConfig
 
 OVER_BUDGET = 1000.0
-LOSS_KEYS = ("lambda_task", "lambda_out", "lambda_feat", "lr")
+# the sampled loss weights and the distill.loss field each sets
+LOSS_TERMS = {"lambda_task": "task", "lambda_out": "out", "lambda_feat": "feat", "lambda_attn": "attn",
+              "lambda_self_attn": "self_attn"}
+LOSS_KEYS = (*LOSS_TERMS, "lr")
 
 
 def depth_choices(depth: int) -> list[int]:
@@ -109,9 +113,8 @@ def trial_config(base: Config, sample: dict[str, Any], spec: RemovalSpec, preset
     tree["student"]["preset"] = preset
     tree["student"]["spec"] = None if preset else RemovalSpecConfig(**spec.to_dict()).model_dump(mode="json")
     d = tree["distill"]
-    d["loss"]["task"] = float(sample.get("lambda_task", tc.lambda_task[0]))
-    d["loss"]["out"] = float(sample.get("lambda_out", tc.lambda_out[0]))
-    d["loss"]["feat"] = float(sample.get("lambda_feat", tc.lambda_feat[0]))
+    for key, term in LOSS_TERMS.items():
+        d["loss"][term] = float(sample.get(key, getattr(tc, key)[0]))
     d["lr"] = float(sample.get("lr", tc.lr[0]))
     steps = tc.steps_per_trial
     val_every = tc.val_every or max(1, steps // 4)
@@ -131,7 +134,7 @@ def best_config(base: Config, row: dict[str, Any]) -> Config:
     tree = copy.deepcopy(base.model_dump(mode="json"))
     tree["student"]["preset"] = row["preset"] or None
     tree["student"]["spec"] = None if row["preset"] else row["spec"]
-    tree["distill"]["loss"].update(task=row["lambda_task"], out=row["lambda_out"], feat=row["lambda_feat"])
+    tree["distill"]["loss"].update({term: row[key] for key, term in LOSS_TERMS.items() if row.get(key) is not None})
     tree["distill"]["lr"] = row["lr"]
     tree["stages"] = [s for s in tree["stages"] if s != "tune"] or ["distill"]
     return Config.model_validate(tree)
