@@ -94,10 +94,14 @@ def delete_dir(uri: str) -> None:
 
 
 def quiet_progress() -> None:
-    """Off a terminal (ray job logs, a CI log, a file), no progress bars (Ray Data's, diffusers' and transformers'
-    loading bars): Ray Data redraws every operator every few seconds, and the stages log what they did. Set before
-    Ray starts, the variables reach every worker (the Ray Train dataset's split coordinator draws bars of its own);
-    the rest covers this process."""
+    """Before Ray starts (its processes inherit the environment): no library deprecation warnings, and off a
+    terminal (ray job logs, a CI log, a file) no progress bars, Ray Data's (it redraws every operator every few
+    seconds, the Ray Train dataset's split coordinator too), diffusers' or transformers'. The stages log what they
+    did."""
+    # the libraries' deprecation notices (Ray Train's own use of a deprecated Ray Data option, torch's of a renamed
+    # collective in DeepSpeed) reach the terminal once per worker and run, and say nothing a user can act on; a
+    # PYTHONWARNINGS of the user's own is kept
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
     if sys.stdout.isatty():
         return
     import diffusers.utils.logging
@@ -106,6 +110,7 @@ def quiet_progress() -> None:
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars read it at import
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a registered model's download
     ray.data.DataContext.get_current().enable_progress_bars = False
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()

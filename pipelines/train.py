@@ -639,10 +639,13 @@ def checkpoint_complete(fs: Any, path: str) -> bool:
         return False
     world = None
     for name in lists:
-        with fs.open_input_stream(f"{path}/{name}") as f:
-            listed = json.loads(f.read())
-        world = listed["world"]
-        if any(sizes.get(k) != v for k, v in listed["files"].items()):
+        try:  # a list caught mid-copy (a job killed while Ray copied the folder to storage) is no list
+            with fs.open_input_stream(f"{path}/{name}") as f:
+                listed = json.loads(f.read())
+            world, files = int(listed["world"]), dict(listed["files"])
+        except (ValueError, KeyError, TypeError, OSError):
+            return False
+        if any(sizes.get(k) != v for k, v in files.items()):
             return False
     return len(lists) == world
 

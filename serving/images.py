@@ -5,6 +5,7 @@ diffusers folder can be served or benchmarked with neither installed."""
 from __future__ import annotations
 
 import io
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,10 @@ def load_pipeline(folder: str, device: str = "cpu", decoder: str | None = None):
     from models.teacher import load_decoder, resolve_model_dir, swap_decoder
 
     src = resolve_model_dir(folder)
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("1", "true", "yes"):
+        import diffusers.utils.logging
+
+        diffusers.utils.logging.disable_progress_bar()  # diffusers' loading bar does not read the variable itself
     dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
     # fp16 on GPU: the SDXL pipelines upcast their VAE themselves where its config says force_upcast
     pipe = DiffusionPipeline.from_pretrained(src, dtype=dtype)

@@ -174,3 +174,8 @@ def test_resume_takes_the_newest_complete_checkpoint_on_disk(tmp_path):
     (run / "checkpoint_000008" / "files-rank1.json").unlink()  # a rank's part never arrived
     assert resume_checkpoint(registered, str(tmp_path / "train"), "job") is registered
     assert Path(resume_checkpoint(None, str(tmp_path / "train"), "job").path).name == "checkpoint_000004"
+    # a file list caught mid-copy (empty, or cut inside its JSON) marks its checkpoint incomplete, not a crash
+    for cut in ("", '{"world": 2, "files": {"ds/sha'):
+        newest = write(16 + len(cut))
+        (newest / "files-rank0.json").write_text(cut)
+        assert Path(resume_checkpoint(registered, str(tmp_path / "train"), "job").path).name == "checkpoint_000004"
