@@ -223,16 +223,16 @@ def test_builtin_shapes_source_leaves_out_the_held_out_pairs(ray_local, tmp_path
     from pipelines.shapes import held_out, parse_caption
 
     out = str(tmp_path / "cache")
-    cfg = _cfg("builtin:shapes?n=90&seed=0&holdout=5", out, str(tiny_sd1_dir), min_side=16)
+    cfg = _cfg("builtin:shapes?n=48&seed=0&holdout=5", out, str(tiny_sd1_dir), min_side=16)
     cfg = cfg.model_copy(update={"work_dir": str(tmp_path / "work")})
     prepare.run(cfg)
     held = held_out(5)
     assert len(held) == 5 and held < held_out(6)  # nested: a larger holdout keeps the smaller one's pairs out
     rows = _read_cache(out)
     pairs = {(a["shape"], a["color"]) for a in map(parse_caption, rows["caption"])}
-    assert len(rows["caption"]) == 90 and not pairs & held and len(pairs) >= 8
+    assert len(rows["caption"]) == 48 and not pairs & held and len(pairs) >= 6
     done = json.loads(next((tmp_path / "work" / "source").glob("*/_distillery_complete.json")).read_text())
-    assert done["rows"] == 90 and sorted(done["held_out_pairs"]) == sorted(f"{s} {c}" for s, c in held)
+    assert done["rows"] == 48 and sorted(done["held_out_pairs"]) == sorted(f"{s} {c}" for s, c in held)
 
     unseen = read_prompts("builtin:shapes?n=30&seed=10000&holdout=5&only=heldout")
     assert len(unseen) == 30 and {(a["shape"], a["color"]) for a in map(parse_caption, unseen)} <= held
