@@ -280,13 +280,40 @@ class StepsConfig(Section):
         return self
 
 
+# the evaluate stage's image-quality scores a tune trial can be ranked on (higher is better); the others are
+# validation losses (lower is better)
+QUALITY_METRICS = ("caption_accuracy", "clip_score_student")
+
+
+class ArmConfig(Section):
+    """One arm of an ablation (tune.arms): how the student starts and which loss terms train it. Each arm runs
+    once per preset and seed, at the same budget (tune.steps_per_trial)."""
+
+    name: str = Field(min_length=1)
+    init: Literal["teacher", "random"] = "teacher"  # student.init
+    presets: list[PresetName] | None = None  # default tune.presets
+    loss: dict[str, Any] = Field(default_factory=dict)  # the distill.loss fields this arm sets (others: distill.loss)
+
+    @field_validator("loss")
+    @classmethod
+    def _loss_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
+        LossConfig.model_validate(v)  # a typo or a bad weight fails here, naming the field
+        return v
+
+
 class TuneConfig(Section):
-    """tuning/search.py: Ray Tune over the student's removal spec, the KD loss weights and the learning rate.
+    """tuning/search.py: Ray Tune over the student's removal spec, the KD loss weights and the learning rate,
+    or over named arms (an ablation).
 
     Each trial is a short distillation (the distill stage's trainer, one worker with cpus/gpus_per_trial)
     that reports validation loss, teacher fidelity, latency per denoising step and parameter count. A
     (low, high) range with low == high is fixed, not searched. objective "scalar": minimize `metric`, with a
-    penalty for exceeding latency_budget_ms / param_budget; "multi": Optuna over (metric, latency)."""
+    penalty for exceeding latency_budget_ms / param_budget; "multi": Optuna over (metric, latency). A quality
+    metric (caption_accuracy, clip_score_student) is the evaluate stage's score of the trial's exported student
+    on eval_prompts, measured once the trial has trained; trials then run to their end (scheduler fifo).
+
+    With `arms`, nothing is sampled: every arm runs for each of its presets and each of `seeds` (a grid), and
+    the results add a table per arm (mean and spread over seeds) and a plot."""
 
     num_samples: int = Field(4, ge=1)  # trials
     max_concurrent: int = Field(1, ge=1)
@@ -303,10 +330,16 @@ class TuneConfig(Section):
     lambda_self_attn: tuple[float, float] = (0.0, 0.0)  # distill.loss.self_attn
     lr: tuple[float, float] = (5e-5, 5e-4)  # sampled log-uniformly
     objective: Literal["scalar", "multi"] = "scalar"
-    metric: Literal["val_loss", "val_out", "val_task"] = "val_loss"  # quality (lower is better)
+    metric: Literal["val_loss", "val_out", "val_task", "caption_accuracy", "clip_score_student"] = "val_loss"
+    arms: list[ArmConfig] = Field(default_factory=list)
+    seeds: list[int] = Field(default_factory=lambda: [0])  # distill.seed of each arm's runs (with arms)
+    # the prompts a quality metric is measured on; default evaluate.prompts (steps, guidance, seed, batch: evaluate's)
+    eval_prompts: str | None = None
+    eval_num_prompts: int | None = Field(None, ge=2)  # default evaluate.num_prompts
     latency_budget_ms: float | None = Field(None, gt=0)  # per denoising step, on the trial's device
     param_budget: int | None = Field(None, ge=1)  # student U-Net parameters
-    scheduler: Literal["asha", "fifo"] = "asha"
+    # default: asha (stops weak trials at validation reports) for a loss metric; fifo with a quality metric or arms
+    scheduler: Literal["asha", "fifo"] | None = None
     reduction_factor: int = Field(2, ge=2)  # ASHA
     cpus_per_trial: float = Field(1, gt=0)  # the trial's training worker (and its latency measurement)
     gpus_per_trial: float = Field(0, ge=0)
@@ -328,7 +361,19 @@ class TuneConfig(Section):
             raise ValueError("mid is empty: give at least one of full, resnet, none")
         if self.val_every is not None and self.val_every > self.steps_per_trial:
             raise ValueError(f"val_every ({self.val_every}) > steps_per_trial ({self.steps_per_trial})")
+        names = [a.name for a in self.arms]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"arms: names must not repeat ({', '.join(dup)} more than once)")
+        if self.arms and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ValueError(f"seeds {self.seeds}: give distinct seeds, at least one")
+        if self.scheduler == "asha" and (self.arms or self.metric in QUALITY_METRICS):
+            why = "arms run to their end" if self.arms else f"metric {self.metric} is measured once a trial ends"
+            raise ValueError(f"scheduler asha stops trials at validation reports, but {why}: use fifo")
         return self
+
+    def scheduler_name(self) -> str:
+        return self.scheduler or ("fifo" if self.arms or self.metric in QUALITY_METRICS else "asha")
 
 
 class EvaluateConfig(Section):

@@ -460,6 +460,33 @@ def _caption_accuracy(images: list[Image.Image], prompts: list[str], who: str) -
     return {base if k == "overall" else f"{base}_{k}": float(v) for k, v in result.items()}
 
 
+def quality_scores(teacher_uri: str, student_uri: str | None, prompts: list[str], seeds: list[int], *, steps: int,
+                   guidance_scale: float, size: int | None = None, batch_size: int = 4, clip_model: str | None = None,
+                   dtype: str = "auto", device: str | None = None) -> dict[str, float]:
+    """The image-quality scores of one pipeline on its own (the student's, or the teacher's with student_uri
+    None), as this stage names them: caption accuracy where the prompts are shapes captions, the CLIP score with
+    `clip_model`. One image per (prompt, seed), sampled as the stage samples a student; for `distillery tune`,
+    which ranks trials on them."""
+    t0 = time.perf_counter()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if student_uri is None:
+        pipe, _ = load_pipelines(teacher_uri, teacher_uri, dtype, device)
+    else:
+        meta = _student_meta(student_uri)
+        if meta.get("steps") is not None or meta.get("guidance_scale") is not None:  # a step-distilled student
+            steps, guidance_scale = meta.get("steps") or steps, float(meta.get("guidance_scale", guidance_scale))
+        _, pipe = load_pipelines(teacher_uri, student_uri, dtype, device)
+    size = size or image_size(pipe)
+    images = decode(pipe, generate(pipe, prompts, seeds, steps, guidance_scale, size, batch_size), batch_size)
+    out: dict[str, float] = {"num_images": float(len(prompts))}
+    out.update(_caption_accuracy(to_pil(images), prompts, "student"))
+    if clip_model:
+        model, tokenizer = M.load_clip(clip_model, device)
+        out["clip_score_student"] = M.clip_score(images, prompts, model, tokenizer)
+    out["eval_s"] = time.perf_counter() - t0
+    return out
+
+
 def sweep_key(name: str, steps: int) -> str:
     """The name of a metric of the steps sweep: the student at `steps` steps."""
     return f"{name}_{steps}steps"

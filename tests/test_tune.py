@@ -119,6 +119,61 @@ def test_trial_and_best_configs():
     assert best.distill.loss.self_attn == 0.25
 
 
+ARMS = [{"name": "scratch", "init": "random", "loss": {"out": 0.0, "feat": 0.0}},
+        {"name": "feat-kd", "presets": ["bk-base", "bk-small"], "loss": {"feat": 1.0, "level": "layer"}}]
+
+
+def test_ablation_arms_grid_trials_and_best_config():
+    from models.student import RemovalSpec
+
+    cfg = parse_config({"name": "x", "work_dir": "/tmp/w", "stages": ["tune"],
+                        "distill": {"lr": 3e-4, "seed": 9, "loss": {"attn": 0.5}},
+                        "tune": {"arms": ARMS, "presets": ["bk-small"], "seeds": [0, 1], "steps_per_trial": 4,
+                                 "metric": "caption_accuracy"}})
+    tc = cfg.tune
+    assert tc.scheduler_name() == "fifo"  # quality is measured once a trial ends: nothing stops trials early
+    variants = space.arm_variants(tc)
+    assert [(v["arm"], v["preset"], v["seed"]) for v in variants] == [
+        ("scratch", "bk-small", 0), ("scratch", "bk-small", 1), ("feat-kd", "bk-base", 0), ("feat-kd", "bk-base", 1),
+        ("feat-kd", "bk-small", 0), ("feat-kd", "bk-small", 1)]
+    sample = space.flat_sample({"variant": variants[1]})
+    spec = RemovalSpec(down=[[0]] * 3, up=[[0, 2]] * 3, mid="none", drop_inner=1)
+    t = space.trial_config(cfg, sample, spec, "bk-small", "/tmp/w/t", "s1")
+    assert t.student.init == "random" and t.distill.seed == 1 and t.distill.lr == 3e-4
+    # the arm's terms on the base loss: attn stays as distill.loss has it
+    assert (t.distill.loss.task, t.distill.loss.out, t.distill.loss.feat, t.distill.loss.attn) == (1.0, 0.0, 0.0, 0.5)
+    k = space.trial_config(cfg, space.flat_sample({"variant": variants[2]}), spec, "bk-base", "/tmp/w/t", "k")
+    assert k.student.init == "teacher" and k.distill.loss.level == "layer" and k.distill.loss.out == 1.0
+    row = {"arm": "feat-kd", "preset": "bk-base", "spec": None, "lambda_task": 1.0, "lambda_out": 1.0,
+           "lambda_feat": 1.0, "lambda_attn": 0.5, "lambda_self_attn": 0.0, "lr": 3e-4}
+    best = space.best_config(cfg, row)
+    assert best.student.preset == "bk-base" and best.distill.loss.level == "layer" and best.student.init == "teacher"
+    # a summary per (arm, preset): mean and spread over seeds, best mean first (higher is better here)
+    rows = [{"arm": v["arm"], "preset": v["preset"], "seed": v["seed"], "completed": True, "latency_ms": 1.0,
+             "params": 10, "train_s": 5.0, "eval_s": 1.0,
+             "caption_accuracy": {"scratch": 0.2, "feat-kd": 0.8}[v["arm"]] + 0.1 * v["seed"]} for v in variants]
+    summary = space.arm_summary(rows, tc, teacher=1.0)
+    assert [(a["arm"], a["preset"]) for a in summary][-1] == ("scratch", "bk-small")
+    assert summary[0]["mean"] == pytest.approx(0.85) and summary[0]["spread"] == pytest.approx(0.1)
+    assert summary[0]["of_teacher"] == pytest.approx(0.85) and summary[-1]["loss"] == "out 0.0, feat 0.0"
+    assert space.pick_best([{**r, "trial_id": str(i), "objective": -r["caption_accuracy"]} for i, r in
+                            enumerate(rows)], tc)["caption_accuracy"] == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("tune, says", [
+    ({"arms": [{"name": "a"}, {"name": "a"}]}, "a more than once"),
+    ({"arms": [{"name": "a", "loss": {"feet": 1.0}}]}, "feet"),
+    ({"arms": [{"name": "a", "loss": {"out": -1.0}}]}, "out"),
+    ({"arms": [{"name": "a", "presets": ["bk-smal"]}]}, "bk-smal"),
+    ({"arms": [{"name": "a"}], "seeds": [1, 1]}, "distinct seeds"),
+    ({"metric": "caption_accuracy", "scheduler": "asha"}, "use fifo"),
+])
+def test_ablation_config_errors_name_the_field(tune, says):
+    with pytest.raises(ConfigError) as e:
+        parse_config({"tune": tune})
+    assert says in str(e.value) and "tune" in str(e.value)
+
+
 # --- a real search -----------------------------------------------------------------------------------
 
 
@@ -238,3 +293,50 @@ def test_search_rerun_returns_results_and_restores_without_retraining(search):
                              filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == TRIALS  # no trial ran again
     assert restored["best"]["trial_id"] == r["best"]["trial_id"]
+
+
+def test_ablation_ranks_arms_on_the_evaluate_stage_caption_accuracy(tmp_path, ray_local, mlflow_server):
+    """Two arms through the product: the data stage's limited-data split of the shipped shapes teacher, each arm
+    a distill-stage run to its export, scored by the evaluate stage's caption accuracy. The teacher-initialized
+    arm (its images are the teacher's) must rank above the randomly initialized one (noise), whatever their
+    validation losses say."""
+    from PIL import Image
+
+    from pipelines import prepare
+    from pipelines.storage import join
+    from tuning import search as tune_search
+
+    tree = {"name": "abl", "work_dir": str(tmp_path), "stages": ["prepare", "tune"],
+            "teacher": {"uri": "builtin:shapes-sd1"},
+            "data": {"source": "builtin:shapes?n=24&seed=0&holdout=2", "resolution": 64, "val_fraction": 0.25,
+                     "dedup": False, "min_side": 16},
+            "student": {"preset": "identity"},
+            "distill": {"batch_size": 4, "deepspeed": False, "val_batches": 1, "sample_steps": 1, "lr": 1e-5,
+                        "sample_prompts": ["a large red circle at the center on a black background"]},
+            "evaluate": {"prompts": "builtin:shapes?n=6&seed=10000", "steps": 10, "guidance_scale": 5.0,
+                         "batch_size": 6},
+            "tune": {"arms": [{"name": "scratch", "init": "random", "loss": {"out": 0.0, "feat": 0.0}},
+                              {"name": "teacher-init"}],
+                     "presets": ["identity"], "metric": "caption_accuracy", "steps_per_trial": 2,
+                     "cpus_per_trial": 0.5, "latency_repeats": 1}}
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(json.dumps(tree))
+    cfg = load_config(cfg_path)
+    prepare.run(cfg)
+    r = tune_search.run(cfg)
+    assert r["trials"] == 2 and r["statuses"]["completed"] == 2 and r["teacher"] > 0.5
+    table = pd.read_csv(_read(r["table"])).set_index("arm")
+    assert table.loc["teacher-init", "caption_accuracy"] > table.loc["scratch", "caption_accuracy"]
+    assert table.loc["teacher-init", "of_teacher"] >= 0.8  # two steps at lr 1e-5: still the teacher
+    assert table.loc["scratch", "init"] == "random" and table.loc["scratch", "lambda_out"] == 0.0
+    assert (table["train_s"] > 0).all() and (table["eval_s"] > 0).all() and (table["step"] == 2).all()
+    assert r["best"]["arm"] == "teacher-init"
+    arms = pd.read_csv(_read(join(r["results"], "arms.csv")))
+    assert arms["arm"].tolist() == ["teacher-init", "scratch"] and (arms["seeds"] == 1).all()
+    md = _read(r["arms_table"]).getvalue().decode()
+    assert md.index("teacher-init") < md.index("scratch") and "caption_accuracy" in md
+    assert Image.open(_read(r["ablation_plot"])).format == "PNG"
+    (tmp_path / "best.yaml").write_bytes(_read(r["best_config"]).getvalue())
+    best = load_config(tmp_path / "best.yaml")
+    assert best.student.init == "teacher" and best.student.preset == "identity" and "tune" not in best.stages
+

@@ -14,6 +14,14 @@ experiment lives under tune.storage_path (local or s3://), named by a digest of 
 search depends on: running the same config again resumes an interrupted search (Tuner.restore), and once
 its results exist, returns them without searching.
 
+Ranked on image quality (tune.metric caption_accuracy or clip_score_student): each trial runs the distill stage to
+its export (`distill.run`), a Ray task with the trial's resources scores the student's images on tune.eval_prompts
+with the evaluate stage (`evaluate.quality_scores`), and the trial reports that score last; the teacher is scored
+once on the same prompts and seeds, and each trial's score is also given as a share of it. An ablation
+(tune.arms) is a grid instead of a search: every arm for each of its presets and each of tune.seeds, no early
+stopping; its results add arms.csv / arms.md (per arm and preset: mean, min, max over the seeds, share of the
+teacher, latency, size, seconds per trial) and ablation.png.
+
 Outputs under {tune.storage_path}/results: trials.csv and trials.parquet (one row per trial: sample,
 status, steps, losses, teacher fidelity, latency, parameters, objective, Pareto flag), pareto.png (quality
 vs latency, Pareto front), best.yaml (a ready config for `distillery distill`) and summary.json. MLflow: a
@@ -36,7 +44,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from models.student import RemovalSpec, count_params, student_config
 from pipelines import tracking
-from pipelines.config import Config, dump_config
+from pipelines.config import QUALITY_METRICS, Config, dump_config
 from pipelines.storage import delete_dir, ensure_ray, exists, filesystem, is_remote, join, read_bytes, write_bytes
 from pipelines.train import cache_manifest
 from tuning import space
@@ -46,14 +54,18 @@ log = logging.getLogger(__name__)
 DRIVER_CPU = 0.1  # a trial's own Tune actor only starts its Train run and waits; the training worker is apart
 ENV_KEYS = ("DISTILLERY_CACHE", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI", "TOKENIZERS_PARALLELISM")
 SUMMARY = "summary.json"
-COLUMNS = ("trial_id", "status", "step", "preset", "spec", *space.LOSS_KEYS, "val_loss", "val_task", "val_out",
-           "val_feat", "val_attn", "val_self_attn", "latency_ms", "params", "objective", "completed", "pareto", "best",
-           "mlflow_run_id", "error")
+COLUMNS = ("trial_id", "status", "step", "arm", "seed", "init", "preset", "spec", *space.LOSS_KEYS, "val_loss",
+           "val_task", "val_out", "val_feat", "val_attn", "val_self_attn", *QUALITY_METRICS, "of_teacher",
+           "latency_ms", "params", "train_s", "eval_s", "objective", "completed", "pareto", "best", "mlflow_run_id",
+           "error")
+ARM_COLUMNS = ("arm", "preset", "init", "loss", "seeds", "scored", "mean", "min", "max", "spread", "of_teacher",
+               "latency_ms", "params", "train_s", "eval_s")
 
 
 def search_digest(cfg: Config) -> str:
     """A hash of what the search's results depend on (teacher, data, distill settings, the search itself)."""
-    parts = {k: cfg.model_dump(mode="json")[k] for k in ("teacher", "data", "distill", "tune")}
+    keys = ("teacher", "data", "distill", "tune", *(("evaluate",) if cfg.tune.metric in QUALITY_METRICS else ()))
+    parts = {k: cfg.model_dump(mode="json")[k] for k in keys}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -118,9 +130,42 @@ class TrialReport(TuneReportCallback):
         super().after_report(run_context, [m, *metrics[1:]], checkpoint)
 
 
-def trial(sample: dict[str, Any], base: dict, manifest: dict, parent_run_id: str, env: dict[str, str]) -> None:
+def scoring_task(tc: Any, env: dict[str, str]) -> Any:
+    """The evaluate stage's quality scores as a Ray task with a trial's resources ("DEFAULT" scheduling: not
+    inside a trial's small placement group)."""
+    import ray
+
+    from pipelines.evaluate import quality_scores
+
+    return ray.remote(quality_scores).options(num_cpus=tc.cpus_per_trial, num_gpus=tc.gpus_per_trial,
+                                              scheduling_strategy="DEFAULT", runtime_env={"env_vars": env})
+
+
+def eval_inputs(cfg: Config, manifest: dict) -> dict[str, Any] | None:
+    """What a quality metric is measured on (prompts, seeds, sampling), or None for a loss metric."""
+    from pipelines.evaluate import read_prompts
+
+    tc, ev = cfg.tune, cfg.evaluate
+    if tc.metric not in QUALITY_METRICS:
+        return None
+    uri = tc.eval_prompts or ev.prompts
+    if not uri:
+        raise ValueError(f"tune.metric {tc.metric} scores each trial's images: set tune.eval_prompts (or "
+                         "evaluate.prompts) to the prompts they are drawn for")
+    prompts = read_prompts(uri)[: tc.eval_num_prompts or ev.num_prompts]
+    if len(prompts) < 2:
+        raise ValueError(f"tune.eval_prompts {uri}: {len(prompts)} prompt(s); give at least 2")
+    return {"prompts": prompts, "seeds": [ev.seed + i for i in range(len(prompts))], "steps": ev.steps,
+            "guidance_scale": ev.guidance_scale, "size": ev.resolution or manifest.get("resolution"),
+            "batch_size": ev.batch_size, "clip_model": ev.clip_model, "dtype": cfg.teacher.dtype}
+
+
+def trial(sample: dict[str, Any], base: dict, manifest: dict, parent_run_id: str, env: dict[str, str],
+          scoring: dict[str, Any] | None = None, teacher_score: float | None = None) -> None:
     """A Tune function trainable: measure the sampled student, then distill it briefly with the distill
-    stage's trainer; its reports reach Tune through TrialReport."""
+    stage's trainer; its reports reach Tune through TrialReport. With a quality metric (`scoring`), the trial
+    runs the distill stage to its export, scores the student's images with the evaluate stage, and reports
+    that last."""
     import ray
     import ray.tune
 
@@ -130,6 +175,7 @@ def trial(sample: dict[str, Any], base: dict, manifest: dict, parent_run_id: str
         os.environ.setdefault(k, v)
     cfg = Config.model_validate(base)
     tc = cfg.tune
+    sample = space.flat_sample(sample)
     trial_id = ray.tune.get_context().get_trial_id()
     cost_task = ray.remote(student_cost).options(
         num_cpus=tc.cpus_per_trial, num_gpus=tc.gpus_per_trial, scheduling_strategy="DEFAULT",
@@ -145,14 +191,32 @@ def trial(sample: dict[str, Any], base: dict, manifest: dict, parent_run_id: str
         uri, cfg.mlflow.experiment, join(storage, trial_id), f"trial-{trial_id}", tcfg.model_dump(mode="json"),
         tags={"mlflow.parentRunId": parent_run_id, "distillery.stage": "tune-trial", "distillery.trial_id": trial_id})
     tracking.log_metrics(uri, run_id, {"latency_ms": cost["latency_ms"], "params": cost["params"]}, 0)
+    loss = tcfg.distill.loss
     extras = {"latency_ms": cost["latency_ms"], "params": cost["params"], "preset": cost["preset"] or "",
-              "spec": json.dumps(cost["spec"]), "mlflow_run_id": run_id}
+              "spec": json.dumps(cost["spec"]), "mlflow_run_id": run_id, "init": tcfg.student.init,
+              "lr": tcfg.distill.lr, **{k: float(getattr(loss, term)) for k, term in space.LOSS_TERMS.items()},
+              **({"arm": sample["arm"], "seed": int(sample["seed"])} if "arm" in sample else {})}
     # a trial restarted after an interrupted search starts over: its only checkpoint is its last step, and
     # resuming from that would report nothing
     delete_dir(join(storage, trial_id))
-    trainer = distill.trainer_for(tcfg, spec, manifest, run_id,
-                                  callbacks=[TrialReport(extras, tc.model_dump(mode="json"))])
-    trainer.fit()
+    callbacks = [TrialReport(extras, tc.model_dump(mode="json"))]
+    if scoring is None:
+        distill.trainer_for(tcfg, spec, manifest, run_id, callbacks=callbacks).fit()
+    else:
+        t0 = time.perf_counter()
+        done = distill.run(tcfg, callbacks=callbacks)  # trains and exports the student, as the stage does
+        train_s = time.perf_counter() - t0
+        scores = ray.get(scoring_task(tc, env).remote(cfg.teacher.uri, tcfg.distill.output, **scoring))
+        if tc.metric not in scores:
+            raise ValueError(f"tune.metric {tc.metric}: the evaluate stage gives no such score for these prompts "
+                             f"(it gives {', '.join(sorted(scores))})")
+        final = {**done["losses"], **extras, **scores, "step": done["step"], "train_s": train_s,
+                 "objective": space.objective(float(scores[tc.metric]), cost["latency_ms"], cost["params"], tc)}
+        if teacher_score:
+            final["of_teacher"] = float(scores[tc.metric]) / teacher_score
+        tracking.log_metrics(uri, run_id, {k: v for k, v in final.items() if isinstance(v, (int, float))
+                                           and k != "step"}, done["step"])
+        ray.tune.report(final)
     delete_dir(join(storage, trial_id))  # the reports are in Tune; the winner is distilled again in full
 
 
@@ -227,11 +291,15 @@ def result_rows(grid: Any, cfg: Config) -> list[dict[str, Any]]:
         m, sample = dict(res.metrics or {}), dict(res.config or {})
         row: dict[str, Any] = {k: None for k in COLUMNS}
         row["trial_id"] = m.get("trial_id") or Path(res.path).name
-        for key in space.LOSS_KEYS:
-            row[key] = float(sample.get(key, getattr(tc, key)[0]))
-        for key in ("step", "val_loss", "val_task", "val_out", "val_feat", "val_attn", "val_self_attn", "latency_ms",
-                    "params", "objective", "mlflow_run_id"):
+        sample = space.flat_sample(sample)
+        for key in space.LOSS_KEYS:  # what the trial ran with (its report), else what it sampled
+            row[key] = float(m[key]) if m.get(key) is not None else float(sample.get(key, getattr(tc, key)[0]))
+        for key in ("step", "val_loss", "val_out", "val_task", "val_feat", "val_attn", "val_self_attn",
+                    *QUALITY_METRICS, "of_teacher", "latency_ms", "params", "train_s", "eval_s", "objective",
+                    "mlflow_run_id", "init"):
             row[key] = m.get(key)
+        row["arm"] = m.get("arm") or sample.get("arm")
+        row["seed"] = m.get("seed", sample.get("seed"))
         row["preset"] = m.get("preset") or sample.get("preset") or None
         row["spec"] = json.loads(m["spec"]) if m.get("spec") else None
         row["completed"] = row["step"] is not None and row["step"] >= tc.steps_per_trial
@@ -245,7 +313,7 @@ def result_rows(grid: Any, cfg: Config) -> list[dict[str, Any]]:
 def mark_pareto_and_best(rows: list[dict[str, Any]], cfg: Config) -> dict[str, Any] | None:
     tc = cfg.tune
     scored = [r for r in rows if r[tc.metric] is not None and r["latency_ms"] is not None]
-    on = space.pareto_front([(r[tc.metric], r["latency_ms"]) for r in scored])
+    on = space.pareto_front([(space.signed(r[tc.metric], tc.metric), r["latency_ms"]) for r in scored])
     for r in rows:
         r["pareto"] = False
         r["best"] = False
@@ -300,10 +368,65 @@ def pareto_plot(rows: list[dict[str, Any]], cfg: Config) -> bytes:
     if tc.latency_budget_ms is not None:
         ax.axvline(tc.latency_budget_ms, ls="--", c="k", lw=1, label="latency budget")
     ax.set_xlabel("latency per denoising step (ms)")
-    ax.set_ylabel(f"{tc.metric} (lower is better)")
+    ax.set_ylabel(f"{tc.metric} ({'higher' if space.higher_is_better(tc.metric) else 'lower'} is better)")
     ax.set_title(f"{cfg.name}: quality vs latency ({len(rows)} trials)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def arms_csv(arms: list[dict[str, Any]]) -> bytes:
+    import pandas as pd
+
+    return pd.DataFrame(arms, columns=list(ARM_COLUMNS)).to_csv(index=False).encode()
+
+
+def arms_markdown(arms: list[dict[str, Any]], cfg: Config, teacher: float | None) -> str:
+    """The ablation as a Markdown table, best mean first: the metric over the seeds (mean, min-max), its share of
+    the teacher's, latency, size and the wall time of a trial."""
+    tc = cfg.tune
+
+    def f(v: Any, digits: int = 3) -> str:
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    lines = [f"{tc.metric} of each arm over its seeds ({tc.steps_per_trial} steps each); teacher {f(teacher)}", "",
+             f"| arm | preset | init | loss | seeds | {tc.metric} mean | min - max | of teacher | ms/step | params "
+             "| train s | eval s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for a in arms:
+        params = f"{a['params'] / 1e6:.2f}M" if a["params"] else "-"
+        lines.append(f"| {a['arm']} | {a['preset']} | {a['init']} | {a['loss']} | {a['scored']}/{a['seeds']} | "
+                     f"**{f(a['mean'])}** | {f(a['min'])} - {f(a['max'])} | {f(a['of_teacher'], 2)} | "
+                     f"{f(a['latency_ms'], 2)} | {params} | {f(a['train_s'], 0)} | {f(a['eval_s'], 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def ablation_plot(rows: list[dict[str, Any]], arms: list[dict[str, Any]], cfg: Config, teacher: float | None) -> bytes:
+    """PNG: the metric of each arm (bar: mean over seeds; dots: each seed), the teacher as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tc = cfg.tune
+    order = list(reversed(arms))  # barh draws upwards: the best mean on top
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(order) + 1.5), dpi=120)
+    labels = [f"{a['arm']} ({a['preset']})" for a in order]
+    ax.barh(range(len(order)), [a["mean"] or 0.0 for a in order], color="tab:blue", alpha=0.5, label="mean")
+    for i, a in enumerate(order):
+        vals = [r[tc.metric] for r in rows if r.get("arm") == a["arm"] and (r["preset"] or "") == a["preset"]
+                and r.get(tc.metric) is not None]
+        ax.scatter(vals, [i] * len(vals), c="k", s=14, zorder=3, label="seed" if i == 0 else None)
+    if teacher is not None:
+        ax.axvline(teacher, c="tab:red", ls="--", lw=1.2, label=f"teacher {teacher:.3f}")
+    ax.set_yticks(range(len(order)), labels, fontsize=8)
+    ax.set_xlabel(f"{tc.metric} ({'higher' if space.higher_is_better(tc.metric) else 'lower'} is better)")
+    ax.set_title(f"{cfg.name}: ablation, {tc.steps_per_trial} steps per trial, {len(tc.seeds)} seed(s)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -344,13 +467,16 @@ def _tuner(cfg: Config, trainable: Any, space_: dict[str, Any]) -> Any:
 
     tc = cfg.tune
     val_every = tc.val_every or max(1, tc.steps_per_trial // 4)
-    if tc.objective == "multi":
-        searcher = OptunaSearch(metric=[tc.metric, "latency_ms"], mode=["min", "min"], seed=tc.seed)
+    mode = "max" if space.higher_is_better(tc.metric) else "min"
+    if tc.arms:  # a grid: every arm x preset x seed once, no searcher
+        searcher, stop_on = None, tc.metric
+    elif tc.objective == "multi":
+        searcher = OptunaSearch(metric=[tc.metric, "latency_ms"], mode=[mode, "min"], seed=tc.seed)
         stop_on = tc.metric
     else:
         searcher = OptunaSearch(metric="objective", mode="min", seed=tc.seed)
         stop_on = "objective"
-    scheduler = FIFOScheduler() if tc.scheduler == "fifo" else ASHAScheduler(
+    scheduler = FIFOScheduler() if tc.scheduler_name() == "fifo" else ASHAScheduler(
         # max_t one past the last step: a trial that runs to its end returns from trainer.fit() on its own,
         # so its Train run shuts down cleanly (ASHA stops only the ones it cuts short)
         time_attr="step", metric=stop_on, mode="min", max_t=tc.steps_per_trial + 1, grace_period=val_every,
@@ -359,7 +485,8 @@ def _tuner(cfg: Config, trainable: Any, space_: dict[str, Any]) -> Any:
     return tune.Tuner(
         trainable,
         param_space=space_,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=tc.num_samples,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                    num_samples=1 if tc.arms else tc.num_samples,
                                     max_concurrent_trials=tc.max_concurrent, trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name=experiment_name(cfg), storage_path=path,
                                   storage_filesystem=fs if is_remote(tc.storage_path) else None,
@@ -387,6 +514,7 @@ def run(cfg: Config) -> dict[str, Any]:
     t_config = _teacher_unet_config(cfg.teacher.uri)
     space.check_space(t_config, tc)
     param_space = space.param_space(t_config, tc)
+    scoring = eval_inputs(cfg, manifest)
 
     ray = ensure_ray(cfg)
     need = tc.max_concurrent * (DRIVER_CPU + tc.cpus_per_trial) + 1  # + 1: Ray Data's read tasks
@@ -403,8 +531,20 @@ def run(cfg: Config) -> dict[str, Any]:
     env = {k: os.environ[k] for k in ENV_KEYS if os.environ.get(k)}
     base = cfg.model_dump(mode="json")
     base["mlflow"]["tracking_uri"] = uri  # the trials log where the driver does
+    teacher_score = None
+    if scoring is not None:  # the teacher on the same prompts and seeds: what each trial's score is a share of
+        teacher_scores = ray.get(scoring_task(tc, env).remote(cfg.teacher.uri, None, **scoring))
+        if tc.metric not in teacher_scores:
+            tracking.end_run(uri, parent_id, "FAILED")
+            raise ValueError(f"tune.metric {tc.metric}: the evaluate stage gives no such score for the prompts of "
+                             f"{tc.eval_prompts or cfg.evaluate.prompts} (it gives "
+                             f"{', '.join(sorted(teacher_scores))})")
+        teacher_score = float(teacher_scores[tc.metric])
+        tracking.log_metrics(uri, parent_id, {f"teacher_{tc.metric}": teacher_score}, 0)
+        log.info("tune: the teacher's %s on %d prompts: %.4f", tc.metric, len(scoring["prompts"]), teacher_score)
     trainable = tune.with_resources(
-        tune.with_parameters(trial, base=base, manifest=manifest, parent_run_id=parent_id, env=env),
+        tune.with_parameters(trial, base=base, manifest=manifest, parent_run_id=parent_id, env=env, scoring=scoring,
+                             teacher_score=teacher_score),
         {"CPU": DRIVER_CPU})
     fs, path = filesystem(tc.storage_path)
     exp_path = f"{path}/{name}"
@@ -415,8 +555,9 @@ def run(cfg: Config) -> dict[str, Any]:
             tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True,
                                        storage_filesystem=fs if is_remote(tc.storage_path) else None)
         else:
-            log.info("tune: %d trials of %d steps, %d at a time (MLflow run %s)", tc.num_samples,
-                     tc.steps_per_trial, tc.max_concurrent, parent_id)
+            log.info("tune: %d trials of %d steps, %d at a time (MLflow run %s)",
+                     len(space.arm_variants(tc)) if tc.arms else tc.num_samples, tc.steps_per_trial,
+                     tc.max_concurrent, parent_id)
             tuner = _tuner(cfg, trainable, param_space)
         with OrphanSweeper():
             grid = tuner.fit()
@@ -435,6 +576,10 @@ def run(cfg: Config) -> dict[str, Any]:
     png = pareto_plot(rows, cfg)
     best_yaml = dump_config(space.best_config(cfg, best)).encode()
     files = {"trials.csv": csv, "trials.parquet": parquet, "pareto.png": png, "best.yaml": best_yaml}
+    arms = space.arm_summary(rows, tc, teacher_score) if tc.arms else []
+    if arms:
+        files.update({"arms.csv": arms_csv(arms), "arms.md": arms_markdown(arms, cfg, teacher_score).encode(),
+                      "ablation.png": ablation_plot(rows, arms, cfg, teacher_score)})
     for fname, data in files.items():
         write_bytes(join(out, fname), data)
     best_row = {k: best[k] for k in COLUMNS}
@@ -443,15 +588,17 @@ def run(cfg: Config) -> dict[str, Any]:
                "plot": join(out, "pareto.png"), "best_config": join(out, "best.yaml"), "best": best_row,
                "trials": len(rows), "statuses": {s: sum(r["status"] == s for r in rows)
                                                  for s in ("completed", "stopped", "error")},
-               "mlflow_run_id": parent_id, "seconds": round(time.perf_counter() - t0, 1)}
+               "mlflow_run_id": parent_id, "seconds": round(time.perf_counter() - t0, 1),
+               "metric": tc.metric, "teacher": teacher_score, "arms": arms,
+               **({"arms_table": join(out, "arms.md"), "ablation_plot": join(out, "ablation.png")} if arms else {})}
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         for fname, data in files.items():
             (Path(tmp) / fname).write_bytes(data)
         tracking.log_artifact(uri, parent_id, tmp, "tune")
-    metrics = {f"best_{k}": best[k] for k in ("val_loss", "val_out", "latency_ms", "params", "objective")
-               if best[k] is not None}
+    metrics = {f"best_{k}": best[k] for k in ("val_loss", "val_out", *QUALITY_METRICS, "of_teacher", "latency_ms",
+                                              "params", "objective") if best[k] is not None}
     metrics.update({f"trials_{s}": float(n) for s, n in summary["statuses"].items()})
     tracking.log_metrics(uri, parent_id, metrics, 0)
     tracking.set_tags(uri, parent_id, {"distillery.best_trial": best["trial_id"],
