@@ -46,9 +46,9 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import append_to_section, interrupt_once  # noqa: E402
+from models.sampling import PNG_LEVEL  # noqa: E402
 from pipelines import local  # noqa: E402
 from pipelines.config import parse_config  # noqa: E402
-from serving.images import PNG_LEVEL  # noqa: E402
 
 SECTION = "## Serving"
 
@@ -112,7 +112,7 @@ def reference(folder: Path, decoder: Path | None, device: str, size: int, steps:
     """Plain diffusers, in-process: images/s one image per call, and one call of `batch` images."""
     import torch
 
-    from serving.images import ImageJob, encode_png, generate_images, load_pipeline, render_images
+    from models.sampling import ImageJob, encode_png, generate_images, load_pipeline, render_images
 
     if device == "cpu":
         torch.set_num_threads(1)  # as in a replica with num_cpus=1 (Ray sets OMP_NUM_THREADS=1)

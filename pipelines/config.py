@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from models.sampling import PNG_LEVEL
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -407,6 +409,12 @@ class EvaluateConfig(Section):
     # the share of the teacher's quality the student must keep (caption accuracy where the teacher has an analyzer,
     # else CLIP score, else FID): the report's and the model card's verdict
     goal: float = Field(0.95, gt=0)
+    # where the stage runs: "ray", a Ray task with num_cpus / num_gpus (a cluster's head has no GPU, often no CPUs
+    # to spare); "driver", in the process that runs the stage; "auto": a Ray task when the job runs on a cluster
+    # (ray.address or RAY_ADDRESS set, as under `ray job submit`), else the driver
+    run_on: Literal["auto", "ray", "driver"] = "auto"
+    num_gpus: float | None = Field(None, ge=0)  # default: 1 when the cluster has a GPU, else 0
+    num_cpus: float = Field(1, gt=0)
 
     @field_validator("steps_sweep")
     @classmethod
@@ -472,9 +480,9 @@ class ServeConfig(Section):
     max_steps: int = Field(100, ge=1)
     default_guidance_scale: float = Field(7.5, ge=0)
     request_timeout_s: float = Field(120.0, gt=0)
-    # zlib level of the PNGs the API returns (lossless at any level): 1 encodes a 512 px image ~10x faster than PIL's
-    # default 6 for a few % more bytes; the encoding runs after the image leaves the batch, beside the next batch
-    png_compress_level: int = Field(1, ge=0, le=9)
+    # zlib level of the PNGs the API returns (lossless at any level; models/sampling.py PNG_LEVEL says why 1); the
+    # encoding runs after the image leaves the batch, beside the next batch
+    png_compress_level: int = Field(PNG_LEVEL, ge=0, le=9)
 
     @field_validator("sizes")
     @classmethod

@@ -37,7 +37,9 @@ import io
 import json
 import logging
 import math
+import os
 import re
+import socket
 import sys
 import tempfile
 import time
@@ -944,9 +946,11 @@ def _weights_stamp(student: str) -> list:
 
 
 def _digest(cfg: Config, meta: dict, prompts: list[str], reference: str) -> str:
-    blob = json.dumps({"evaluate": cfg.evaluate.model_dump(mode="json"), "teacher": cfg.teacher.model_dump(mode="json"),
-                       "student": meta, "weights": _weights_stamp(cfg.evaluate.student), "prompts": prompts,
-                       "reference": reference}, sort_keys=True, default=str)
+    where = {"run_on", "num_gpus", "num_cpus"}  # where the stage runs does not change what it measures
+    blob = json.dumps({"evaluate": cfg.evaluate.model_dump(mode="json", exclude=where),
+                       "teacher": cfg.teacher.model_dump(mode="json"), "student": meta,
+                       "weights": _weights_stamp(cfg.evaluate.student), "prompts": prompts, "reference": reference},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -993,8 +997,45 @@ def log_to_mlflow(cfg: Config, meta: dict[str, Any], metrics: dict[str, float], 
     return run_id
 
 
+def runs_on_ray(cfg: Config) -> bool:
+    """Whether the stage runs as a Ray task (evaluate.run_on; "auto": when the job runs on a cluster)."""
+    how = cfg.evaluate.run_on
+    return how == "ray" or (how == "auto" and bool(cfg.ray.address or os.environ.get("RAY_ADDRESS")))
+
+
 def run(cfg: Config) -> dict[str, float]:
-    """The evaluate stage: returns the metrics (also in {evaluate.output}/metrics.json and MLflow)."""
+    """The evaluate stage: returns the metrics (also in {evaluate.output}/metrics.json and MLflow). On a cluster,
+    as a Ray task with the GPUs it asks for (the driver of a job runs on the head, which may have none)."""
+    if not runs_on_ray(cfg):
+        return evaluate_here(cfg)
+    from pipelines.storage import ensure_ray
+    from pipelines.train import worker_env
+
+    ev = cfg.evaluate
+    ray = ensure_ray(cfg)
+    gpus = ev.num_gpus if ev.num_gpus is not None else float(ray.cluster_resources().get("GPU", 0) >= 1)
+    tree = cfg.model_dump(mode="json")
+    tree["mlflow"]["tracking_uri"] = cfg.tracking_uri()  # the task logs where the driver would
+    # ---- Ray: the stage's body as one task with the stage's resources
+    task = ray.remote(_evaluate_task).options(num_cpus=ev.num_cpus, num_gpus=gpus,
+                                              runtime_env={"env_vars": worker_env(gpus > 0)})
+    log.info("evaluate: as a Ray task with %g CPU and %g GPU", ev.num_cpus, gpus)
+    return ray.get(task.remote(tree, os.getcwd()))
+
+
+def _evaluate_task(tree: dict, driver_cwd: str) -> dict[str, float]:
+    """The stage in a Ray worker. Local paths resolve as in the driver when the task runs on its machine."""
+    here = os.getcwd()
+    if os.path.isdir(driver_cwd):
+        os.chdir(driver_cwd)
+    try:
+        return evaluate_here(Config.model_validate(tree))
+    finally:
+        os.chdir(here)
+
+
+def evaluate_here(cfg: Config) -> dict[str, float]:
+    """The stage's body, in this process, on its GPU if it has one."""
     ev = cfg.evaluate
     out_uri = ev.output
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1055,7 +1096,8 @@ def run(cfg: Config) -> dict[str, float]:
         write_report(result, local, f"{cfg.name}: student vs teacher", info, goal=ev.goal)
         run_id = log_to_mlflow(cfg, meta, result.metrics, local)
         manifest = {"digest": digest, "complete": True, "mlflow_run_id": run_id, "student": ev.student,
-                    "teacher": cfg.teacher.uri, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                    "teacher": cfg.teacher.uri, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "ran_on": {"host": socket.gethostname(), "pid": os.getpid(), "device": _device_name(device)}}
         if is_remote(out_uri):
             names = [str(p.relative_to(local)) for p in sorted(local.rglob("*")) if p.is_file()]
             _upload(local, out_uri, names)

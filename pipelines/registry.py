@@ -9,7 +9,7 @@ metric (`registry.metric`, `registry.mode`); otherwise it becomes the `challenge
 record the teacher, the preset or spec, every metric and the config hash. Registering the same student
 with the same metrics twice returns the existing version (the stage is idempotent).
 
-`DiffusersImageModel` generates with serving/images.py's `generate_images`, as the serving stage does, so
+`DiffusersImageModel` generates with models/sampling.py's `generate_images`, as the serving stage does, so
 `mlflow.pyfunc.load_model("models:/NAME@champion")` and the HTTP API give the same images.
 """
 
@@ -30,8 +30,8 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
+from models.sampling import ImageJob, generate_images, load_pipeline  # noqa: F401 (load_pipeline: re-export)
 from pipelines.config import Config
-from serving.images import ImageJob, generate_images, load_pipeline  # noqa: F401 (load_pipeline: re-export)
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ built, so every replica serves the same version) or from a diffusers folder/URI,
 warm-up image before it reports ready. Requests are split into single images and batched across requests
 (Ray's @serve.batch; with serve.batcher "replica", serving/batching.py, where a batch forms only when the
 previous one has returned); a batch mixing sizes, steps or guidance runs one pipeline call per group
-(serving/images.py: render_images), and every image has its own seed.
+(models/sampling.py: render_images), and every image has its own seed.
 
 Routes: POST /v1/images/generations (OpenAI Images API + negative_prompt, num_inference_steps,
 guidance_scale, seed), GET /v1/models, /healthz, /readyz, and / (a small web page). An answer's `timings`
@@ -39,9 +39,9 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from models.sampling import ImageJob, encode_png
 from pipelines.config import Config, ServeConfig, parse_config
 from serving.batching import DynamicBatcher
-from serving.images import ImageJob, encode_png
 from serving.schemas import ApiError, ImageData, ImageResponse, ModelCard, Timings, parse_request, parse_size
 
 log = logging.getLogger("distillery.serve")
@@ -162,7 +162,7 @@ def resolve_model(cfg: Config) -> dict[str, Any]:
 def fetch_model(model: dict[str, Any]) -> str:
     """A local diffusers folder for the model: MLflow models are downloaded once per node and version."""
     if not model["uri"].startswith("models:/"):
-        return model["uri"]  # serving.images.load_pipeline resolves s3:// and builtin: itself
+        return model["uri"]  # models.sampling.load_pipeline resolves s3:// and builtin: itself
     import mlflow
 
     from models.teacher import cache_root
@@ -211,7 +211,7 @@ class ImageServer:
     def __init__(self, serve_cfg: dict[str, Any], model: dict[str, Any]):
         import torch
 
-        from serving.images import generate_images, load_pipeline, render_images
+        from models.sampling import generate_images, load_pipeline, render_images
 
         self.cfg = ServeConfig.model_validate(serve_cfg)
         self.model = {**model, "created": int(time.time())}

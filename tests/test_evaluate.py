@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -292,6 +293,39 @@ def test_bk_small_from_cache_to_s3_via_cli(tiny_sd1_dir, students, s3_bucket, ml
     assert run.info.run_name == "evals3-evaluate" and run.info.status == "FINISHED"
     assert run.data.metrics["param_ratio"] == pytest.approx(metrics["param_ratio"])
     assert run.data.params["evaluate.steps"] == "2"  # the whole config, as params
+
+
+def test_on_a_cluster_the_stage_runs_as_a_ray_task(tiny_sd1_dir, students, ray_local, tmp_path, monkeypatch):
+    """Under `ray job submit` (RAY_ADDRESS set) the stage is a Ray task with the resources it asks for, not the
+    driver's process (a KubeRay job's driver runs on the head, which has no GPU); it measures what the driver
+    measures, and where it ran is not part of what it measured."""
+    from pipelines import evaluate
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i in range(4):
+        shape_image(i, 64).save(ref / f"{i}.png")
+
+    def cfg_for(out: str, **kw):
+        return parse_config({"work_dir": str(tmp_path / "work"), "teacher": {"uri": str(tiny_sd1_dir)},
+                             "evaluate": small_eval(student=str(students["bk-small"]), prompts=str(prompts),
+                                                    reference=str(ref), output=str(tmp_path / out), **kw)})
+
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    on_ray = cfg_for("on-ray", num_cpus=1)
+    assert evaluate.runs_on_ray(on_ray) and not evaluate.runs_on_ray(cfg_for("x", run_on="driver"))
+    metrics = evaluate.run(on_ray)
+    done = json.loads((tmp_path / "on-ray" / "eval.json").read_text())
+    assert done["ran_on"]["pid"] != os.getpid() and done["ran_on"]["device"].startswith("cpu")
+    here = evaluate.run(cfg_for("here", run_on="driver"))
+    assert json.loads((tmp_path / "here" / "eval.json").read_text())["ran_on"]["pid"] == os.getpid()
+    for key in ("latent_mse", "psnr", "ssim", "fid_student_vs_teacher", "fid", "param_ratio", "macs_ratio"):
+        assert metrics[key] == pytest.approx(here[key], rel=1e-4), key
+    # the Ray task's results stand for the driver too: the same inputs are not measured again
+    assert evaluate.run(cfg_for("on-ray", run_on="driver")) == metrics
+    assert json.loads((tmp_path / "on-ray" / "eval.json").read_text()) == done
 
 
 def test_bad_inputs_fail_early_and_name_the_problem(tiny_sd1_dir, students, tmp_path):

@@ -90,7 +90,7 @@ def png_zlib_level(png: bytes) -> int:
 
 
 def test_png_level_is_lossless_and_checked():
-    from serving.images import encode_png
+    from models.sampling import encode_png
 
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8))
     fast, best = encode_png(img, 1), encode_png(img, 9)
@@ -133,7 +133,7 @@ def test_replica_batcher_serves_batches(server, tiny_sd1_dir, tmp_path):
 
 def test_served_images_come_from_the_decoder(server, tiny_sd1_dir):
     """serve.decoder: the replica decodes with the lighter decoder, not the model's own VAE."""
-    from serving.images import ImageJob, generate_images, load_pipeline
+    from models.sampling import ImageJob, generate_images, load_pipeline
 
     served = np.asarray(Image.open(io.BytesIO(images(post(server, {"prompt": "a red circle", "num_inference_steps": 2,
                                                                     "seed": 7}))[0])), np.int16)

@@ -1,6 +1,7 @@
-"""Generation shared by the serving stage and the registered MLflow pyfunc model (pipelines/registry.py):
-one image per job, each with its own seeded generator, PNG bytes out. No MLflow and no Ray here, so a
-diffusers folder can be served or benchmarked with neither installed."""
+"""Generation from a diffusers pipeline folder, shared by the serving stage (serving/app.py), the registered MLflow
+pyfunc model (pipelines/registry.py) and the benchmarks: one image per job, each with its own seeded generator, PNG
+bytes out. Plain diffusers: no MLflow, no Ray, no server, so a folder can be served, registered or benchmarked with
+none of them."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.config import ServeConfig
-
-PNG_LEVEL: int = ServeConfig.model_fields["png_compress_level"].default  # one default, the config's
+# zlib level of the PNGs (lossless at any level): 1 encodes several times faster than PIL's default 6 for a few %
+# more bytes (bench/RESULTS.md, Serving); serve.png_compress_level defaults to it
+PNG_LEVEL = 1
 
 
 @dataclass(frozen=True)
@@ -94,9 +95,7 @@ def generate_images(pipe: Any, jobs: list[ImageJob], png_level: int = PNG_LEVEL)
 
 
 def encode_png(img: Any, level: int = PNG_LEVEL) -> bytes:
-    """Lossless PNG at zlib `level`. PIL's default, 6, costs 1.1-4x the time of 1 for a few % fewer bytes (512 px
-    on one core: 60-159 ms against 37-58 ms for served images, 450 against 35 ms for a noisy synthetic one;
-    bench/RESULTS.md, Serving)."""
+    """Lossless PNG at zlib `level` (PNG_LEVEL: see there)."""
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=level)
     return buf.getvalue()
