@@ -25,7 +25,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from bench.common import append_to_section  # noqa: E402
-from pipelines.cache import _tensor_column, write_rows  # noqa: E402
+from pipelines.cache import tensor_column, write_rows  # noqa: E402
 from pipelines.metrics import measure_latency, median  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def rows(n: int, latent: int, seq: int, dim: int) -> dict:
 def plain(path: str, cols: dict) -> None:
     """The reference: the same tensor columns, pyarrow's default write (dictionary encoding on every column,
     snappy), from the per-row arrays the stage used to build."""
-    table = pa.table({k: _tensor_column(list(v)) if isinstance(v, np.ndarray) else v for k, v in cols.items()})
+    table = pa.table({k: tensor_column(list(v)) if isinstance(v, np.ndarray) else v for k, v in cols.items()})
     buf = io.BytesIO()
     pq.write_table(table, buf)
     Path(path).write_bytes(buf.getvalue())
@@ -64,7 +64,7 @@ def main() -> int:
     args = p.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     cols = rows(args.rows, args.latent, args.seq, args.dim)
-    _tensor_column([np.zeros((1, 1), np.float32)])  # the tensor type's one-time registration, outside the timing
+    tensor_column([np.zeros((1, 1), np.float32)])  # the tensor type's one-time registration, outside the timing
     ref = timed(lambda: plain(f"{args.out_dir}/plain.parquet", cols), args.repeats)
     ours = timed(lambda: write_rows(f"{args.out_dir}/ours.parquet", cols), args.repeats)
     mb = os.path.getsize(f"{args.out_dir}/ours.parquet") / 1e6

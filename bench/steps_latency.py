@@ -43,7 +43,7 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from bench.common import append_to_section  # noqa: E402
 from models.steps import add_guidance_embedding, student_scheduler  # noqa: E402
 from models.student import build_student, count_params, preset_spec  # noqa: E402
-from models.tiny import SD1_UNET, VAE, _load_tokenizer, _sd1_scheduler, _text_config  # noqa: E402
+from models.tiny import SD1_UNET, VAE, load_tokenizer, sd1_scheduler, text_config  # noqa: E402
 from pipelines.student_cli import SD15_TEXT, SD15_UNET, SD15_VAE  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -54,7 +54,7 @@ def build(tiny: bool, device: str, dtype: torch.dtype) -> dict:
     with torch.device("cpu"):
         unet = UNet2DConditionModel(**(dict(sample_size=16, **SD1_UNET) if tiny else SD15_UNET))
         vae = AutoencoderKL(**(dict(sample_size=64, **VAE) if tiny else SD15_VAE))
-        te = CLIPTextModel(_text_config() if tiny else CLIPTextConfig(**SD15_TEXT))
+        te = CLIPTextModel(text_config() if tiny else CLIPTextConfig(**SD15_TEXT))
         taesd = AutoencoderTiny()  # TAESD's architecture (diffusers' defaults)
         if tiny:  # the tiny VAE downsamples by 4; a tiny TAESD-like decoder must too
             taesd = AutoencoderTiny(encoder_block_out_channels=(16, 16, 16), decoder_block_out_channels=(16, 16, 16),
@@ -64,7 +64,7 @@ def build(tiny: bool, device: str, dtype: torch.dtype) -> dict:
     parts = {"teacher": unet, "student": student, "student_w": student_w, "vae": vae, "taesd": taesd, "te": te}
     for k, m in parts.items():
         parts[k] = m.to(device=device, dtype=dtype).eval()
-    parts["tokenizer"] = _load_tokenizer()
+    parts["tokenizer"] = load_tokenizer()
     return parts
 
 
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
 
     parts = build(a.tiny, a.device, dtype)
-    ddim = DDIMScheduler.from_config(_sd1_scheduler().config)
+    ddim = DDIMScheduler.from_config(sd1_scheduler().config)
     guided_ddim = student_scheduler("guided", ddim, a.student_steps)
     lcm = student_scheduler("consistency", ddim, a.student_steps, skip=20)
     S, T = a.student_steps, a.teacher_steps

@@ -83,7 +83,8 @@ VAE = dict(
 )  # downsamples by 4: a 64 px image is a 4x16x16 latent
 
 
-def _text_config(projection_dim: int | None = None) -> CLIPTextConfig:
+def text_config(projection_dim: int | None = None) -> CLIPTextConfig:
+    """The tiny CLIP text encoder's config (32 wide, VOCAB_WORDS' vocabulary); with projection_dim, SDXL's second."""
     kw = dict(
         vocab_size=1000,
         hidden_size=32,
@@ -136,13 +137,15 @@ def build_tokenizer(out_dir: str | Path) -> CLIPTokenizer:
     return tok
 
 
-def _load_tokenizer() -> CLIPTokenizer:
+def load_tokenizer() -> CLIPTokenizer:
+    """The tiny tokenizer (build_tokenizer), loaded."""
     with tempfile.TemporaryDirectory() as d:
         build_tokenizer(d)
         return CLIPTokenizer.from_pretrained(d)
 
 
-def _sd1_scheduler() -> DDIMScheduler:
+def sd1_scheduler() -> DDIMScheduler:
+    """SD 1.x's DDIM scheduler settings."""
     return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -158,13 +161,13 @@ def tiny_sd1_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> Stable
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(sample_size=16, **SD1_UNET)
     vae = AutoencoderKL(sample_size=64, **VAE)
-    text_encoder = CLIPTextModel(_text_config())
-    scheduler = DDIMScheduler.from_config(_sd1_scheduler().config, prediction_type=prediction_type)
+    text_encoder = CLIPTextModel(text_config())
+    scheduler = DDIMScheduler.from_config(sd1_scheduler().config, prediction_type=prediction_type)
     return StableDiffusionPipeline(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder.eval(),
-        tokenizer=_load_tokenizer(),
+        tokenizer=load_tokenizer(),
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
@@ -176,12 +179,12 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(sample_size=16, **SDXL_UNET)
     vae = AutoencoderKL(sample_size=64, **VAE)
-    te1 = CLIPTextModel(_text_config())
-    te2 = CLIPTextModelWithProjection(_text_config(projection_dim=32))
+    te1 = CLIPTextModel(text_config())
+    te2 = CLIPTextModelWithProjection(text_config(projection_dim=32))
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
     )
-    tok = _load_tokenizer()
+    tok = load_tokenizer()
     return StableDiffusionXLPipeline(
         unet=unet,
         vae=vae,

@@ -44,7 +44,8 @@ def write_manifest(uri: str, manifest: dict) -> None:
     write_bytes(join(uri, MANIFEST), json.dumps(manifest, indent=2).encode())
 
 
-def _tensor_column(arrays: np.ndarray | list[np.ndarray]) -> pa.ExtensionArray:
+def tensor_column(arrays: np.ndarray | list[np.ndarray]) -> pa.ExtensionArray:
+    """Equal-shaped arrays as one Arrow tensor column (Ray Data's type), as the cache stores latents and embeddings."""
     from ray.data.extensions import ArrowTensorArray
 
     stacked = arrays if isinstance(arrays, np.ndarray) else np.stack(arrays)
@@ -59,7 +60,7 @@ def write_rows(uri: str, columns: dict[str, Any], fs: Any = None) -> int:
     (bench/cache_write.py compares with pyarrow's defaults)."""
     tensors = {name for name, v in columns.items()
                if (isinstance(v, np.ndarray) and v.ndim > 1) or (len(v) > 0 and isinstance(v[0], np.ndarray))}
-    table = pa.table({name: _tensor_column(v) if name in tensors else v for name, v in columns.items()})
+    table = pa.table({name: tensor_column(v) if name in tensors else v for name, v in columns.items()})
     buf = io.BytesIO()
     pq.write_table(table, buf, use_dictionary=[name for name in columns if name not in tensors])
     if fs is None:

@@ -11,17 +11,7 @@ import sys
 from typing import Any
 
 from pipelines.config import ConfigError, dump_config, load_config
-
-# stage name -> module with `run(cfg) -> dict`
-STAGE_MODULES = {
-    "prepare": "pipelines.prepare",
-    "distill": "pipelines.distill",
-    "steps": "pipelines.steps",
-    "tune": "tuning.search",
-    "evaluate": "pipelines.evaluate",
-    "register": "pipelines.registry",
-    "serve": "serving.app",
-}
+from pipelines.run import STAGE_MODULES
 
 
 def _stage(name: str):

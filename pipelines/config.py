@@ -75,7 +75,7 @@ class DataConfig(Section):
     dedup: bool = True
     aspect_buckets: bool = False  # SDXL: bucket by aspect ratio instead of square crops
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    seed: int = 0
+    seed: int | None = None  # default: the top-level seed
     max_rows: int | None = Field(None, ge=1)
     output: str | None = None  # the embedding cache; default {work_dir}/cache
     # the latents the student trains on, as the teacher was trained: "dist" keeps the VAE posterior (mean, std) and
@@ -208,7 +208,7 @@ class DistillConfig(Section):
     guidance_scale: float = Field(7.5, ge=0)  # sample grids (classifier-free guidance)
     log_every: int = Field(10, ge=1)  # progress lines on the driver and train metrics to MLflow
     run_name: str | None = None  # the Ray Train run under storage_path; default "{name}-distill"
-    seed: int = 0
+    seed: int | None = None  # default: the top-level seed
 
     _run_name = field_validator("run_name")(classmethod(lambda cls, v: path_safe(v)))
 
@@ -347,7 +347,7 @@ class TuneConfig(Section):
     gpus_per_trial: float = Field(0, ge=0)
     latency_repeats: int = Field(5, ge=1)
     storage_path: str | None = None  # Tune's experiments, trial checkpoints, results; default {work_dir}/tune
-    seed: int = 0
+    seed: int | None = None  # default: the top-level seed
 
     @model_validator(mode="after")
     def _check(self) -> TuneConfig:
@@ -405,7 +405,7 @@ class EvaluateConfig(Section):
     embedding_samples: int = Field(64, ge=2)
     batch_size: int = Field(4, ge=1)
     output: str | None = None  # default {work_dir}/eval
-    seed: int = 0
+    seed: int | None = None  # default: the top-level seed
     # the share of the teacher's quality the student must keep (caption accuracy where the teacher has an analyzer,
     # else CLIP score, else FID): the report's and the model card's verdict
     goal: float = Field(0.95, gt=0)
@@ -512,7 +512,7 @@ STAGES = ("prepare", "distill", "steps", "tune", "evaluate", "register", "serve"
 class Config(Section):
     name: str = "distillery"
     work_dir: str = "./runs/distillery"  # local path or s3:// URI; outputs left empty go under it
-    seed: int = 0
+    seed: int = 0  # every stage's seed that its section leaves unset (data split, init, noise, search, prompts)
     stages: list[Literal[STAGES]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["prepare", "distill", "evaluate", "register"]
     )
@@ -553,6 +553,9 @@ class Config(Section):
             object.__setattr__(self.steps, "student", self.distill.output)
         if self.evaluate.student is None:
             object.__setattr__(self.evaluate, "student", self.distill.output)
+        for section in (self.data, self.distill, self.tune, self.evaluate):
+            if section.seed is None:
+                object.__setattr__(section, "seed", self.seed)
         return self
 
     def tracking_uri(self) -> str:

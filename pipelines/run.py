@@ -1,6 +1,6 @@
 """`distillery run CONFIG`: the job entrypoint. Runs the config's stages in order, one after another.
 
-Each stage module (pipelines.cli.STAGE_MODULES) owns its idempotence: a stage whose output is already
+Each stage module (STAGE_MODULES) owns its idempotence: a stage whose output is already
 complete returns quickly, so rerunning a job after a failure resumes where it stopped. "serve" blocks
 until the server is stopped, so it always runs last.
 """
@@ -15,6 +15,17 @@ from typing import Any
 from pipelines.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
+
+# the stage table: stage name -> module with `run(cfg) -> dict`
+STAGE_MODULES = {
+    "prepare": "pipelines.prepare",
+    "distill": "pipelines.distill",
+    "steps": "pipelines.steps",
+    "tune": "tuning.search",
+    "evaluate": "pipelines.evaluate",
+    "register": "pipelines.registry",
+    "serve": "serving.app",
+}
 
 
 def stage_order(stages: list[str]) -> list[str]:
@@ -51,8 +62,6 @@ def preflight(cfg: Config, stages: list[str]) -> None:
 def run_all(cfg: Config) -> dict[str, Any]:
     """Run every stage of cfg.stages; returns {stage: what its run(cfg) returned}. A failing stage raises,
     naming the stage, and the stages after it do not run."""
-    from pipelines.cli import STAGE_MODULES
-
     order = stage_order(list(cfg.stages))
     preflight(cfg, order)
     results: dict[str, Any] = {}

@@ -19,6 +19,17 @@ def test_defaults_and_derived_uris():
     assert cfg.digest() == parse_config({"work_dir": "s3://bucket/run1"}).digest()
 
 
+def test_top_level_seed_seeds_every_stage_that_leaves_its_own_unset():
+    from pipelines.prepare import split_of
+
+    cfg = parse_config({"seed": 7, "distill": {"seed": 1}})
+    assert (cfg.data.seed, cfg.tune.seed, cfg.evaluate.seed, cfg.distill.seed) == (7, 7, 7, 1)
+    assert parse_config({}).data.seed == 0
+    keys = [f"img{i}" for i in range(200)]
+    split = {seed: [split_of(k, 0.2, parse_config({"seed": seed}).data.seed) for k in keys] for seed in (0, 7)}
+    assert split[0] != split[7]  # the data stage's split follows the top-level seed
+
+
 def test_unknown_key_names_the_field():
     with pytest.raises(ConfigError) as e:
         parse_config({"distill": {"max_stepz": 3}})
