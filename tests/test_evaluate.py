@@ -122,6 +122,17 @@ def write_val_cache(uri: str, teacher_dir: Path, n: int = 6) -> None:
                          "embed_shape": [77, 32], "pooled_dim": None, "rows": {"train": 0, "val": n}})
 
 
+def prompts_and_reference(folder: Path, n_ref: int, size: int) -> tuple[Path, Path]:
+    """PROMPTS as a prompts file and n_ref shape images of `size` px as a reference folder, under `folder`."""
+    prompts = folder / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    ref = folder / "ref"
+    ref.mkdir()
+    for i in range(n_ref):
+        shape_image(i, size).save(ref / f"{i}.png")
+    return prompts, ref
+
+
 def small_eval(**kw) -> dict:
     return {"num_prompts": 4, "steps": 2, "guidance_scale": 3.0, "latency_repeats": 2, "embedding_samples": 8,
             "batch_size": 4, "feature_extractor": "builtin:tiny", **kw}
@@ -141,12 +152,8 @@ def test_identity_student_matches_teacher(tiny_sd1_dir, students, clip_dir, tmp_
     from models.export import NOT_SCORED, write_model_card
 
     write_model_card(students["identity"], json.loads(meta_path.read_text()), title="identity")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n\n")
-    ref = tmp_path / "ref"
-    ref.mkdir()
-    for i in range(6):
-        shape_image(i, 80).save(ref / f"{i}.png")
+    prompts, ref = prompts_and_reference(tmp_path, 6, 80)
+    prompts.write_text(prompts.read_text() + "\n")  # a blank line, skipped
     (ref / "notes.txt").write_text("not an image")
     cfg = parse_config({"work_dir": str(tmp_path / "work"), "teacher": {"uri": str(tiny_sd1_dir)},
                         "evaluate": small_eval(student=str(students["identity"]), prompts=str(prompts),
@@ -301,12 +308,7 @@ def test_on_a_cluster_the_stage_runs_as_a_ray_task(tiny_sd1_dir, students, ray_l
     measures, and where it ran is not part of what it measured."""
     from pipelines import evaluate
 
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
-    ref = tmp_path / "ref"
-    ref.mkdir()
-    for i in range(4):
-        shape_image(i, 64).save(ref / f"{i}.png")
+    prompts, ref = prompts_and_reference(tmp_path, 4, 64)
 
     def cfg_for(out: str, **kw):
         return parse_config({"work_dir": str(tmp_path / "work"), "teacher": {"uri": str(tiny_sd1_dir)},
