@@ -56,6 +56,20 @@ def load_pipeline(folder: str, device: str = "cpu", decoder: str | None = None):
     return pipe
 
 
+def decode_latents(vae: Any, latents: Any, batch_size: int = 8) -> Any:
+    """Unscaled VAE latents (N, 4, h, w) -> images (N, 3, H, W) in [0, 1], float32 on the CPU: the one decoding
+    path of the training stages' sample grids and the evaluate stage."""
+    import torch
+
+    out = []
+    device = next(vae.parameters()).device
+    with torch.no_grad():
+        for i in range(0, len(latents), batch_size):
+            x = vae.decode(latents[i : i + batch_size].to(device, vae.dtype)).sample
+            out.append(((x.float() + 1) / 2).clamp(0, 1).cpu())
+    return torch.cat(out)
+
+
 def render_images(pipe: Any, jobs: list[ImageJob]) -> list[Any]:
     """PIL images for each job, in order. Jobs are grouped by settings (size, steps, guidance) so a
     batch mixing settings is split into one pipeline call per group; each image has its own seeded

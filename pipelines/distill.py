@@ -45,6 +45,7 @@ from models.kd import (
     kd_loss,
     self_attention_pairs,
 )
+from models.sampling import decode_latents
 from models.student import RemovalSpec, count_params, resolve_spec, student_config
 from models.teacher import load_teacher, resolve_model_dir
 from pipelines import tracking
@@ -127,13 +128,10 @@ def sample_latents_ddim(unet: torch.nn.Module, scheduler_config: Any, cond: dict
     return x
 
 
-@torch.no_grad()
 def decode(vae: Any, latents: torch.Tensor) -> np.ndarray:
-    """Images as uint8 (N, H, W, 3)."""
-    p = next(vae.parameters())
-    img = vae.decode(latents.to(p.device, p.dtype) / vae.config.scaling_factor).sample.float()
-    img = ((img / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-    return img.permute(0, 2, 3, 1).cpu().numpy()
+    """Scaled latents -> images as uint8 (N, H, W, 3)."""
+    img = decode_latents(vae, latents / vae.config.scaling_factor)  # (N, 3, H, W) in [0, 1]
+    return (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def image_grid(teacher_imgs: np.ndarray, student_imgs: np.ndarray) -> Any:

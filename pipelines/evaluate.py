@@ -53,6 +53,7 @@ from PIL import Image
 
 from models import report
 from models.kd import Taps, feature_pairs
+from models.sampling import decode_latents
 from models.steps import guidance_embedding
 from models.student import RemovalSpec, count_params
 from models.teacher import (
@@ -182,17 +183,6 @@ def read_reference_folder(uri: str, size: int, limit: int | None = None) -> list
         raise ValueError(f"evaluate.reference {uri}: found {len(images)} readable images "
                          f"({', '.join(IMAGE_EXTS)}); FID needs at least 2")
     return images
-
-
-@torch.no_grad()
-def decode_latents(vae: Any, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """Unscaled VAE latents (N, 4, h, w) -> images (N, 3, H, W) in [0, 1]."""
-    out = []
-    device = next(vae.parameters()).device
-    for i in range(0, len(latents), batch_size):
-        x = vae.decode(latents[i : i + batch_size].to(device, vae.dtype)).sample
-        out.append(((x.float() + 1) / 2).clamp(0, 1).cpu())
-    return torch.cat(out)
 
 
 def cache_reference(cache: str, vae: Any, limit: int | None, batch_size: int) -> list[Image.Image]:
