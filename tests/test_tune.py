@@ -330,6 +330,8 @@ def test_ablation_ranks_arms_on_the_evaluate_stage_caption_accuracy(tmp_path, ra
     assert table.loc["teacher-init", "of_teacher"] >= 0.8  # two steps at lr 1e-5: still the teacher
     assert table.loc["scratch", "init"] == "random" and table.loc["scratch", "lambda_out"] == 0.0
     assert (table["train_s"] > 0).all() and (table["eval_s"] > 0).all() and (table["step"] == 2).all()
+    # one preset, measured once before the trials trained (not beside them): one latency for both arms
+    assert table["latency_ms"].nunique() == 1 and (table["latency_ms"] > 0).all()
     assert r["best"]["arm"] == "teacher-init"
     arms = pd.read_csv(_read(join(r["results"], "arms.csv")))
     assert arms["arm"].tolist() == ["teacher-init", "scratch"] and (arms["seeds"] == 1).all()

@@ -5,8 +5,9 @@ Each trial is a short distillation run by the distill stage's own trainer (pipel
 as Ray Train V2 documents it: `trainer.fit()` inside the trial, with a TuneReportCallback passing each Train
 report (validation losses every val_every steps) on to Tune. Before training, a Ray task with the trial's
 resources builds the student U-Net and measures its latency per denoising step (median of repeats after a
-warm-up, at the cache's latent size and the batch classifier-free guidance runs) and its parameter count;
-both go into every report, with the scalar objective (tuning/space.py).
+warm-up, at the cache's latent size and the batch classifier-free guidance runs) and its parameter count
+(an ablation measures each preset once, one after another, before any trial trains, so that no measurement
+shares the device with training trials); both go into every report, with the scalar objective (tuning/space.py).
 
 Search: Optuna (TPE; multi-objective over (quality, latency) with tune.objective "multi") with ASHA early
 stopping on the quality metric (or the scalar objective), tune.max_concurrent trials at a time. The Tune
@@ -160,8 +161,33 @@ def eval_inputs(cfg: Config, manifest: dict) -> dict[str, Any] | None:
             "batch_size": ev.batch_size, "clip_model": ev.clip_model, "dtype": cfg.teacher.dtype}
 
 
+def cost_task(tc: Any, env: dict[str, str]) -> Any:
+    """student_cost as a Ray task with a trial's resources ("DEFAULT" scheduling: not inside a trial's small
+    placement group)."""
+    import ray
+
+    return ray.remote(student_cost).options(num_cpus=tc.cpus_per_trial, num_gpus=tc.gpus_per_trial,
+                                            scheduling_strategy="DEFAULT", runtime_env={"env_vars": env})
+
+
+def preset_costs(cfg: Config, manifest: dict, env: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """An ablation's students measured once per preset, one after another before any trial trains: on a shared
+    device, a latency measured beside training trials would measure them too."""
+    import ray
+
+    tc = cfg.tune
+    batch = 2 if cfg.evaluate.guidance_scale > 1 else 1
+    out = {}
+    for preset in dict.fromkeys(v["preset"] for v in space.arm_variants(tc)):
+        out[preset] = ray.get(cost_task(tc, env).remote(cfg.teacher.uri, {"preset": preset}, manifest["latent_shape"],
+                                                        batch, cfg.distill.precision, tc.latency_repeats,
+                                                        tc.gpus_per_trial > 0))
+    return out
+
+
 def trial(sample: dict[str, Any], base: dict, manifest: dict, parent_run_id: str, env: dict[str, str],
-          scoring: dict[str, Any] | None = None, teacher_score: float | None = None) -> None:
+          scoring: dict[str, Any] | None = None, teacher_score: float | None = None,
+          costs: dict[str, dict[str, Any]] | None = None) -> None:
     """A Tune function trainable: measure the sampled student, then distill it briefly with the distill
     stage's trainer; its reports reach Tune through TrialReport. With a quality metric (`scoring`), the trial
     runs the distill stage to its export, scores the student's images with the evaluate stage, and reports
@@ -177,12 +203,10 @@ def trial(sample: dict[str, Any], base: dict, manifest: dict, parent_run_id: str
     tc = cfg.tune
     sample = space.flat_sample(sample)
     trial_id = ray.tune.get_context().get_trial_id()
-    cost_task = ray.remote(student_cost).options(
-        num_cpus=tc.cpus_per_trial, num_gpus=tc.gpus_per_trial, scheduling_strategy="DEFAULT",
-        runtime_env={"env_vars": env})  # "DEFAULT": not inside this trial's small placement group
     batch = 2 if cfg.evaluate.guidance_scale > 1 else 1
-    cost = ray.get(cost_task.remote(cfg.teacher.uri, sample, manifest["latent_shape"], batch,
-                                    cfg.distill.precision, tc.latency_repeats, tc.gpus_per_trial > 0))
+    cost = (costs or {}).get(sample.get("preset")) or ray.get(cost_task(tc, env).remote(
+        cfg.teacher.uri, sample, manifest["latent_shape"], batch, cfg.distill.precision, tc.latency_repeats,
+        tc.gpus_per_trial > 0))
     spec = RemovalSpec.from_dict(cost["spec"])
     storage = join(tc.storage_path, "trials", experiment_name(cfg))
     tcfg = space.trial_config(cfg, sample, spec, cost["preset"], storage, trial_id)
@@ -542,9 +566,10 @@ def run(cfg: Config) -> dict[str, Any]:
         teacher_score = float(teacher_scores[tc.metric])
         tracking.log_metrics(uri, parent_id, {f"teacher_{tc.metric}": teacher_score}, 0)
         log.info("tune: the teacher's %s on %d prompts: %.4f", tc.metric, len(scoring["prompts"]), teacher_score)
+    costs = preset_costs(cfg, manifest, env) if tc.arms else None
     trainable = tune.with_resources(
         tune.with_parameters(trial, base=base, manifest=manifest, parent_run_id=parent_id, env=env, scoring=scoring,
-                             teacher_score=teacher_score),
+                             teacher_score=teacher_score, costs=costs),
         {"CPU": DRIVER_CPU})
     fs, path = filesystem(tc.storage_path)
     exp_path = f"{path}/{name}"
