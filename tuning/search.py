@@ -131,15 +131,23 @@ class TrialReport(TuneReportCallback):
         super().after_report(run_context, [m, *metrics[1:]], checkpoint)
 
 
-def scoring_task(tc: Any, env: dict[str, str]) -> Any:
-    """The evaluate stage's quality scores as a Ray task with a trial's resources ("DEFAULT" scheduling: not
-    inside a trial's small placement group)."""
+def trial_task(fn: Any, tc: Any, env: dict[str, str]) -> Any:
+    """`fn` as a Ray task with a trial's resources ("DEFAULT" scheduling: not inside a trial's small placement
+    group)."""
+    import ray
+
+    return ray.remote(fn).options(num_cpus=tc.cpus_per_trial, num_gpus=tc.gpus_per_trial,
+                                  scheduling_strategy="DEFAULT", runtime_env={"env_vars": env})
+
+
+def scores(cfg: Config, student_uri: str | None, scoring: dict[str, Any], env: dict[str, str]) -> dict[str, float]:
+    """The evaluate stage's quality scores of a student (None: the teacher), in a Ray task with a trial's
+    resources."""
     import ray
 
     from pipelines.evaluate import quality_scores
 
-    return ray.remote(quality_scores).options(num_cpus=tc.cpus_per_trial, num_gpus=tc.gpus_per_trial,
-                                              scheduling_strategy="DEFAULT", runtime_env={"env_vars": env})
+    return ray.get(trial_task(quality_scores, cfg.tune, env).remote(cfg.teacher.uri, student_uri, **scoring))
 
 
 def eval_inputs(cfg: Config, manifest: dict) -> dict[str, Any] | None:
@@ -161,28 +169,23 @@ def eval_inputs(cfg: Config, manifest: dict) -> dict[str, Any] | None:
             "batch_size": ev.batch_size, "clip_model": ev.clip_model, "dtype": cfg.teacher.dtype}
 
 
-def cost_task(tc: Any, env: dict[str, str]) -> Any:
-    """student_cost as a Ray task with a trial's resources ("DEFAULT" scheduling: not inside a trial's small
-    placement group)."""
+def cost(cfg: Config, sample: dict[str, Any], manifest: dict, env: dict[str, str]) -> dict[str, Any]:
+    """student_cost of a sample's student, in a Ray task with a trial's resources, at the batch classifier-free
+    guidance runs."""
     import ray
 
-    return ray.remote(student_cost).options(num_cpus=tc.cpus_per_trial, num_gpus=tc.gpus_per_trial,
-                                            scheduling_strategy="DEFAULT", runtime_env={"env_vars": env})
+    tc = cfg.tune
+    batch = 2 if cfg.evaluate.guidance_scale > 1 else 1
+    return ray.get(trial_task(student_cost, tc, env).remote(cfg.teacher.uri, sample, manifest["latent_shape"], batch,
+                                                            cfg.distill.precision, tc.latency_repeats,
+                                                            tc.gpus_per_trial > 0))
 
 
 def preset_costs(cfg: Config, manifest: dict, env: dict[str, str]) -> dict[str, dict[str, Any]]:
     """An ablation's students measured once per preset, one after another before any trial trains: on a shared
     device, a latency measured beside training trials would measure them too."""
-    import ray
-
-    tc = cfg.tune
-    batch = 2 if cfg.evaluate.guidance_scale > 1 else 1
-    out = {}
-    for preset in dict.fromkeys(v["preset"] for v in space.arm_variants(tc)):
-        out[preset] = ray.get(cost_task(tc, env).remote(cfg.teacher.uri, {"preset": preset}, manifest["latent_shape"],
-                                                        batch, cfg.distill.precision, tc.latency_repeats,
-                                                        tc.gpus_per_trial > 0))
-    return out
+    presets = dict.fromkeys(v["preset"] for v in space.arm_variants(cfg.tune))
+    return {p: cost(cfg, {"preset": p}, manifest, env) for p in presets}
 
 
 def trial(sample: dict[str, Any], base: dict, manifest: dict, parent_run_id: str, env: dict[str, str],
@@ -203,21 +206,18 @@ def trial(sample: dict[str, Any], base: dict, manifest: dict, parent_run_id: str
     tc = cfg.tune
     sample = space.flat_sample(sample)
     trial_id = ray.tune.get_context().get_trial_id()
-    batch = 2 if cfg.evaluate.guidance_scale > 1 else 1
-    cost = (costs or {}).get(sample.get("preset")) or ray.get(cost_task(tc, env).remote(
-        cfg.teacher.uri, sample, manifest["latent_shape"], batch, cfg.distill.precision, tc.latency_repeats,
-        tc.gpus_per_trial > 0))
-    spec = RemovalSpec.from_dict(cost["spec"])
+    measured = (costs or {}).get(sample.get("preset")) or cost(cfg, sample, manifest, env)
+    spec = RemovalSpec.from_dict(measured["spec"])
     storage = join(tc.storage_path, "trials", experiment_name(cfg))
-    tcfg = space.trial_config(cfg, sample, spec, cost["preset"], storage, trial_id)
+    tcfg = space.trial_config(cfg, sample, spec, measured["preset"], storage, trial_id)
     uri = cfg.tracking_uri()
     run_id, _ = tracking.start_run(
         uri, cfg.mlflow.experiment, join(storage, trial_id), f"trial-{trial_id}", tcfg.model_dump(mode="json"),
         tags={"mlflow.parentRunId": parent_run_id, "distillery.stage": "tune-trial", "distillery.trial_id": trial_id})
-    tracking.log_metrics(uri, run_id, {"latency_ms": cost["latency_ms"], "params": cost["params"]}, 0)
+    tracking.log_metrics(uri, run_id, {"latency_ms": measured["latency_ms"], "params": measured["params"]}, 0)
     loss = tcfg.distill.loss
-    extras = {"latency_ms": cost["latency_ms"], "params": cost["params"], "preset": cost["preset"] or "",
-              "spec": json.dumps(cost["spec"]), "mlflow_run_id": run_id, "init": tcfg.student.init,
+    extras = {"latency_ms": measured["latency_ms"], "params": measured["params"], "preset": measured["preset"] or "",
+              "spec": json.dumps(measured["spec"]), "mlflow_run_id": run_id, "init": tcfg.student.init,
               "lr": tcfg.distill.lr, **{k: float(getattr(loss, term)) for k, term in space.LOSS_TERMS.items()},
               **({"arm": sample["arm"], "seed": int(sample["seed"])} if "arm" in sample else {})}
     # a trial restarted after an interrupted search starts over: its only checkpoint is its last step, and
@@ -230,14 +230,14 @@ def trial(sample: dict[str, Any], base: dict, manifest: dict, parent_run_id: str
         t0 = time.perf_counter()
         done = distill.run(tcfg, callbacks=callbacks)  # trains and exports the student, as the stage does
         train_s = time.perf_counter() - t0
-        scores = ray.get(scoring_task(tc, env).remote(cfg.teacher.uri, tcfg.distill.output, **scoring))
-        if tc.metric not in scores:
+        got = scores(cfg, tcfg.distill.output, scoring, env)
+        if tc.metric not in got:
             raise ValueError(f"tune.metric {tc.metric}: the evaluate stage gives no such score for these prompts "
-                             f"(it gives {', '.join(sorted(scores))})")
-        final = {**done["losses"], **extras, **scores, "step": done["step"], "train_s": train_s,
-                 "objective": space.objective(float(scores[tc.metric]), cost["latency_ms"], cost["params"], tc)}
+                             f"(it gives {', '.join(sorted(got))})")
+        final = {**done["losses"], **extras, **got, "step": done["step"], "train_s": train_s,
+                 "objective": space.objective(float(got[tc.metric]), measured["latency_ms"], measured["params"], tc)}
         if teacher_score:
-            final["of_teacher"] = float(scores[tc.metric]) / teacher_score
+            final["of_teacher"] = float(got[tc.metric]) / teacher_score
         tracking.log_metrics(uri, run_id, {k: v for k, v in final.items() if isinstance(v, (int, float))
                                            and k != "step"}, done["step"])
         ray.tune.report(final)
@@ -392,7 +392,7 @@ def pareto_plot(rows: list[dict[str, Any]], cfg: Config) -> bytes:
     if tc.latency_budget_ms is not None:
         ax.axvline(tc.latency_budget_ms, ls="--", c="k", lw=1, label="latency budget")
     ax.set_xlabel("latency per denoising step (ms)")
-    ax.set_ylabel(f"{tc.metric} ({'higher' if space.higher_is_better(tc.metric) else 'lower'} is better)")
+    ax.set_ylabel(f"{tc.metric} ({space.direction(tc.metric)})")
     ax.set_title(f"{cfg.name}: quality vs latency ({len(rows)} trials)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -428,7 +428,7 @@ def arms_markdown(arms: list[dict[str, Any]], cfg: Config, teacher: float | None
     return "\n".join(lines) + "\n"
 
 
-def ablation_plot(rows: list[dict[str, Any]], arms: list[dict[str, Any]], cfg: Config, teacher: float | None) -> bytes:
+def ablation_plot(arms: list[dict[str, Any]], cfg: Config, teacher: float | None) -> bytes:
     """PNG: the metric of each arm (bar: mean over seeds; dots: each seed), the teacher as a line."""
     import matplotlib
 
@@ -441,13 +441,11 @@ def ablation_plot(rows: list[dict[str, Any]], arms: list[dict[str, Any]], cfg: C
     labels = [f"{a['arm']} ({a['preset']})" for a in order]
     ax.barh(range(len(order)), [a["mean"] or 0.0 for a in order], color="tab:blue", alpha=0.5, label="mean")
     for i, a in enumerate(order):
-        vals = [r[tc.metric] for r in rows if r.get("arm") == a["arm"] and (r["preset"] or "") == a["preset"]
-                and r.get(tc.metric) is not None]
-        ax.scatter(vals, [i] * len(vals), c="k", s=14, zorder=3, label="seed" if i == 0 else None)
+        ax.scatter(a["values"], [i] * len(a["values"]), c="k", s=14, zorder=3, label="seed" if i == 0 else None)
     if teacher is not None:
         ax.axvline(teacher, c="tab:red", ls="--", lw=1.2, label=f"teacher {teacher:.3f}")
     ax.set_yticks(range(len(order)), labels, fontsize=8)
-    ax.set_xlabel(f"{tc.metric} ({'higher' if space.higher_is_better(tc.metric) else 'lower'} is better)")
+    ax.set_xlabel(f"{tc.metric} ({space.direction(tc.metric)})")
     ax.set_title(f"{cfg.name}: ablation, {tc.steps_per_trial} steps per trial, {len(tc.seeds)} seed(s)")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
@@ -557,7 +555,7 @@ def run(cfg: Config) -> dict[str, Any]:
     base["mlflow"]["tracking_uri"] = uri  # the trials log where the driver does
     teacher_score = None
     if scoring is not None:  # the teacher on the same prompts and seeds: what each trial's score is a share of
-        teacher_scores = ray.get(scoring_task(tc, env).remote(cfg.teacher.uri, None, **scoring))
+        teacher_scores = scores(cfg, None, scoring, env)
         if tc.metric not in teacher_scores:
             tracking.end_run(uri, parent_id, "FAILED")
             raise ValueError(f"tune.metric {tc.metric}: the evaluate stage gives no such score for the prompts of "
@@ -604,7 +602,7 @@ def run(cfg: Config) -> dict[str, Any]:
     arms = space.arm_summary(rows, tc, teacher_score) if tc.arms else []
     if arms:
         files.update({"arms.csv": arms_csv(arms), "arms.md": arms_markdown(arms, cfg, teacher_score).encode(),
-                      "ablation.png": ablation_plot(rows, arms, cfg, teacher_score)})
+                      "ablation.png": ablation_plot(arms, cfg, teacher_score)})
     for fname, data in files.items():
         write_bytes(join(out, fname), data)
     best_row = {k: best[k] for k in COLUMNS}

@@ -38,6 +38,11 @@ def higher_is_better(metric: str) -> bool:
     return metric in QUALITY_METRICS
 
 
+def direction(metric: str) -> str:
+    """"higher is better" or "lower is better", for axis labels."""
+    return f"{'higher' if higher_is_better(metric) else 'lower'} is better"
+
+
 def signed(value: float, metric: str) -> float:
     """The metric as a quantity to minimize."""
     return -value if higher_is_better(metric) else value
@@ -267,7 +272,8 @@ def arm_summary(rows: list[dict[str, Any]], tc: TuneConfig, teacher: float | Non
         spec = arm_named(tc, arm)
         out.append({"arm": arm, "preset": preset, "init": spec.init,
                     "loss": ", ".join(f"{k} {v}" for k, v in spec.loss.items()) or "distill.loss",
-                    "seeds": len(rs), "scored": len(vals), "mean": mean, "min": min(vals) if vals else None,
+                    "seeds": len(rs), "scored": len(vals), "values": vals, "mean": mean,
+                    "min": min(vals) if vals else None,
                     "max": max(vals) if vals else None, "spread": (max(vals) - min(vals)) if vals else None,
                     "of_teacher": mean / teacher if mean is not None and teacher else None,
                     "latency_ms": avg("latency_ms"), "params": avg("params"), "train_s": avg("train_s"),
