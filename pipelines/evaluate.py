@@ -45,6 +45,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -214,11 +215,27 @@ def load_pipelines(teacher_uri: str, student_uri: str, dtype: str = "auto", devi
     (loaded from STUDENT/unet) and the student's own scheduler (STUDENT/scheduler, as the steps stage
     writes it), or a fresh copy of the teacher's when the student folder has none; with `student_decoder`
     (TAESD or another VAE) the student decodes with it, the teacher with its own VAE."""
-    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
-    torch_dtype = pick_dtype(dtype, device)
+    teacher = load_teacher_pipeline(teacher_uri, dtype, device, revision, variant)
+    student_dir = resolve_model_dir(student_uri)
+    student_unet = UNet2DConditionModel.from_pretrained(student_dir, subfolder="unet", dtype=teacher.unet.dtype)
+    student = with_unet(teacher, student_unet, own_scheduler(student_dir, student_uri))
+    student.to(device)
+    student.set_progress_bar_config(disable=True)
+    if student_decoder:  # float32 like the teacher's VAE: decoding is a small part of the time
+        decoder = load_decoder(student_decoder, torch.float32)
+        swap_decoder(student, decoder, f"evaluate.student_decoder {student_decoder}")
+    return teacher, student
+
+
+def load_teacher_pipeline(teacher_uri: str, dtype: str = "auto", device: str = "cpu", revision: str | None = None,
+                          variant: str | None = None) -> Any:
+    """The teacher's pipeline as this stage compares it: no safety checker (raw outputs), the VAE in float32."""
+    from diffusers import DiffusionPipeline
+
     src = resolve_model_dir(teacher_uri)
-    kw: dict[str, Any] = {"dtype": torch_dtype}
+    kw: dict[str, Any] = {"dtype": pick_dtype(dtype, device)}
     if revision:
         kw["revision"] = revision
     if variant:
@@ -229,16 +246,9 @@ def load_pipelines(teacher_uri: str, student_uri: str, dtype: str = "auto", devi
     teacher = DiffusionPipeline.from_pretrained(src, **kw)
     if teacher.vae.dtype != torch.float32:  # SD VAEs overflow in fp16; decoding is a small part of the time
         teacher.vae.to(torch.float32)
-    student_dir = resolve_model_dir(student_uri)
-    student_unet = UNet2DConditionModel.from_pretrained(student_dir, subfolder="unet", dtype=torch_dtype)
-    student = with_unet(teacher, student_unet, own_scheduler(student_dir, student_uri))
-    for pipe in (teacher, student):
-        pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
-    if student_decoder:  # float32 like the teacher's VAE: decoding is a small part of the time
-        decoder = load_decoder(student_decoder, torch.float32)
-        swap_decoder(student, decoder, f"evaluate.student_decoder {student_decoder}")
-    return teacher, student
+    teacher.to(device)
+    teacher.set_progress_bar_config(disable=True)
+    return teacher
 
 
 def own_scheduler(folder: str, uri: str | None = None) -> Any | None:
@@ -462,11 +472,11 @@ def quality_scores(teacher_uri: str, student_uri: str | None, prompts: list[str]
     t0 = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if student_uri is None:
-        pipe, _ = load_pipelines(teacher_uri, teacher_uri, dtype, device)
-    else:
-        meta = _student_meta(student_uri)
-        if meta.get("steps") is not None or meta.get("guidance_scale") is not None:  # a step-distilled student
-            steps, guidance_scale = meta.get("steps") or steps, float(meta.get("guidance_scale", guidance_scale))
+        pipe = load_teacher_pipeline(teacher_uri, dtype, device)
+    else:  # a step-distilled student samples as its distillery.json records, as in the stage
+        asked = SimpleNamespace(student=student_uri, student_steps=None, student_guidance_scale=None, steps=steps,
+                                guidance_scale=guidance_scale)
+        steps, guidance_scale = student_sampling(asked, _student_meta(student_uri))
         _, pipe = load_pipelines(teacher_uri, student_uri, dtype, device)
     size = size or image_size(pipe)
     images = decode(pipe, generate(pipe, prompts, seeds, steps, guidance_scale, size, batch_size), batch_size)
