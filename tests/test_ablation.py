@@ -3,18 +3,12 @@ that pytest's two workers can run it beside tests/test_tune.py's search."""
 
 from __future__ import annotations
 
-import io
 import json
 
 import pandas as pd
+from test_tune import read_uri
 
 from pipelines.config import load_config
-
-
-def _read(uri: str) -> io.BytesIO:
-    from pipelines.storage import read_bytes
-
-    return io.BytesIO(read_bytes(uri))
 
 
 def test_ablation_ranks_arms_on_the_evaluate_stage_caption_accuracy(tmp_path, ray_local, mlflow_server):
@@ -47,7 +41,7 @@ def test_ablation_ranks_arms_on_the_evaluate_stage_caption_accuracy(tmp_path, ra
     prepare.run(cfg)
     r = tune_search.run(cfg)
     assert r["trials"] == 2 and r["statuses"]["completed"] == 2 and r["teacher"] > 0.5
-    table = pd.read_csv(_read(r["table"])).set_index("arm")
+    table = pd.read_csv(read_uri(r["table"])).set_index("arm")
     assert table.loc["teacher-init", "caption_accuracy"] > table.loc["scratch", "caption_accuracy"]
     assert table.loc["teacher-init", "of_teacher"] >= 0.8  # two steps at lr 1e-5: still the teacher
     assert table.loc["scratch", "init"] == "random" and table.loc["scratch", "lambda_out"] == 0.0
@@ -55,12 +49,12 @@ def test_ablation_ranks_arms_on_the_evaluate_stage_caption_accuracy(tmp_path, ra
     # one preset, measured once before the trials trained (not beside them): one latency for both arms
     assert table["latency_ms"].nunique() == 1 and (table["latency_ms"] > 0).all()
     assert r["best"]["arm"] == "teacher-init"
-    arms = pd.read_csv(_read(join(r["results"], "arms.csv")))
+    arms = pd.read_csv(read_uri(join(r["results"], "arms.csv")))
     assert arms["arm"].tolist() == ["teacher-init", "scratch"] and (arms["seeds"] == 1).all()
-    md = _read(r["arms_table"]).getvalue().decode()
+    md = read_uri(r["arms_table"]).getvalue().decode()
     assert md.index("teacher-init") < md.index("scratch") and "caption_accuracy" in md
-    assert Image.open(_read(r["ablation_plot"])).format == "PNG"
-    (tmp_path / "best.yaml").write_bytes(_read(r["best_config"]).getvalue())
+    assert Image.open(read_uri(r["ablation_plot"])).format == "PNG"
+    (tmp_path / "best.yaml").write_bytes(read_uri(r["best_config"]).getvalue())
     best = load_config(tmp_path / "best.yaml")
     assert best.student.init == "teacher" and best.student.preset == "identity" and "tune" not in best.stages
 

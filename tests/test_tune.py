@@ -190,7 +190,8 @@ def _tree(work: Path) -> dict:
                      "seed": 3}}
 
 
-def _read(uri: str) -> io.BytesIO:
+def read_uri(uri: str) -> io.BytesIO:
+    """A file at a URI (local or s3://) as a file object."""
     from pipelines.storage import read_bytes
 
     return io.BytesIO(read_bytes(uri))
@@ -221,9 +222,9 @@ def test_search_writes_table_plot_and_best_config(search):
     r, cfg = search["result"], search["cfg"]
     assert r["trials"] == TRIALS and not r.get("skipped")
     assert r["table"].startswith("s3://") and r["experiment"].startswith("s3://")
-    table = pd.read_csv(_read(r["table"]))
+    table = pd.read_csv(read_uri(r["table"]))
     assert len(table) == TRIALS and table["trial_id"].is_unique
-    assert pd.read_parquet(_read(r["parquet"]))["trial_id"].tolist() == table["trial_id"].tolist()
+    assert pd.read_parquet(read_uri(r["parquet"]))["trial_id"].tolist() == table["trial_id"].tolist()
     assert set(table["status"]) <= {"completed", "stopped"} and (table["status"] == "completed").any()
     assert (table["step"] >= 1).all() and (table.loc[table["status"] == "completed", "step"] == 3).all()
     assert (table["latency_ms"] > 0).all() and table["val_loss"].notna().all() and table["val_out"].notna().all()
@@ -240,10 +241,10 @@ def test_search_writes_table_plot_and_best_config(search):
         dominated = ((front["val_loss"] <= other["val_loss"]) & (front["latency_ms"] <= other["latency_ms"])
                      & ((front["val_loss"] < other["val_loss"]) | (front["latency_ms"] < other["latency_ms"])))
         assert bool(other["pareto"]) != bool(dominated.any())
-    img = Image.open(_read(r["plot"]))
+    img = Image.open(read_uri(r["plot"]))
     assert img.format == "PNG" and img.size[0] > 400
     best_yaml = search["work"] / "best.yaml"
-    best_yaml.write_bytes(_read(r["best_config"]).getvalue())
+    best_yaml.write_bytes(read_uri(r["best_config"]).getvalue())
     chosen = load_config(best_yaml)  # ready for `distillery distill`
     assert chosen.student.preset == best["preset"] and chosen.distill.lr == pytest.approx(best["lr"])
     assert chosen.distill.loss.feat == pytest.approx(best["lambda_feat"])
@@ -263,7 +264,7 @@ def test_search_mlflow_parent_and_children(search):
     assert parent.data.metrics["best_latency_ms"] == pytest.approx(r["best"]["latency_ms"])
     children = c.search_runs([parent.info.experiment_id],
                              filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    table = pd.read_csv(_read(r["table"]))
+    table = pd.read_csv(read_uri(r["table"]))
     assert sorted(ch.data.tags["distillery.trial_id"] for ch in children) == sorted(table["trial_id"])
     for ch in children:
         assert ch.info.status in ("FINISHED", "KILLED")  # none left RUNNING (stopped trials are KILLED)
@@ -285,8 +286,8 @@ def test_search_rerun_returns_results_and_restores_without_retraining(search):
     restored = tune_search.run(cfg)
     assert not restored.get("skipped") and restored["trials"] == TRIALS
     assert restored["mlflow_run_id"] == r["mlflow_run_id"]
-    ids = sorted(pd.read_csv(_read(r["table"]))["trial_id"])
-    assert sorted(pd.read_csv(_read(restored["table"]))["trial_id"]) == ids
+    ids = sorted(pd.read_csv(read_uri(r["table"]))["trial_id"])
+    assert sorted(pd.read_csv(read_uri(restored["table"]))["trial_id"]) == ids
     c = MlflowClient()
     parent = c.get_run(r["mlflow_run_id"])
     children = c.search_runs([parent.info.experiment_id],
