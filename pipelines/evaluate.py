@@ -963,13 +963,11 @@ def log_to_mlflow(cfg: Config, meta: dict[str, Any], metrics: dict[str, float], 
     """Metrics and the report folder (as artifacts under evaluation/) into the student's training run when
     distillery.json names one that this tracking server has, else into a new run of cfg.mlflow.experiment."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import flatten
-    from pipelines.tracking import log_metrics as _log_metrics
+    from pipelines import tracking
 
     uri = cfg.tracking_uri()
-    client = MlflowClient(tracking_uri=uri)
+    client = tracking.client(uri)
     run_id, created = meta.get("mlflow_run_id"), False
     if run_id:
         try:
@@ -983,12 +981,8 @@ def log_to_mlflow(cfg: Config, meta: dict[str, Any], metrics: dict[str, float], 
         run_id = client.create_run(exp_id, run_name=f"{cfg.name}-evaluate",
                                    tags={"distillery.stage": "evaluate"}).info.run_id
         created = True
-        from mlflow.entities import Param
-
-        params = [Param(k, v) for k, v in flatten(cfg.model_dump(mode="json")).items()]
-        for i in range(0, len(params), 100):
-            client.log_batch(run_id, params=params[i : i + 100])
-    _log_metrics(uri, run_id, metrics, step=0)
+        tracking.log_params(uri, run_id, cfg.model_dump(mode="json"))
+    tracking.log_metrics(uri, run_id, metrics, step=0)
     client.set_tag(run_id, "distillery.eval_output", cfg.evaluate.output)
     client.log_artifacts(run_id, str(folder), "evaluation")
     if created:

@@ -75,8 +75,6 @@ def start_run(tracking_uri: str, experiment: str, job_key: str, run_name: str, c
               tags: dict[str, str] | None = None) -> tuple[str, bool]:
     """The MLflow run of a training job: the latest one tagged with job_key, else a new one with the
     config as params. Returns (run id, resumed)."""
-    from mlflow.entities import Param
-
     c = client(tracking_uri)
     exp = c.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp is not None else c.create_experiment(experiment)
@@ -88,10 +86,17 @@ def start_run(tracking_uri: str, experiment: str, job_key: str, run_name: str, c
             c.update_run(run_id, status="RUNNING")
         return run_id, True
     run = c.create_run(exp_id, run_name=run_name, tags={KEY_TAG: job_key, **(tags or {})})
+    log_params(tracking_uri, run.info.run_id, config)
+    return run.info.run_id, False
+
+
+def log_params(tracking_uri: str, run_id: str, config: dict[str, Any]) -> None:
+    """A config, flattened to dotted names (secrets masked), as the run's params."""
+    from mlflow.entities import Param
+
     params = [Param(k, v) for k, v in flatten(config).items()]
     for i in range(0, len(params), BATCH):
-        c.log_batch(run.info.run_id, params=params[i : i + BATCH])
-    return run.info.run_id, False
+        client(tracking_uri).log_batch(run_id, params=params[i : i + BATCH])
 
 
 def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
