@@ -25,8 +25,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from bench.common import append_to_section  # noqa: E402
+from models.metrics import measure_latency, median  # noqa: E402
 from pipelines.cache import tensor_column, write_rows  # noqa: E402
-from pipelines.metrics import measure_latency, median  # noqa: E402
 
 
 def rows(n: int, latent: int, seq: int, dim: int) -> dict:

@@ -210,7 +210,7 @@ BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 def model_flops(args: argparse.Namespace) -> dict:
     """Model FLOPs of one KD sample (2 x MACs): the teacher's forward, the student's forward and backward (3x its
     forward), counted on the meta device (no weights, no GPU) with the rows' shapes."""
-    from pipelines.metrics import unet_macs
+    from models.metrics import unet_macs
 
     full, student_cfg, h = kd_unet_configs(teacher_unet_config(args), args)
     teacher = unet_macs(full, h, h)
@@ -231,8 +231,8 @@ def op_tflops(args: argparse.Namespace) -> dict[str, float]:
     below model_flops' 3x forward), counted on the meta device (no weights) by torch's FLOP counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from models.metrics import unet_inputs
     from models.student import meta_unet
-    from pipelines.metrics import unet_inputs
 
     full, student_cfg, h = kd_unet_configs(teacher_unet_config(args), args)
     kinds: dict[str, float] = {}

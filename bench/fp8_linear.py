@@ -40,8 +40,8 @@ COLUMNS = ("bf16 GEMM", "fp8 GEMM", "nn.Linear", "Float8Linear")
 def linear_calls(config: dict, h: int, w: int, batch: int) -> Counter:
     """(tokens, in features, out features) -> calls of the switched linear layers, one `batch` forward on the
     meta device."""
+    from models.metrics import unet_inputs
     from models.student import meta_unet
-    from pipelines.metrics import unet_inputs
 
     unet = meta_unet({k: v for k, v in config.items() if not k.startswith("_")})
     calls: Counter = Counter()

@@ -50,10 +50,10 @@ from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, UNet
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
 from bench.common import append_to_section, interrupt_once  # noqa: E402
+from models.metrics import unet_inputs, unet_macs  # noqa: E402
 from models.student import count_params, meta_unet, preset_spec, student_config  # noqa: E402
 from models.tiny import SD1_UNET, VAE  # noqa: E402
 from models.tiny import SDXL_UNET as TINY_SDXL_UNET  # noqa: E402
-from pipelines.metrics import unet_inputs, unet_macs  # noqa: E402
 from pipelines.student_cli import SD15_UNET, SD15_VAE, SDXL_UNET  # noqa: E402
 
 SECTION = "## Evaluation / latency"

@@ -34,8 +34,8 @@ BACKENDS = ("flash", "efficient", "cudnn", "math")
 
 def attention_calls(config: dict, h: int, w: int) -> Counter:
     """(heads, query length, key length, head dim) -> calls, of one batch-1 forward, on the meta device."""
+    from models.metrics import unet_inputs
     from models.student import meta_unet
-    from pipelines.metrics import unet_inputs
 
     unet = meta_unet({k: v for k, v in config.items() if not k.startswith("_")})  # private keys: diffusers' own
     calls: Counter = Counter()

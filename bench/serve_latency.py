@@ -58,7 +58,7 @@ def build_models(tiny: bool, root: Path) -> dict[str, tuple[Path, Path | None]]:
     full size) and that student decoding with a TAESD-size AutoencoderTiny."""
     import torch
 
-    from models.student import build_student, preset_spec, save_student
+    from models.student import StudentMeta, build_student, preset_spec, save_student
     from models.tiny import save_tiny
 
     teacher_dir = root / "teacher"
@@ -92,7 +92,7 @@ def build_models(tiny: bool, root: Path) -> dict[str, tuple[Path, Path | None]]:
     student = build_student(t_unet, spec)
     if not tiny:
         student = student.to(torch.float16)
-    save_student(student, str(teacher_dir), root / "student", {"teacher": "bench", "preset": "bk-small"})
+    save_student(student, str(teacher_dir), root / "student", StudentMeta(teacher="bench", preset="bk-small"))
     # the student with a lighter decoder (serve.decoder): random weights at TAESD's size for SD 1.x
     # (madebyollin/taesd), builtin:tiny-decoder's shape for --tiny
     decoder = root / "decoder"

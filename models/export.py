@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from models import report
+from models.student import StudentMeta
 
 SCORES_BEGIN, SCORES_END = "<!-- distillery:scores -->", "<!-- /distillery:scores -->"
 NOT_SCORED = "Not evaluated yet: `distillery evaluate CONFIG` (with `evaluate.student` this folder) fills this in."
@@ -47,33 +48,32 @@ def hub_base_model(teacher: str | None) -> str | None:
     return teacher if re.fullmatch(r"[\w.-]+/[\w.-]+", teacher) else None
 
 
-def _made(meta: dict[str, Any]) -> str:
-    rows = [("teacher", meta.get("teacher")), ("family", meta.get("family")), ("preset", meta.get("preset")),
+def _made(meta: StudentMeta) -> str:
+    rows = [("teacher", meta.teacher), ("family", meta.family), ("preset", meta.preset),
             ("initialised from", {"teacher": "the teacher's kept blocks", "random": "random weights"}.get(
-                meta.get("init"), meta.get("init"))),
-            ("U-Net parameters", f"{meta['params'] / 1e6:.2f}M" if meta.get("params") else None),
-            ("training steps", meta.get("step")),
+                meta.init, meta.init)),
+            ("U-Net parameters", f"{meta.params / 1e6:.2f}M" if meta.params else None),
+            ("training steps", meta.step),
             ("latents", {"mean": "VAE posterior means", "dist": "draws from the VAE posterior"}.get(
-                meta.get("latents"), meta.get("latents")))]
-    kd = meta.get("kd_loss") or {}
+                meta.latents, meta.latents))]
+    kd = meta.kd_loss or {}
     if kd:
         weights = ", ".join(f"{k} {kd[k]:g}" for k in ("task", "out", "feat", "attn", "self_attn") if kd.get(k))
         extras = [f"{k} {kd[k]}" for k in ("level", "min_snr_gamma", "attn_temperature") if kd.get(k) is not None]
         extras += ["feature terms normalized (LAPTOP-Diff)"] if kd.get("feat_norm") else []
         rows.append(("KD loss", "; ".join([weights, *extras])))
-    losses = meta.get("losses") or {}
+    losses = meta.losses or {}
     if losses:
         rows.append(("final losses", ", ".join(f"{k} {v:.4g}" for k, v in sorted(losses.items())
                                                 if isinstance(v, (int, float)))))
-    sd = meta.get("steps_distillation") or {}
+    sd = meta.steps_distillation
     if sd:
-        rows.append(("step distillation", f"{sd.get('objective')}, samples in {sd.get('steps')} steps"
-                                          + (f" at guidance {sd['guidance_scale']:g}" if sd.get("guidance_scale")
-                                             else "")))
-    if meta.get("config_digest"):
-        rows.append(("config digest", meta["config_digest"]))
+        rows.append(("step distillation", f"{sd.objective}, samples in {sd.steps} steps"
+                                          + (f" at guidance {sd.guidance_scale:g}" if sd.guidance_scale else "")))
+    if meta.config_digest:
+        rows.append(("config digest", meta.config_digest))
     lines = ["| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows if v not in (None, "")]
-    spec = meta.get("spec")
+    spec = meta.spec
     if spec:
         lines.append(f"\nRemoval spec (kept layers per stage): `{spec}`")
     lines.append("\nMade with diffusion-distillery (`distillery run CONFIG`): the student is "
@@ -82,9 +82,9 @@ def _made(meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _usage(meta: dict[str, Any], where: str, fp16: bool, prompt: str) -> str:
-    steps = meta.get("steps") or 25
-    scale = meta.get("guidance_scale") or 7.5
+def _usage(meta: StudentMeta, where: str, fp16: bool, prompt: str) -> str:
+    steps = meta.steps or 25
+    scale = meta.guidance_scale or 7.5
     load = (f'pipe = DiffusionPipeline.from_pretrained("{where}", variant="fp16", dtype=torch.float16).to("cuda")'
             if fp16 else f'pipe = DiffusionPipeline.from_pretrained("{where}")')
     return "\n".join(["import torch", "from diffusers import DiffusionPipeline", "", load,
@@ -102,7 +102,7 @@ def scores_markdown(metrics: dict[str, float], goal: float) -> str:
     return head + "\n\n" + report.markdown_table(metrics)
 
 
-def model_card(meta: dict[str, Any], *, title: str, where: str, license: str | None = None,
+def model_card(meta: StudentMeta, *, title: str, where: str, license: str | None = None,
                tags: list[str] | None = None, fp16: bool = False, metrics: dict[str, float] | None = None,
                goal: float = 0.95, prompt: str = "a photo of a cat") -> Any:
     """A huggingface_hub ModelCard of a distilled student (metadata: diffusers, text-to-image, base_model, tags)."""
@@ -110,21 +110,21 @@ def model_card(meta: dict[str, Any], *, title: str, where: str, license: str | N
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", license=license,
-                         base_model=hub_base_model(meta.get("teacher")))
-    teacher = meta.get("teacher") or "its teacher"
+                         base_model=hub_base_model(meta.teacher))
+    teacher = meta.teacher or "its teacher"
     summary = (f"A smaller, faster student of `{teacher}`: its U-Net distilled by diffusion-distillery"
-               + (f" (preset {meta['preset']})" if meta.get("preset") else "") + ".")
+               + (f" (preset {meta.preset})" if meta.preset else "") + ".")
     scores = scores_markdown(metrics, goal) if metrics else NOT_SCORED
     card = ModelCard.from_template(data, template_str=CARD_TEMPLATE, title=title, summary=summary,
                                    usage=_usage(meta, where, fp16, prompt), made=_made(meta),
                                    scores=f"{SCORES_BEGIN}\n{scores}\n{SCORES_END}")
     default_tags = ["diffusion-distillery", "knowledge-distillation", "text-to-image", "stable-diffusion"]
-    if meta.get("family") == "sdxl":
+    if meta.family == "sdxl":
         default_tags.append("stable-diffusion-xl")
     return populate_model_card(card, tags=default_tags + list(tags or []))
 
 
-def write_model_card(folder: str | Path, meta: dict[str, Any], *, title: str | None = None,
+def write_model_card(folder: str | Path, meta: StudentMeta, *, title: str | None = None,
                      license: str | None = None, tags: list[str] | None = None,
                      metrics: dict[str, float] | None = None, goal: float = 0.95,
                      prompt: str = "a photo of a cat") -> Path:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 from models.student import RemovalSpec, spread
+from models.teacher import cast_floats
 
 # torch.compile modes whose graphs run as CUDA graphs (KDTaps(cudagraphs=...))
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -344,18 +345,6 @@ def attention_kl(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: fl
     return kl.mean() * temperature**2
 
 
-def _cast(cond: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
-    out = {}
-    for key, v in cond.items():
-        if isinstance(v, dict):
-            out[key] = _cast(v, dtype)
-        elif isinstance(v, torch.Tensor) and v.is_floating_point():
-            out[key] = v.to(dtype)
-        else:
-            out[key] = v
-    return out
-
-
 def kd_loss(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
@@ -397,7 +386,7 @@ def kd_loss(
         if use_teacher:
             with torch.no_grad():
                 t_dtype = next(teacher.parameters()).dtype
-                t_out = teacher(noisy.to(t_dtype), timesteps, **_cast(cond, t_dtype)).sample
+                t_out = teacher(noisy.to(t_dtype), timesteps, **cast_floats(cond, t_dtype)).sample
                 if taps.cudagraphs:
                     t_out = t_out.clone()
                     t_tap.own()

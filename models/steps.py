@@ -34,6 +34,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, LCMScheduler, UNet2DConditionModel
 
+from models.student import META_FILE, StepsMeta, read_meta_file
+from models.teacher import cast_floats, map_tensors
+
 GUIDANCE_EMBED_DIM = 256  # as the published LCM U-Nets (time_cond_proj_dim)
 
 
@@ -137,8 +140,12 @@ def _unwrap(unet: torch.nn.Module) -> UNet2DConditionModel:
     return getattr(unet, "module", unet)  # DeepSpeed / DDP wrappers
 
 
-def w_dim(unet: torch.nn.Module) -> int | None:
-    return _unwrap(unet).config.get("time_cond_proj_dim")
+def w_dim(unet: Any) -> int | None:
+    """The size of the U-Net's guidance-weight input (`time_cond_proj_dim`: its w-embedding), None when it takes no
+    w. `unet`: a U-Net (also wrapped by DeepSpeed/DDP) or its config. A U-Net that takes w is fed w by diffusers'
+    pipelines instead of running classifier-free guidance."""
+    config = unet if isinstance(unet, dict) else _unwrap(unet).config
+    return config.get("time_cond_proj_dim")
 
 
 def add_guidance_embedding(unet: UNet2DConditionModel, dim: int = GUIDANCE_EMBED_DIM) -> UNet2DConditionModel:
@@ -167,15 +174,7 @@ def _cat(a: Any, b: Any) -> Any:
 
 def _expand(cond: dict[str, Any], n: int) -> dict[str, Any]:
     """Repeat a batch-1 conditioning (the empty prompt) to n rows."""
-    out = {}
-    for k, v in cond.items():
-        if isinstance(v, dict):
-            out[k] = _expand(v, n)
-        elif isinstance(v, torch.Tensor) and v.shape[0] == 1 and n != 1:
-            out[k] = v.expand(n, *v.shape[1:])
-        else:
-            out[k] = v
-    return out
+    return map_tensors(cond, lambda v: v.expand(n, *v.shape[1:]) if v.shape[0] == 1 and n != 1 else v)
 
 
 def predict(unet: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, cond: dict[str, Any],
@@ -185,16 +184,14 @@ def predict(unet: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, cond: dict[
     else the plain conditional output. Inputs are cast to the U-Net's dtype; the result is float32."""
     dtype = next(_unwrap(unet).parameters()).dtype
     dim = w_dim(unet)
-    cast = lambda tree: {k: cast(v) if isinstance(v, dict) else v.to(dtype) if torch.is_tensor(v)
-                         and v.is_floating_point() else v for k, v in tree.items()}
-    cond = cast(cond)
+    cond = cast_floats(cond, dtype)
     if dim is not None:
         w = torch.ones(z.shape[0], device=z.device) if w is None else w
         emb = guidance_embedding(w, dim).to(device=z.device, dtype=dtype)
         return unet(z.to(dtype), t, timestep_cond=emb, **cond).sample.float()
     if w is None or uncond is None:
         return unet(z.to(dtype), t, **cond).sample.float()
-    u = cast(_expand(uncond, z.shape[0]))
+    u = cast_floats(_expand(uncond, z.shape[0]), dtype)
     both = unet(torch.cat([z, z]).to(dtype), torch.cat([t, t]), **_cat(u, cond)).sample.float()
     out_u, out_c = both.chunk(2)
     return out_u + w.view(-1, 1, 1, 1).float() * (out_c - out_u)
@@ -388,10 +385,9 @@ def student_scheduler(objective: str, base_scheduler: Any, steps: int, skip: int
 
 
 def save_steps_student(unet: UNet2DConditionModel, source_dir: str, out_dir: Any, scheduler: Any,
-                       meta: dict[str, Any]) -> Any:
+                       meta: StepsMeta) -> Any:
     """A pipeline folder: the step-distilled U-Net (adapters merged) and its scheduler with the source
     pipeline's other components; `distillery.json` records objective, steps and guidance."""
-    import json
     from pathlib import Path
 
     from diffusers import DiffusionPipeline
@@ -400,12 +396,9 @@ def save_steps_student(unet: UNet2DConditionModel, source_dir: str, out_dir: Any
     out = Path(out_dir)
     pipe = DiffusionPipeline.from_pretrained(source_dir, unet=unet, scheduler=scheduler, dtype=unet.dtype)
     pipe.save_pretrained(out)
-    old = Path(source_dir) / "distillery.json"
-    prior = json.loads(old.read_text()) if old.exists() else {}
-    (out / "distillery.json").write_text(json.dumps({**prior, "steps_distillation": meta,
-                                                     "steps": meta.get("steps"),
-                                                     "guidance_scale": meta.get("guidance_scale")},
-                                                    indent=2, default=str))
+    made = read_meta_file(source_dir).model_copy(
+        update={"steps_distillation": meta, "steps": meta.steps, "guidance_scale": meta.guidance_scale})
+    (out / META_FILE).write_text(made.to_json())
     return out
 
 
@@ -486,7 +479,7 @@ class StepDistiller:
         w = sample_w(latents.shape[0], self.guidance_range, latents.device, generator) if self.guided else None
         key = str(latents.device)
         if key not in self._uncond_on:
-            self._uncond_on[key] = _to(self.uncond, latents.device)
+            self._uncond_on[key] = map_tensors(self.uncond, lambda v: v.to(latents.device))
         uncond = self._uncond_on[key]
         if ph.objective == "guided":
             return guided_loss(self.student, self.teacher, self.schedule, latents, cond, uncond, w, generator)
@@ -508,10 +501,3 @@ class StepDistiller:
         """The student to save: the consistency student itself (its EMA target is the slow copy LCM keeps
         for the loss), adapters merged into a copy so training could go on."""
         return merge_lora(frozen_copy(self.student)) if self.lora else _unwrap(self.student)
-
-
-def _to(tree: dict[str, Any] | None, device: Any) -> dict[str, Any] | None:
-    if tree is None:
-        return None
-    return {k: _to(v, device) if isinstance(v, dict) else v.to(device) if torch.is_tensor(v) else v
-            for k, v in tree.items()}

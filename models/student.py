@@ -20,7 +20,6 @@ The student is a plain diffusers UNet2DConditionModel: its config is the teacher
 from __future__ import annotations
 
 import copy
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 from diffusers import UNet2DConditionModel
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 MidMode = Literal["full", "resnet", "none"]
 
@@ -342,11 +342,81 @@ def removed_summary(spec: RemovalSpec, config: Any) -> str:
     return ", ".join(parts) or "nothing"
 
 
+META_FILE = "distillery.json"  # how a model this project made was made: beside its weights in every folder we write
+
+
+class StepsMeta(BaseModel):
+    """What the steps stage records of a step-distilled student (distillery.json's "steps_distillation")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    objective: str
+    steps: int
+    guidance_scale: float
+    guidance_range: list[float] | None = None
+    phases: list[dict[str, Any]] | None = None
+    teacher: str | None = None
+    source: str | None = None  # the student folder it was distilled from
+    lora_rank: int | None = None
+    job_key: str | None = None
+    step: int | None = None  # training steps done
+    loss: float | None = None
+    mlflow_run_id: str | None = None
+    config_digest: str | None = None
+    scheduler: str | None = None
+
+
+class StudentMeta(BaseModel):
+    """distillery.json: how a student (or the shipped teacher) was made. Every stage and command that writes a model
+    folder writes it through this model and every reader reads it through `read_meta`, so the two sides cannot
+    drift apart (a key one writes and the other does not know is an error that names the file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str | None = None  # teacher.uri
+    family: Literal["sd1", "sd2", "sdxl"] | None = None
+    preset: str | None = None
+    init: Literal["teacher", "random"] | None = None
+    spec: dict[str, Any] | None = None  # RemovalSpec.to_dict()
+    latents: Literal["dist", "mean", "sample"] | None = None  # what the U-Net was trained on
+    params: int | None = None  # U-Net parameters
+    teacher_params: int | None = None
+    job_key: str | None = None
+    step: int | None = None  # training steps done
+    losses: dict[str, float] | None = None
+    mlflow_run_id: str | None = None
+    checkpoint: str | None = None
+    config_digest: str | None = None
+    kd_loss: dict[str, Any] | None = None  # distill.loss as it was
+    steps: int | None = None  # a step-distilled student samples at these steps and guidance scale
+    guidance_scale: float | None = None
+    steps_distillation: StepsMeta | None = None
+    note: str | None = None
+    trained_by: str | None = None
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2, exclude_none=True)
+
+
+def read_meta(text: str | bytes, where: str) -> StudentMeta:
+    """distillery.json's text as a StudentMeta; `where` (the file) is named in the error if it is not one."""
+    try:
+        return StudentMeta.model_validate_json(text)
+    except ValidationError as err:
+        raise ValueError(f"{where}: not a distillery.json this code writes: {err}") from None
+
+
+def read_meta_file(folder: str | Path) -> StudentMeta:
+    """The StudentMeta of a local model folder (empty when the folder has no distillery.json: a Hub model)."""
+    path = Path(folder) / META_FILE
+    return read_meta(path.read_bytes(), str(path)) if path.is_file() else StudentMeta()
+
+
 def save_student(
     student: UNet2DConditionModel,
     teacher_dir: str,
     out_dir: str | Path,
-    meta: dict[str, Any],
+    meta: StudentMeta,
 ) -> Path:
     """A full pipeline folder: the student U-Net with the teacher's VAE, text encoder(s), tokenizer(s)
     and scheduler; plain diffusers loads it. `distillery.json` records how it was made."""
@@ -355,5 +425,5 @@ def save_student(
     out = Path(out_dir)
     pipe = DiffusionPipeline.from_pretrained(teacher_dir, unet=student, dtype=student.dtype)
     pipe.save_pretrained(out)
-    (out / "distillery.json").write_text(json.dumps(meta, indent=2, default=str))
+    (out / META_FILE).write_text(meta.to_json())
     return out

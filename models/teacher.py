@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,49 +17,32 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.schedulers import SchedulerMixin
 
+from models.local_cache import build_once, cache_root
+
 log = logging.getLogger(__name__)
 
 Family = Literal["sd1", "sd2", "sdxl"]
 SHIPPED = Path(__file__).parent / "assets"  # teachers committed to the repo (builtin:shapes-sd1)
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("DISTILLERY_CACHE", Path.home() / ".cache" / "distillery"))
-
-
 def _copy_remote_tree(uri: str, dest: Path) -> None:
-    """Copy a remote folder to `dest` once, however many processes of a node ask at the same time: one downloads
-    (files in parallel) into a folder of its own and renames it into place under a lock; the others wait on the
-    lock and find it there. A download cut short never becomes `dest` (its .partial folder is removed)."""
-    import fcntl
-    import shutil
+    """Copy the files of a remote folder into `dest` (files in parallel)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import fsspec
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(dest.with_name(dest.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-        if dest.exists():
-            return
-        fs, root = fsspec.core.url_to_fs(uri)
-        files = [f for f in fs.find(root) if not f.endswith("/")]
-        if not files:
-            raise FileNotFoundError(f"no files under {uri}")
-        tmp = dest.with_name(f"{dest.name}.{os.getpid()}.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
+    fs, root = fsspec.core.url_to_fs(uri)
+    files = [f for f in fs.find(root) if not f.endswith("/")]
+    if not files:
+        raise FileNotFoundError(f"no files under {uri}")
 
-        def get(f: str) -> None:
-            target = tmp / f[len(root.rstrip("/")) + 1 :]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(f, str(target))
+    def get(f: str) -> None:
+        target = dest / f[len(root.rstrip("/")) + 1 :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(f, str(target))
 
-        try:
-            with ThreadPoolExecutor(max_workers=8) as pool:
-                list(pool.map(get, files))
-            tmp.rename(dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(get, files))
 
 
 def _listing(uri: str) -> str:
@@ -85,23 +67,14 @@ def resolve_model_dir(uri: str) -> str:
         if name not in BUILDERS:
             known = sorted(BUILDERS) + sorted(p.name for p in SHIPPED.glob("*") if p.is_dir())
             raise ValueError(f"unknown builtin teacher {uri!r}; known: {', '.join(known)}")
-        dest = cache_root() / "builtin" / name
-        if not ((dest / "model_index.json").exists() or (dest / "config.json").exists()):
-            tmp = dest.with_name(name + f".{os.getpid()}.partial")
-            save_tiny(name, tmp)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                tmp.rename(dest)
-            except OSError:  # another process built it first
-                pass
-        return str(dest)
+        return str(build_once(cache_root() / "builtin" / name, lambda tmp: save_tiny(name, tmp),
+                              done=lambda d: (d / "model_index.json").exists() or (d / "config.json").exists()))
     if "://" in uri and not uri.startswith("file://"):
         # keyed by the URI and what is there now, so a folder rewritten in place is fetched again
         dest = cache_root() / "models" / hashlib.sha256((uri + _listing(uri)).encode()).hexdigest()[:16]
         if not dest.exists():
             log.info("copying %s to %s", uri, dest)
-            _copy_remote_tree(uri, dest)
-        return str(dest)
+        return str(build_once(dest, lambda tmp: _copy_remote_tree(uri, tmp)))
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     return uri
@@ -142,25 +115,14 @@ def swap_decoder(pipe: Any, decoder: Any, uri: str = "decoder") -> Any:
     return pipe
 
 
-LATENT_FORMS = ("dist", "mean", "sample")
-META_FILE = "distillery.json"  # what this project writes beside a model it made (students, the shipped teacher)
-
-
 def trained_latents(src: str) -> str | None:
     """What the U-Net of a model folder was trained on, where the folder says so (its distillery.json's
     "latents"): "mean", the VAE posterior means, or "dist", draws from the posterior (what SD and SDXL were trained
     on, as diffusers' training examples do). None when the folder does not say (hub models: take "dist")."""
-    import json
+    from models.student import read_meta_file  # student.py builds on this module
 
-    meta = Path(src) / META_FILE
-    if not meta.is_file():
-        return None
-    form = json.loads(meta.read_text()).get("latents")
-    if form is None:
-        return None
-    if form not in LATENT_FORMS:
-        raise ValueError(f"{meta}: latents {form!r}; expected one of {', '.join(LATENT_FORMS)}")
-    return "dist" if form == "sample" else form
+    form = read_meta_file(src).latents
+    return None if form is None else "dist" if form == "sample" else form
 
 
 def detect_family(unet_config: Any) -> Family:
@@ -319,3 +281,21 @@ def unet_conditioning(batch: dict[str, torch.Tensor], family: Family) -> dict[st
     if family == "sdxl":
         kw["added_cond_kwargs"] = {"text_embeds": batch["pooled"], "time_ids": batch["time_ids"]}
     return kw
+
+
+def map_tensors(tree: Any, fn: Any) -> Any:
+    """The U-Net keyword-argument tree (nested dicts, as `unet_conditioning` builds) with `fn` applied to each
+    tensor; other leaves (None, ints) unchanged."""
+    if isinstance(tree, dict):
+        return {k: map_tensors(v, fn) for k, v in tree.items()}
+    return fn(tree) if torch.is_tensor(tree) else tree
+
+
+def cast_floats(tree: Any, dtype: torch.dtype) -> Any:
+    """The tree with its floating-point tensors in `dtype` (integer ids stay as they are)."""
+    return map_tensors(tree, lambda v: v.to(dtype) if v.is_floating_point() else v)
+
+
+def select_rows(tree: Any, idx: torch.Tensor) -> Any:
+    """The tree with rows `idx` of each tensor (a batch of the conditioning)."""
+    return map_tensors(tree, lambda v: v[idx.to(v.device)])

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import io
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.storage import exists, filesystem, join, read_bytes, write_bytes, write_file
 
@@ -26,22 +27,53 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 
 
-def read_manifest(uri: str) -> dict | None:
+class CacheManifest(BaseModel):
+    """manifest.json: what the cache holds and how it was made. The data stage writes it last, the training and
+    evaluate stages read it through this model, so a field one side does not know is an error, not a silent None."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    complete: bool = True
+    teacher: str  # teacher.uri the embeddings were made with
+    family: Literal["sd1", "sd2", "sdxl"]
+    prediction_type: str
+    resolution: int = Field(gt=0)
+    dtype: str = "float32"
+    latents: Literal["dist", "mean", "sample"]  # what the rows hold: see sample_latents
+    vae_scaling_factor: float
+    latent_shape: tuple[int, int, int]  # (C, h, w) of a square crop
+    embed_shape: tuple[int, int]  # (tokens, width) of prompt_embeds
+    pooled_dim: int | None = None  # SDXL's pooled text embedding
+    buckets: list[str] | None = None  # "WxH" aspect-ratio buckets, None for square crops
+    rows: dict[str, int]  # split -> rows
+    skipped: dict[str, int] = {}  # reason -> rows
+    damaged_shards: list[str] = []
+    source: str
+    format: str
+    config_digest: str
+    created: str
+
+
+def read_manifest(uri: str) -> CacheManifest | None:
     """The cache's manifest, or None when there is none (never prepared, or still being written)."""
     path = join(uri, MANIFEST)
     if not exists(path):
         return None
-    manifest = json.loads(read_bytes(path))
-    if manifest.get("schema_version") != SCHEMA_VERSION:
+    raw = json.loads(read_bytes(path))
+    if raw.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(
-            f"{path}: cache schema version {manifest.get('schema_version')} but this code reads "
+            f"{path}: cache schema version {raw.get('schema_version')} but this code reads "
             f"{SCHEMA_VERSION}; prepare the data again into a new data.output"
         )
-    return manifest
+    try:
+        return CacheManifest.model_validate(raw)
+    except ValueError as err:
+        raise ValueError(f"{path}: not a manifest this code wrote: {err}") from None
 
 
-def write_manifest(uri: str, manifest: dict) -> None:
-    write_bytes(join(uri, MANIFEST), json.dumps(manifest, indent=2).encode())
+def write_manifest(uri: str, manifest: CacheManifest) -> None:
+    write_bytes(join(uri, MANIFEST), manifest.model_dump_json(indent=2).encode())
 
 
 def tensor_column(arrays: np.ndarray | list[np.ndarray]) -> pa.ExtensionArray:
@@ -80,7 +112,7 @@ def _as_tensor(x: Any) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).float()
 
 
-def sample_latents(batch: dict, manifest: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_latents(batch: dict, manifest: CacheManifest, generator: torch.Generator | None = None) -> torch.Tensor:
     """Scaled latents (B, C, h, w) for the U-Net from a cache batch (numpy arrays or tensors, which stay on their
     device), in the form the manifest names (`latents`, what the teacher was trained on: data.latents):
 
@@ -91,11 +123,11 @@ def sample_latents(batch: dict, manifest: dict, generator: torch.Generator | Non
     """
     import torch
 
-    if manifest["latents"] == "sample":
+    if manifest.latents == "sample":
         return _as_tensor(batch["latent"])
     mean = _as_tensor(batch["latent_mean"])
-    if manifest["latents"] == "mean":
-        return mean * float(manifest["vae_scaling_factor"])
+    if manifest.latents == "mean":
+        return mean * manifest.vae_scaling_factor
     std = _as_tensor(batch["latent_std"])
     noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-    return (mean + std * noise) * float(manifest["vae_scaling_factor"])
+    return (mean + std * noise) * manifest.vae_scaling_factor

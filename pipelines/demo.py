@@ -35,7 +35,7 @@ EVAL_PROMPTS = 64  # held-out prompts the student is scored on: enough that capt
 
 def heldout_prompts(n: int, train_captions: set[str], seed: int = 10_000) -> list[str]:
     """n prompts of the shapes teacher's evaluation seed whose captions the demo's data never shows."""
-    from pipelines.shapes import prompts
+    from models.shapes import prompts
 
     out, k = [], 4 * n
     while len(out) < n:
@@ -79,8 +79,8 @@ def run_demo(work_dir: str, small: bool = False, serve: bool = True, port: int =
     """Start the local services, run the stages, optionally serve until `stop` is set (or Ctrl-C)."""
     import ray
 
+    from models.shapes import write_shapes
     from pipelines.run import run_all
-    from pipelines.shapes import write_shapes
 
     work = Path(work_dir).absolute()
     work.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,7 @@ def run_demo(work_dir: str, small: bool = False, serve: bool = True, port: int =
         cfg = demo_config(work, small, port)
         written = write_shapes(cfg.data.source, "parquet", dataset_size(small), seed=cfg.seed)
         log.info("built-in shapes dataset: %s", written)
-        from pipelines.shapes import prompts
+        from models.shapes import prompts
 
         seen = set(prompts(dataset_size(small), cfg.seed))
         (work / "eval-prompts.txt").write_text("\n".join(heldout_prompts(EVAL_PROMPTS, seen)) + "\n")

@@ -46,9 +46,10 @@ from models.kd import (
     self_attention_pairs,
 )
 from models.sampling import decode_latents
-from models.student import RemovalSpec, count_params, resolve_spec, student_config
+from models.student import META_FILE, RemovalSpec, StudentMeta, count_params, read_meta, resolve_spec, student_config
 from models.teacher import load_teacher, resolve_model_dir
 from pipelines import tracking
+from pipelines.cache import CacheManifest
 from pipelines.config import Config, DistillConfig
 from pipelines.storage import ensure_ray, join
 from pipelines.train import (
@@ -169,7 +170,7 @@ def consolidated_state(ckpt_dir: str | Path, zero_stage: int, deepspeed: bool) -
 
 
 def export_student(ckpt_dir: str | Path, cfg: Config, spec: RemovalSpec, out_dir: str | Path,
-                   meta: dict[str, Any]) -> Path:
+                   meta: StudentMeta) -> Path:
     """A diffusers pipeline folder (the teacher's VAE, text encoders, scheduler) with the trained student
     U-Net, from a checkpoint folder. Plain diffusers loads it; its unet/ is the student alone."""
     from diffusers import UNet2DConditionModel
@@ -214,7 +215,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world, device = worker_setup(dc)
     manifest = config["manifest"]
     run_id, uri = config.get("mlflow_run_id"), config["tracking_uri"]
-    resolution = int(manifest["resolution"])
+    resolution = int(manifest.resolution)
 
     # the teacher: fp32 while the student is copied from it, then half precision on the device
     teacher = load_teacher(cfg.teacher.uri, dtype="float32", revision=cfg.teacher.revision,
@@ -283,7 +284,7 @@ def train_loop_per_worker(config: dict) -> None:
     s_cond = to_device(prompt_conditioning(teacher, dc.sample_prompts, resolution), device)
     s_uncond = to_device(prompt_conditioning(teacher, [""] * len(dc.sample_prompts), resolution), device)
     empty = prompt_conditioning(teacher, [""], resolution)  # caption dropout's empty prompt
-    latent_shape = tuple(manifest["latent_shape"])
+    latent_shape = tuple(manifest.latent_shape)
     teacher_images = None
 
     # --- step: one micro-batch of the KD loss
@@ -354,7 +355,7 @@ def train_loop_per_worker(config: dict) -> None:
                            empty, seed=dc.seed * 7919 + rank * 104729 + step)
     if rank == 0:
         log.info("[distill] %s batches of %d, caption dropout %.2f, latents %s%s", "preloaded" if batches.preloaded
-                 else "streamed", dc.batch_size, dc.caption_dropout, manifest["latents"],
+                 else "streamed", dc.batch_size, dc.caption_dropout, manifest.latents,
                  ", one CUDA graph per step" if dc.cuda_graph else "")
     samples_per_step = dc.batch_size * dc.grad_accum * world
     window = torch.zeros(1 + len(TERMS), device=device)  # the loss and its TERMS, summed since the last log
@@ -409,20 +410,20 @@ def train_loop_per_worker(config: dict) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _finished(cfg: Config, job_key: str) -> dict | None:
+def _finished(cfg: Config, job_key: str) -> StudentMeta | None:
     """The result of an earlier run of this job that already exported its final student."""
     from pipelines.storage import exists, read_bytes
 
     meta_uri = join(cfg.distill.output, "distillery.json")
     if not exists(meta_uri):
         return None
-    meta = json.loads(read_bytes(meta_uri))
-    if meta.get("job_key") == job_key and meta.get("step") == cfg.distill.max_steps:
+    meta = read_meta(read_bytes(meta_uri), meta_uri)
+    if meta.job_key == job_key and meta.step == cfg.distill.max_steps:
         return meta
     return None
 
 
-def trainer_for(cfg: Config, spec: RemovalSpec, manifest: dict, mlflow_run_id: str | None,
+def trainer_for(cfg: Config, spec: RemovalSpec, manifest: CacheManifest, mlflow_run_id: str | None,
                 callbacks: list | None = None) -> Any:
     """The TorchTrainer of a distillation job (Ray Tune wraps this with its own storage and callbacks)."""
     import ray
@@ -456,9 +457,9 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     done = _finished(cfg, job_key)
     if done is not None:
         log.info("distill: %s already holds the final student of %s (step %d); nothing to do",
-                 dc.output, job_key, done["step"])
-        return {"output": dc.output, "step": done["step"], "losses": done.get("losses", {}),
-                "mlflow_run_id": done.get("mlflow_run_id"), "checkpoint": done.get("checkpoint"), "skipped": True}
+                 dc.output, job_key, done.step)
+        return {"output": dc.output, "step": done.step, "losses": done.losses or {},
+                "mlflow_run_id": done.mlflow_run_id, "checkpoint": done.checkpoint, "skipped": True}
     manifest = cache_manifest(cfg)
     from diffusers import UNet2DConditionModel
 
@@ -487,17 +488,17 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     losses = {k: v for k, v in metrics.items() if "loss" in k or k.startswith("val_")}
     with final.as_directory() as d:
         state = json.loads((Path(d) / STATE).read_text())
-        meta = {"teacher": cfg.teacher.uri, "family": manifest["family"], "preset": cfg.student.preset,
-                "init": cfg.student.init,
-                "spec": spec.to_dict(), "latents": "mean" if manifest["latents"] == "mean" else "dist",
-                "job_key": job_key, "step": state["step"], "losses": losses, "mlflow_run_id": run_id,
-                "checkpoint": final.path, "config_digest": cfg.digest(), "kd_loss": dc.loss.model_dump(mode="json")}
+        meta = StudentMeta(teacher=cfg.teacher.uri, family=manifest.family, preset=cfg.student.preset,
+                           init=cfg.student.init, spec=spec.to_dict(),
+                           latents="mean" if manifest.latents == "mean" else "dist", job_key=job_key,
+                           step=state["step"], losses=losses, mlflow_run_id=run_id, checkpoint=final.path,
+                           config_digest=cfg.digest(), kd_loss=dc.loss.model_dump(mode="json"))
         with tempfile.TemporaryDirectory() as tmp:
             folder = export_student(d, cfg, spec, Path(tmp) / "student", meta)
             from diffusers import UNet2DConditionModel as U
 
-            meta["params"] = count_params(U.from_pretrained(folder / "unet"))
-            (folder / "distillery.json").write_text(json.dumps(meta, indent=2, default=str))
+            meta.params = count_params(U.from_pretrained(folder / "unet"))
+            (folder / META_FILE).write_text(meta.to_json())
             finish_export(folder, cfg, f"{cfg.name}-student")
             tracking.log_artifact(uri, run_id, folder, "student")
             upload_folder(folder, dc.output)

@@ -32,7 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from pipelines.cache import MANIFEST, SCHEMA_VERSION, SPLITS, read_manifest, write_manifest, write_rows
+from pipelines.cache import MANIFEST, SPLITS, CacheManifest, read_manifest, write_manifest, write_rows
 from pipelines.config import Config, DataConfig
 from pipelines.storage import delete_dir, ensure_ray, exists, filesystem, join, list_files, read_bytes, write_bytes
 
@@ -415,11 +415,11 @@ BUILTIN_SHAPES = "builtin:shapes"
 
 def builtin_params(source: str, field: str = "data.source") -> dict[str, Any]:
     """n, seed, holdout, only of a `builtin:shapes?n=N&seed=S[&holdout=K][&only=seen|heldout]` source (n default
-    2000, seed 0, nothing held out; with holdout K, the K shape-color pairs of pipelines.shapes.held_out(K) are
+    2000, seed 0, nothing held out; with holdout K, the K shape-color pairs of models.shapes.held_out(K) are
     left out of the data, and only=heldout asks for them alone, for evaluation prompts); errors name the field."""
     from urllib.parse import parse_qsl
 
-    from pipelines.shapes import indices
+    from models.shapes import indices
 
     _, _, query = source.partition("?")
     params: dict[str, Any] = {"n": 2000, "seed": 0, "holdout": 0, "only": None}
@@ -441,7 +441,7 @@ def builtin_params(source: str, field: str = "data.source") -> dict[str, Any]:
 
 
 def _render_shapes(batch: dict, seed: int, size: int, picked: list[int] | None = None) -> dict:
-    from pipelines.shapes import png_bytes, sample
+    from models.shapes import png_bytes, sample
 
     out: dict[str, list] = {"key": [], "image": [], "caption": []}
     for j in batch["id"].tolist():
@@ -453,13 +453,13 @@ def _render_shapes(batch: dict, seed: int, size: int, picked: list[int] | None =
 
 
 def builtin_source(cfg: Config) -> DataConfig:
-    """The data section reading a generated shapes dataset (pipelines/shapes.py) in place of `builtin:shapes?...`:
+    """The data section reading a generated shapes dataset (models/shapes.py) in place of `builtin:shapes?...`:
     written once as parquet under {work_dir}/source by Ray tasks (the same images for the same n and seed as
-    pipelines.shapes.generate), read back like any parquet source, keyed by sample."""
+    models.shapes.generate), read back like any parquet source, keyed by sample."""
     import ray
 
     d = cfg.data
-    from pipelines.shapes import held_out, indices
+    from models.shapes import held_out, indices
 
     p = builtin_params(d.source)
     hold = f"-holdout{p['holdout']}" + (f"-{p['only']}" if p["only"] else "") if p["holdout"] else ""
@@ -769,15 +769,15 @@ def run(cfg: Config) -> dict:
     out = d.output
     digest = cache_digest(cfg)
     manifest = read_manifest(out)
-    if manifest and manifest.get("complete"):
-        if manifest.get("config_digest") != digest:
+    if manifest and manifest.complete:
+        if manifest.config_digest != digest:
             raise ValueError(
                 f"{out} holds a complete cache made with another data/teacher config "
-                f"(digest {manifest.get('config_digest')}, now {digest}); set data.output to a new location "
+                f"(digest {manifest.config_digest}, now {digest}); set data.output to a new location "
                 "or delete it"
             )
-        log.info("%s is complete (%s); nothing to do", out, manifest["rows"])
-        return {**manifest, "output": out, "status": "already complete"}
+        log.info("%s is complete (%s); nothing to do", out, manifest.rows)
+        return {**manifest.model_dump(mode="json"), "output": out, "status": "already complete"}
     state_uri = join(out, STATE)
     if exists(state_uri):
         state = json.loads(read_bytes(state_uri))
@@ -881,28 +881,26 @@ def _run(cfg: Config, facts: dict, buckets: list | None, digest: str) -> dict:
              time.time() - t0)
     if sum(rows.values()) == 0:
         raise ValueError(f"{d.source}: no usable rows (skipped: {dict(skipped) or 'none'}); nothing to cache")
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "complete": True,
-        "teacher": cfg.teacher.uri,
-        "family": facts["family"],
-        "prediction_type": facts["prediction_type"],
-        "resolution": d.resolution,
-        "dtype": "float32",
-        "latents": facts["latents"],
-        "vae_scaling_factor": facts["vae_scaling_factor"],
-        "latent_shape": [facts["latent_channels"], d.resolution // f, d.resolution // f],
-        "embed_shape": facts["embed_shape"],
-        "pooled_dim": facts["pooled_dim"],
-        "buckets": [f"{w}x{h}" for w, h in buckets] if buckets else None,
-        "rows": rows,
-        "skipped": dict(sorted(skipped.items())),
-        "damaged_shards": sorted(damaged),
-        "source": d.source,
-        "format": fmt,
-        "config_digest": digest,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    manifest = CacheManifest(
+        teacher=cfg.teacher.uri,
+        family=facts["family"],
+        prediction_type=facts["prediction_type"],
+        resolution=d.resolution,
+        dtype="float32",
+        latents=facts["latents"],
+        vae_scaling_factor=facts["vae_scaling_factor"],
+        latent_shape=[facts["latent_channels"], d.resolution // f, d.resolution // f],
+        embed_shape=facts["embed_shape"],
+        pooled_dim=facts["pooled_dim"],
+        buckets=[f"{w}x{h}" for w, h in buckets] if buckets else None,
+        rows=rows,
+        skipped=dict(sorted(skipped.items())),
+        damaged_shards=sorted(damaged),
+        source=d.source,
+        format=fmt,
+        config_digest=digest,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
     write_manifest(out, manifest)
     log.info("wrote %s", join(out, MANIFEST))
-    return {**manifest, "output": out, "status": "prepared", "new_rows": sum(written.values())}
+    return {**manifest.model_dump(mode="json"), "output": out, "status": "prepared", "new_rows": sum(written.values())}

@@ -31,6 +31,8 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from models.sampling import ImageJob, generate_images, load_pipeline  # noqa: F401 (load_pipeline: re-export)
+from models.student import StudentMeta, read_meta_file
+from pipelines import tracking
 from pipelines.config import Config
 
 log = logging.getLogger(__name__)
@@ -161,15 +163,15 @@ def _champion_value(client: mlflow.MlflowClient, name: str, alias: str, metric: 
     return mv, (float(raw) if raw is not None else None)
 
 
-def _tags(meta: dict, metrics: dict[str, float], cfg: Config, fingerprint: str) -> dict[str, str]:
+def _tags(meta: StudentMeta, metrics: dict[str, float], cfg: Config, fingerprint: str) -> dict[str, str]:
     tags = {
-        "teacher": str(meta.get("teacher", cfg.teacher.uri)),
-        "family": str(meta.get("family", "")),
-        "preset": str(meta.get("preset") or ""),
-        "spec": json.dumps(meta.get("spec")) if meta.get("spec") is not None else "",
-        "config_digest": str(meta.get("config_digest") or cfg.digest()),
+        "teacher": meta.teacher or cfg.teacher.uri,
+        "family": meta.family or "",
+        "preset": meta.preset or "",
+        "spec": json.dumps(meta.spec) if meta.spec is not None else "",
+        "config_digest": meta.config_digest or cfg.digest(),
         "fingerprint": fingerprint,
-        "params": str(meta.get("params", "")),
+        "params": str(meta.params) if meta.params is not None else "",
     }
     tags.update({METRIC_TAG + k: repr(float(v)) for k, v in metrics.items()})
     return {k: v for k, v in tags.items() if v != ""}
@@ -188,11 +190,10 @@ def register_student(pipeline_dir: str | Path, metrics: dict[str, float], cfg: C
     metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if rc.metric not in metrics:
         raise ValueError(f"registry.metric {rc.metric!r} is not among the numeric metrics {sorted(metrics)}")
-    meta_path = folder / "distillery.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = read_meta_file(folder)
 
-    mlflow.set_tracking_uri(cfg.tracking_uri())
-    client = mlflow.MlflowClient()
+    uri = cfg.tracking_uri()
+    client = tracking.client(uri)
     name = rc.model_name
     fingerprint = _fingerprint(folder, metrics)
     try:
@@ -214,29 +215,37 @@ def register_student(pipeline_dir: str | Path, metrics: dict[str, float], cfg: C
     wins = champ is None or _better(value, champ_value, rc.mode)
 
     tags = _tags(meta, metrics, cfg, fingerprint)
-    run_id = meta.get("mlflow_run_id")
+    run_id = meta.mlflow_run_id  # the distill stage's run, or a run of its own
     if run_id is None:
-        mlflow.set_experiment(cfg.mlflow.experiment)
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{cfg.name}-register") as run, \
-            tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as staging:
-        mlflow.log_metrics(metrics)
-        mlflow.set_tags({"distillery.stage": "register", "distillery.config_digest": tags["config_digest"]})
-        # MLflow names a logged folder after its basename (and refuses symlinks): hard-link the student
-        # as "pipeline" so the model always holds artifacts/pipeline, whatever the folder is called
+        run_id, _ = tracking.start_run(uri, cfg.mlflow.experiment, f"{cfg.name}-register-{fingerprint}",
+                                       f"{cfg.name}-register", cfg.model_dump(mode="json"))
+    tracking.log_metrics(uri, run_id, metrics, step=0)
+    tracking.set_tags(uri, run_id, {"distillery.stage": "register", "distillery.config_digest": tags["config_digest"]})
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as staging:
+        # the pyfunc model's folder holds artifacts/pipeline (a hard-linked copy of the student: MLflow names a
+        # logged folder after its basename and refuses symlinks), whatever the student's folder is called
         staged = Path(staging) / "pipeline"
         shutil.copytree(folder, staged, copy_function=_link_or_copy)
-        info = mlflow.pyfunc.log_model(
-            name="student",
+        model_dir = Path(staging) / "student"
+        mlflow.pyfunc.save_model(
+            path=str(model_dir),
             python_model=DiffusersImageModel(),
             artifacts={"pipeline": str(staged)},
             signature=SIGNATURE,
             input_example=INPUT_EXAMPLE,
             pip_requirements=pip_requirements(),
             code_paths=code_paths(Path(staging) / "code"),
-            registered_model_name=name,
         )
-        run_id = run.info.run_id
-    version = str(info.registered_model_version)
+        client.log_artifacts(run_id, str(model_dir), "student")
+    if meta.mlflow_run_id is None:
+        tracking.end_run(uri, run_id)
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/student"
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = str(client.create_model_version(name, source, run_id=run_id).version)
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, v)
     alias = rc.champion_alias if wins else rc.challenger_alias

@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from models.steps import Schedule, StepDistiller, plan, save_steps_student, student_scheduler
+from models.steps import Schedule, StepDistiller, plan, save_steps_student, student_scheduler, w_dim
+from models.student import META_FILE, StepsMeta, read_meta
 from models.teacher import load_teacher, resolve_model_dir
 from pipelines import tracking
 from pipelines.config import Config, DistillConfig
@@ -105,7 +106,7 @@ def train_loop_per_worker(config: dict) -> None:
     teacher = load_teacher(cfg.teacher.uri, dtype="float32",
                            components=("unet", "text") if sc.objective in ("guided", "consistency") else ("text",),
                            revision=cfg.teacher.revision, variant=cfg.teacher.variant)
-    uncond = prompt_conditioning(teacher, [""], int(manifest["resolution"]))
+    uncond = prompt_conditioning(teacher, [""], int(manifest.resolution))
     if teacher.unet is not None:  # the teacher's CFG output guides
         guide = teacher.unet.to(device, teacher_dtype(cfg.teacher.dtype, dc.precision, device))
     del teacher
@@ -144,7 +145,7 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report({"step": at, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint_{at:06d}")
 
-    batches = TrainBatches(ray.train.get_dataset_shard("train"), manifest, manifest["family"], dc, rank, world,
+    batches = TrainBatches(ray.train.get_dataset_shard("train"), manifest, manifest.family, dc, rank, world,
                            device, uncond, seed=dc.seed * 7919 + rank * 104729 + step)
     gen = torch.Generator(device=device).manual_seed(dc.seed * 7919 + rank * 104729 + step + 1)
     window, window_n, t_log = torch.zeros(1, device=device), 0, time.perf_counter()
@@ -192,12 +193,12 @@ def train_loop_per_worker(config: dict) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _finished(cfg: Config, job_key: str, total: int) -> dict | None:
-    meta_uri = join(cfg.steps.output, "distillery.json")
+def _finished(cfg: Config, job_key: str, total: int) -> StepsMeta | None:
+    meta_uri = join(cfg.steps.output, META_FILE)
     if not exists(meta_uri):
         return None
-    meta = json.loads(read_bytes(meta_uri)).get("steps_distillation", {})
-    if meta.get("job_key") == job_key and meta.get("step") == total:
+    meta = read_meta(read_bytes(meta_uri), meta_uri).steps_distillation
+    if meta is not None and meta.job_key == job_key and meta.step == total:
         return meta
     return None
 
@@ -222,8 +223,8 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     done = _finished(cfg, job_key, dc.max_steps)
     if done is not None:
         log.info("steps: %s already holds the final student of %s; nothing to do", sc.output, job_key)
-        return {"output": sc.output, "steps": done["steps"], "loss": done.get("loss"),
-                "mlflow_run_id": done.get("mlflow_run_id"), "skipped": True}
+        return {"output": sc.output, "steps": done.steps, "loss": done.loss, "mlflow_run_id": done.mlflow_run_id,
+                "skipped": True}
     manifest = cache_manifest(cfg)
     src, student = _load_student(sc.student)
     t_cfg = UNet2DConditionModel.load_config(resolve_model_dir(cfg.teacher.uri), subfolder="unet")
@@ -259,28 +260,28 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     prune_orphan_checkpoints(result, dc.storage_path, job_name(cfg))
     phases = plan(sc.objective, sc.teacher_steps, sc.rounds, sc.lcm_steps)
     guided = sc.objective != "progressive" or student_w(src)
-    meta = {"objective": sc.objective, "steps": phases[-1].steps,
-            "guidance_scale": sc.guidance_scale if guided else 1.0, "guidance_range": list(sc.guidance_range),
-            "phases": [vars(p) for p in phases], "teacher": cfg.teacher.uri, "source": sc.student,
-            "lora_rank": sc.lora_rank, "job_key": job_key, "step": dc.max_steps,
-            "loss": (result.metrics or {}).get("loss"), "mlflow_run_id": run_id, "config_digest": cfg.digest()}
+    meta = StepsMeta(objective=sc.objective, steps=phases[-1].steps,
+                     guidance_scale=sc.guidance_scale if guided else 1.0, guidance_range=list(sc.guidance_range),
+                     phases=[vars(p) for p in phases], teacher=cfg.teacher.uri, source=sc.student,
+                     lora_rank=sc.lora_rank, job_key=job_key, step=dc.max_steps,
+                     loss=(result.metrics or {}).get("loss"), mlflow_run_id=run_id, config_digest=cfg.digest())
     with final.as_directory() as d:
         unet = UNet2DConditionModel.from_pretrained(Path(d) / FINAL, dtype=torch.float32)
-        scheduler = student_scheduler(sc.objective, _scheduler(src), meta["steps"], sc.lcm_skip)
-        meta["scheduler"] = type(scheduler).__name__
+        scheduler = student_scheduler(sc.objective, _scheduler(src), meta.steps, sc.lcm_skip)
+        meta.scheduler = type(scheduler).__name__
         with tempfile.TemporaryDirectory() as tmp:
             folder = save_steps_student(unet, src, Path(tmp) / "student", scheduler, meta)
             finish_export(folder, cfg, f"{cfg.name}-steps")
-            tracking.log_artifact(uri, run_id, folder / "distillery.json", "student")
+            tracking.log_artifact(uri, run_id, folder / META_FILE, "student")
             upload_folder(folder, sc.output)
-    tracking.set_tags(uri, run_id, {"distillery.output": sc.output, "distillery.student_steps": meta["steps"]})
+    tracking.set_tags(uri, run_id, {"distillery.output": sc.output, "distillery.student_steps": meta.steps})
     tracking.end_run(uri, run_id)
-    return {"output": sc.output, "steps": meta["steps"], "guidance_scale": meta["guidance_scale"],
-            "scheduler": meta["scheduler"], "loss": meta["loss"], "mlflow_run_id": run_id}
+    return {"output": sc.output, "steps": meta.steps, "guidance_scale": meta.guidance_scale,
+            "scheduler": meta.scheduler, "loss": meta.loss, "mlflow_run_id": run_id}
 
 
 def student_w(src: str) -> bool:
     """Whether a pipeline folder's U-Net takes the guidance weight w as an input."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel.load_config(src, subfolder="unet").get("time_cond_proj_dim") is not None
+    return w_dim(UNet2DConditionModel.load_config(src, subfolder="unet")) is not None

@@ -68,6 +68,20 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+def local_copy(uri: str) -> str:
+    """A local path for a file: remote files are copied once into the node's cache (keyed by the URI), local
+    paths pass through."""
+    if not is_remote(uri):
+        return uri.removeprefix("file://")
+    import hashlib
+    from pathlib import Path
+
+    from models.local_cache import build_once, cache_root
+
+    dest = cache_root() / "files" / hashlib.sha256(uri.encode()).hexdigest()[:16] / uri.rsplit("/", 1)[-1]
+    return str(build_once(dest, lambda tmp: Path(tmp).write_bytes(read_bytes(uri))))
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole file so that readers never see half of it: S3 puts are atomic; locally we rename."""
     write_file(*filesystem(uri), data)

@@ -15,10 +15,12 @@ from models.export import save_fp16_variant, write_model_card
 from models.student import (
     PRESETS,
     RemovalSpec,
+    StudentMeta,
     build_student,
     count_params,
     meta_unet,
     preset_spec,
+    read_meta_file,
     removed_summary,
     resolve_spec,
     save_student,
@@ -106,14 +108,14 @@ def main(args: argparse.Namespace) -> int:
     spec = load_spec_file(args.spec) if args.spec else None
     spec = resolve_spec(teacher.unet.config, preset=args.preset, spec=spec)
     student = build_student(teacher.unet, spec)
-    meta = {"teacher": args.teacher, "family": teacher.family, "preset": args.preset, "spec": spec.to_dict(),
-            "params": count_params(student), "teacher_params": count_params(teacher.unet)}
+    meta = StudentMeta(teacher=args.teacher, family=teacher.family, preset=args.preset, spec=spec.to_dict(),
+                       params=count_params(student), teacher_params=count_params(teacher.unet))
     out = save_student(student, teacher.source, args.out, meta)
     if args.fp16_variant:
         save_fp16_variant(out)
     if not args.no_model_card:
         write_model_card(out, meta, title=out.name)
-    print(json.dumps({"out": str(out), **meta}, indent=2))
+    print(json.dumps({"out": str(out), **meta.model_dump(exclude_none=True)}, indent=2))
     return 0
 
 
@@ -133,8 +135,7 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = True, revis
     if readme.is_file():
         card = readme.read_text()
     else:
-        meta_file = folder / "distillery.json"
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        meta = read_meta_file(folder)
         with tempfile.TemporaryDirectory() as tmp:
             card = write_model_card(Path(tmp), meta, title=repo_id.split("/")[-1]).read_text()
     # the card's code loads the folder it was written in; on the Hub it loads the repo

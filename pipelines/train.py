@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 from models.fp8 import fp8_unsupported, use_fp8_linear
+from models.student import read_meta_file
 from models.teacher import encode_prompts, unet_conditioning
-from pipelines.cache import read_manifest, sample_latents
+from pipelines.cache import CacheManifest, read_manifest, sample_latents
 from pipelines.config import Config, DistillConfig, uses_cudagraphs  # noqa: F401 (part of the shell)
 from pipelines.storage import filesystem, is_remote, join
 
@@ -424,7 +425,7 @@ def prompt_conditioning(teacher: Any, prompts: list[str], resolution: int) -> di
     return unet_conditioning(emb, teacher.family)
 
 
-def cache_batch(batch: dict[str, Any], manifest: dict, family: str, device: torch.device,
+def cache_batch(batch: dict[str, Any], manifest: CacheManifest, family: str, device: torch.device,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """(scaled latents, U-Net conditioning) on `device` from a batch of cache rows (numpy arrays, or tensors
     already on the device). The generator draws "dist" latents; it lives on `device`, or on the CPU for CPU rows."""
@@ -451,11 +452,11 @@ def drop_captions(cond: dict[str, Any], empty: dict[str, Any], keep: torch.Tenso
     return out
 
 
-def shard_bytes(manifest: dict, rows: int) -> int:
+def shard_bytes(manifest: CacheManifest, rows: int) -> int:
     """The bytes `rows` cache rows take as float32 tensors (what preloading keeps on the device)."""
-    per_row = math.prod(manifest["latent_shape"]) * (2 if manifest["latents"] == "dist" else 1)
-    per_row += math.prod(manifest.get("embed_shape") or [0])
-    per_row += (manifest.get("pooled_dim") or 0) + (6 if manifest.get("family") == "sdxl" else 0)
+    per_row = math.prod(manifest.latent_shape) * (2 if manifest.latents == "dist" else 1)
+    per_row += math.prod(manifest.embed_shape or [0])
+    per_row += (manifest.pooled_dim or 0) + (6 if manifest.family == "sdxl" else 0)
     return 4 * per_row * rows
 
 
@@ -467,7 +468,7 @@ class TrainBatches:
     then it is read once into device memory and every batch is drawn there (a permutation per epoch), which keeps
     small models from waiting on the data loader. A caption_dropout share of each batch gets the empty prompt."""
 
-    def __init__(self, shard: Any, manifest: dict, family: str, dc: DistillConfig, rank: int, world: int,
+    def __init__(self, shard: Any, manifest: CacheManifest, family: str, dc: DistillConfig, rank: int, world: int,
                  device: torch.device, empty: dict[str, Any] | None, seed: int, batch_size: int | None = None,
                  rows: dict[str, Any] | None = None):
         self.manifest, self.family, self.dc, self.rank, self.device = manifest, family, dc, rank, device
@@ -475,7 +476,7 @@ class TrainBatches:
         self.empty = to_device(empty, device) if empty is not None else None
         self.gen = torch.Generator(device=device).manual_seed(seed)
         self.epoch = 0
-        train_rows = int(manifest["rows"].get("train", 0))
+        train_rows = int(manifest.rows.get("train", 0))
         per_worker = math.ceil(train_rows / max(1, world))
         # `rows` (cache columns as arrays): this worker's rows, already read
         self.preloaded = rows is not None or (dc.preload_gb > 0
@@ -620,7 +621,6 @@ FILE_LIST = "files-rank{rank}.json"  # written last into each rank's checkpoint 
 def seal_checkpoint(folder: Path, rank: int, world: int) -> None:
     """Record the files (and sizes) of this rank's part of a checkpoint folder, after everything else is written:
     a checkpoint is complete when every rank's list is there and every listed file has its size."""
-    import json
 
     files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
     (folder / FILE_LIST.format(rank=rank)).write_text(json.dumps({"world": world, "files": files}))
@@ -628,7 +628,6 @@ def seal_checkpoint(folder: Path, rank: int, world: int) -> None:
 
 def checkpoint_complete(fs: Any, path: str) -> bool:
     """Whether a checkpoint folder (on `fs`) holds every file that every rank's list names, at its size."""
-    import json
 
     import pyarrow.fs as pafs
 
@@ -700,13 +699,13 @@ def prune_orphan_checkpoints(result: Any, storage_path: str, name: str) -> list[
     return removed
 
 
-def training_datasets(cfg: Config, manifest: dict) -> dict[str, Any]:
+def training_datasets(cfg: Config, manifest: CacheManifest) -> dict[str, Any]:
     """The cache's splits as Ray datasets of the columns training reads ("val" only where there are rows)."""
     import ray.data
 
     out = {}
     for split in ("train", "val"):
-        if manifest["rows"].get(split, 0) == 0:
+        if manifest.rows.get(split, 0) == 0:
             continue
         fs, path = filesystem(join(cfg.distill.cache, split))
         ds = ray.data.read_parquet(path, filesystem=fs)
@@ -717,15 +716,15 @@ def training_datasets(cfg: Config, manifest: dict) -> dict[str, Any]:
     return out
 
 
-def cache_manifest(cfg: Config) -> dict:
+def cache_manifest(cfg: Config) -> CacheManifest:
     """The manifest of distill.cache, checked: complete, and made with teacher.uri."""
     dc = cfg.distill
     manifest = read_manifest(dc.cache)
-    if manifest is None or not manifest.get("complete"):
+    if manifest is None or not manifest.complete:
         raise FileNotFoundError(f"distill.cache {dc.cache}: no complete embedding cache there (no manifest.json "
                                 "with complete: true); run `distillery prepare` first")
-    if manifest["teacher"] != cfg.teacher.uri:
-        raise ValueError(f"distill.cache {dc.cache} holds embeddings of teacher {manifest['teacher']!r}, but "
+    if manifest.teacher != cfg.teacher.uri:
+        raise ValueError(f"distill.cache {dc.cache} holds embeddings of teacher {manifest.teacher!r}, but "
                          f"teacher.uri is {cfg.teacher.uri!r}; prepare the data with this teacher")
     return manifest
 
@@ -739,7 +738,7 @@ def finish_export(folder: Path, cfg: Config, title: str) -> None:
     if ex.fp16_variant:
         save_fp16_variant(folder)
     if ex.model_card:
-        meta = json.loads((folder / "distillery.json").read_text())
+        meta = read_meta_file(folder)
         prompt = cfg.distill.sample_prompts[0] if cfg.distill.sample_prompts else "a photo of a cat"
         write_model_card(folder, meta, title=title, license=ex.license, tags=ex.tags, goal=cfg.evaluate.goal,
                          prompt=prompt)

@@ -23,6 +23,7 @@ RayService's serveConfigV2, built on the cluster by `app_builder`).
 
 import asyncio
 import base64
+import functools
 import hmac
 import json
 import logging
@@ -80,26 +81,24 @@ async def _server_error(request: Request, err: Exception) -> JSONResponse:
                         status_code=500)
 
 
-_METRICS: dict[str, Any] = {}
-
-
+@functools.cache  # one set per replica process, made in it (Ray's metrics belong to the process that makes them)
 def _metrics() -> dict[str, Any]:
-    if not _METRICS:
-        from ray.serve.metrics import Counter, Histogram
+    from ray.serve.metrics import Counter, Histogram
 
-        _METRICS["latency"] = Histogram(
+    return {
+        "latency": Histogram(
             "distillery_request_latency_ms", description="request latency by route and status",
             boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000],
             tag_keys=("route", "status"),
-        )
-        _METRICS["images"] = Counter("distillery_images_total", description="images generated")
-        _METRICS["batch_size"] = Histogram("distillery_batch_size", description="images per pipeline batch",
-                                           boundaries=[1, 2, 4, 8, 16, 32, 64])
-        _METRICS["batch_ms"] = Histogram(
+        ),
+        "images": Counter("distillery_images_total", description="images generated"),
+        "batch_size": Histogram("distillery_batch_size", description="images per pipeline batch",
+                                boundaries=[1, 2, 4, 8, 16, 32, 64]),
+        "batch_ms": Histogram(
             "distillery_batch_ms", description="pipeline call time of a batch",
             boundaries=[10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000],
-        )
-    return _METRICS
+        ),
+    }
 
 
 @api.middleware("http")
@@ -133,8 +132,7 @@ def resolve_model(cfg: Config) -> dict[str, Any]:
         import mlflow
 
         tracking = cfg.tracking_uri()
-        mlflow.set_tracking_uri(tracking)
-        client = mlflow.MlflowClient()
+        client = mlflow.MlflowClient(tracking_uri=tracking)
         rest = uri[len("models:/"):]
         try:
             if "@" in rest:
@@ -149,14 +147,14 @@ def resolve_model(cfg: Config) -> dict[str, Any]:
                              f"(run the register stage first): {err.message}") from None
         return {"uri": f"models:/{name}/{mv.version}", "name": name, "version": int(mv.version), "alias": alias,
                 "teacher": mv.tags.get("teacher"), "preset": mv.tags.get("preset"), "tracking_uri": tracking}
-    meta: dict[str, Any] = {}
+    from models.student import read_meta_file
+
     local = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
-    if (local / "distillery.json").is_file():
-        meta = json.loads((local / "distillery.json").read_text())
-    elif "://" not in uri and not uri.startswith("builtin:") and not (local / "model_index.json").is_file():
+    if "://" not in uri and not uri.startswith("builtin:") and not (local / "model_index.json").is_file():
         raise ValueError(f"serve.model {uri}: not a diffusers pipeline folder (no model_index.json)")
+    meta = read_meta_file(local)  # empty for remote and builtin models
     return {"uri": uri, "name": uri.rstrip("/").rsplit("/", 1)[-1] or uri, "version": None, "alias": None,
-            "teacher": meta.get("teacher"), "preset": meta.get("preset"), "tracking_uri": None}
+            "teacher": meta.teacher, "preset": meta.preset, "tracking_uri": None}
 
 
 def fetch_model(model: dict[str, Any]) -> str:
@@ -165,20 +163,18 @@ def fetch_model(model: dict[str, Any]) -> str:
         return model["uri"]  # models.sampling.load_pipeline resolves s3:// and builtin: itself
     import mlflow
 
-    from models.teacher import cache_root
+    from models.local_cache import build_once, cache_root
 
-    mlflow.set_tracking_uri(model["tracking_uri"])
     dest = cache_root() / "serve" / f"{model['name']}-v{model['version']}"
     folder = dest / "artifacts" / "pipeline"  # the artifacts layout pipelines/registry.py logs
-    if not (folder / "model_index.json").is_file():
-        tmp = dest.with_name(f"{dest.name}.{os.getpid()}.partial")
-        mlflow.artifacts.download_artifacts(artifact_uri=model["uri"], dst_path=str(tmp))
+
+    def download(tmp: Path) -> None:
+        mlflow.artifacts.download_artifacts(artifact_uri=model["uri"], dst_path=str(tmp),
+                                            tracking_uri=model["tracking_uri"], registry_uri=model["tracking_uri"])
         if not (tmp / "artifacts" / "pipeline" / "model_index.json").is_file():
             raise ValueError(f"{model['uri']}: no artifacts/pipeline folder; was it logged by `distillery register`?")
-        try:
-            tmp.rename(dest)
-        except OSError:  # another replica on this node finished first
-            pass
+
+    build_once(dest, download, done=lambda d: (d / "artifacts" / "pipeline" / "model_index.json").is_file())
     return str(folder)
 
 

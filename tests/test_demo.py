@@ -96,7 +96,7 @@ def test_demo_end_to_end(tmp_path):
     assert metrics["caption_accuracy_n"] >= 16 and metrics["caption_accuracy_teacher"] >= 0.5, metrics
     assert mean_attr >= 0.6, {k: v for k, v in metrics.items() if k.startswith("caption")}
     prompts = (work / "eval-prompts.txt").read_text().split("\n")
-    from pipelines.shapes import prompts as shape_prompts
+    from models.shapes import prompts as shape_prompts
 
     assert not set(prompts) & set(shape_prompts(64, 0)), "evaluation prompts must be held out from the demo's data"
     text = (tmp_path / "demo.log").read_text(errors="replace")

@@ -128,10 +128,10 @@ def _image(color: tuple[int, int, int], shape: str, size: int = 64) -> np.ndarra
     return img
 
 
-def make_cache(uri: str, teacher_uri: str, n_train: int = 64, n_val: int = 8) -> dict:
+def make_cache(uri: str, teacher_uri: str, n_train: int = 64, n_val: int = 8):
     """Encode colored-shape images with the tiny teacher and write the cache by the contract."""
     from models.teacher import encode_prompts, load_teacher
-    from pipelines.cache import write_manifest, write_rows
+    from pipelines.cache import CacheManifest, write_manifest, write_rows
     from pipelines.storage import join
 
     teacher = load_teacher(teacher_uri, dtype="float32", components=("vae", "text"))
@@ -150,11 +150,10 @@ def make_cache(uri: str, teacher_uri: str, n_train: int = 64, n_val: int = 8) ->
             "latent_mean": list(dist.mean.numpy()), "latent_std": list(dist.std.numpy()),
             "prompt_embeds": list(emb.numpy()),
         })
-    manifest = {"schema_version": 1, "complete": True, "teacher": teacher_uri, "family": "sd1",
-                "prediction_type": "epsilon", "resolution": 64, "dtype": "float32", "latents": "dist",
-                "vae_scaling_factor": teacher.vae_scale, "latent_shape": [4, 16, 16], "embed_shape": [77, 32],
-                "pooled_dim": None, "rows": {"train": n_train, "val": n_val}, "skipped": {}, "source": "test",
-                "config_digest": "test", "created": "now"}
+    manifest = CacheManifest(teacher=teacher_uri, family="sd1", prediction_type="epsilon", resolution=64,
+                             latents="dist", vae_scaling_factor=teacher.vae_scale, latent_shape=(4, 16, 16),
+                             embed_shape=(77, 32), rows={"train": n_train, "val": n_val}, source="test",
+                             format="test", config_digest="test", created="now")
     write_manifest(uri, manifest)
     return manifest
 

@@ -17,7 +17,7 @@ import torch
 import yaml
 from PIL import Image, ImageDraw
 
-from pipelines import metrics as M
+from models import metrics as M
 from pipelines.config import parse_config
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
@@ -84,7 +84,7 @@ def test_metric_sanity():
 
 @pytest.fixture(scope="module")
 def students(tiny_sd1_dir, tmp_path_factory) -> dict[str, Path]:
-    from models.student import build_student, count_params, preset_spec, save_student
+    from models.student import StudentMeta, build_student, count_params, preset_spec, save_student
     from models.teacher import load_teacher
 
     teacher = load_teacher(str(tiny_sd1_dir), components=("unet",))
@@ -92,7 +92,7 @@ def students(tiny_sd1_dir, tmp_path_factory) -> dict[str, Path]:
     for preset in ("identity", "bk-small"):
         spec = preset_spec(preset, teacher.unet.config)
         student = build_student(teacher.unet, spec)
-        meta = {"teacher": str(tiny_sd1_dir), "preset": preset, "spec": spec.to_dict(), "params": count_params(student)}
+        meta = StudentMeta(teacher=str(tiny_sd1_dir), preset=preset, spec=spec.to_dict(), params=count_params(student))
         out[preset] = save_student(student, str(tiny_sd1_dir), tmp_path_factory.mktemp("students") / preset, meta)
     return out
 
@@ -106,7 +106,7 @@ def write_val_cache(uri: str, teacher_dir: Path, n: int = 6) -> None:
     """A validation split as the data stage writes it: captions and the VAE's (unscaled) latent means."""
     from diffusers import AutoencoderKL
 
-    from pipelines.cache import write_manifest, write_rows
+    from pipelines.cache import CacheManifest, write_manifest, write_rows
 
     vae = AutoencoderKL.from_pretrained(teacher_dir, subfolder="vae")
     images = M.to_tensor([shape_image(i) for i in range(n)]) * 2 - 1
@@ -116,10 +116,10 @@ def write_val_cache(uri: str, teacher_dir: Path, n: int = 6) -> None:
         "key": [f"k{i}" for i in range(n)], "caption": [PROMPTS[i % 4] for i in range(n)],
         "split": ["val"] * n, "latent_mean": list(dist.mean.numpy()), "latent_std": list(dist.std.numpy()),
     })
-    write_manifest(uri, {"schema_version": 1, "complete": True, "teacher": str(teacher_dir), "family": "sd1",
-                         "prediction_type": "epsilon", "resolution": 64, "dtype": "float32", "latents": "dist",
-                         "vae_scaling_factor": float(vae.config.scaling_factor), "latent_shape": [4, 16, 16],
-                         "embed_shape": [77, 32], "pooled_dim": None, "rows": {"train": 0, "val": n}})
+    write_manifest(uri, CacheManifest(teacher=str(teacher_dir), family="sd1", prediction_type="epsilon",
+                                      resolution=64, latents="dist", vae_scaling_factor=vae.config.scaling_factor,
+                                      latent_shape=(4, 16, 16), embed_shape=(77, 32), rows={"train": 0, "val": n},
+                                      source="test", format="test", config_digest="test", created="now"))
 
 
 def prompts_and_reference(folder: Path, n_ref: int, size: int) -> tuple[Path, Path]:
@@ -150,8 +150,9 @@ def test_identity_student_matches_teacher(tiny_sd1_dir, students, clip_dir, tmp_
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "mlflow_run_id": train_run}))
 
     from models.export import NOT_SCORED, write_model_card
+    from models.student import read_meta_file
 
-    write_model_card(students["identity"], json.loads(meta_path.read_text()), title="identity")
+    write_model_card(students["identity"], read_meta_file(students["identity"]), title="identity")
     prompts, ref = prompts_and_reference(tmp_path, 6, 80)
     prompts.write_text(prompts.read_text() + "\n")  # a blank line, skipped
     (ref / "notes.txt").write_text("not an image")
@@ -285,7 +286,7 @@ def test_bk_small_from_cache_to_s3_via_cli(tiny_sd1_dir, students, s3_bucket, ml
     assert "feature_cosine_up_blocks_0" in metrics and metrics["feature_cosine_output"] < 1
     assert "clip_score_student" in metrics
     try:
-        from pipelines.shapes import caption_accuracy
+        from models.shapes import caption_accuracy
     except ImportError:
         caption_accuracy = None
     if caption_accuracy is not None and caption_accuracy([shape_image(i) for i in range(4)], PROMPTS) is not None:
@@ -364,7 +365,7 @@ def test_bad_inputs_fail_early_and_name_the_problem(tiny_sd1_dir, students, tmp_
 def test_evaluate_pipelines_core_without_stage(tiny_sd1_dir, students):
     """The core on two pipelines, no config, MLflow or files: same seeds give the same images per prompt
     regardless of batching, and a different student gives different images."""
-    from pipelines.evaluate import evaluate_pipelines, load_pipelines
+    from models.evaluation import evaluate_pipelines, load_pipelines
 
     teacher, student = load_pipelines(str(tiny_sd1_dir), str(students["bk-small"]))
     ev = evaluate_pipelines(teacher, student, PROMPTS[:2] * 2, [5, 6, 5, 6], steps=2, guidance_scale=1.0,
@@ -382,7 +383,7 @@ def test_student_decoder_decodes_the_student_only(tiny_sd1_dir, students, tmp_pa
     (TAESD-style AutoencoderTiny), the teacher keeps its own VAE; a decoder of another latent space is refused."""
     from diffusers import AutoencoderKL, AutoencoderTiny
 
-    from pipelines.evaluate import evaluate_pipelines, load_pipelines
+    from models.evaluation import evaluate_pipelines, load_pipelines
 
     kw = dict(steps=2, guidance_scale=1.0, batch_size=2, feature_extractor="builtin:tiny", latency_repeats=1,
               embedding_samples=4)
@@ -416,6 +417,7 @@ def guided_student(tiny_sd1_dir, tmp_path_factory) -> Path:
     input (its projection random, so that w changes the output), DDIM with trailing spacing, and
     distillery.json recording 2 steps at guidance 5."""
     from models.steps import add_guidance_embedding, save_steps_student, student_scheduler
+    from models.student import StepsMeta
     from models.teacher import load_teacher
 
     teacher = load_teacher(str(tiny_sd1_dir), components=("unet", "scheduler"))
@@ -425,7 +427,7 @@ def guided_student(tiny_sd1_dir, tmp_path_factory) -> Path:
         proj.copy_(torch.randn(proj.shape, generator=torch.Generator().manual_seed(0)) * 0.1)
     return save_steps_student(unet, str(tiny_sd1_dir), tmp_path_factory.mktemp("steps") / "guided",
                               student_scheduler("guided", teacher.scheduler, 2),
-                              {"objective": "guided", "steps": 2, "guidance_scale": 5.0})
+                              StepsMeta(objective="guided", steps=2, guidance_scale=5.0))
 
 
 def test_step_student_runs_its_own_scheduler_steps_and_sweep(tiny_sd1_dir, guided_student, clip_dir, tmp_path,
@@ -434,7 +436,8 @@ def test_step_student_runs_its_own_scheduler_steps_and_sweep(tiny_sd1_dir, guide
     distillery.json records as a w input (one U-Net call per step), and the sweep's metrics at 1 and 2 steps."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from pipelines.evaluate import load_pipelines, run
+    from models.evaluation import load_pipelines
+    from pipelines.evaluate import run
 
     teacher, student = load_pipelines(str(tiny_sd1_dir), str(guided_student))
     assert isinstance(student.scheduler, DDIMScheduler) and student.scheduler.config.timestep_spacing == "trailing"
@@ -503,7 +506,7 @@ def test_guided_student_runs_one_forward_per_step(tiny_sd1_dir, guided_student):
     only batch B with the w-embedding, at its own steps and then at each step count of the sweep."""
     from collections import Counter
 
-    from pipelines.evaluate import evaluate_pipelines, load_pipelines
+    from models.evaluation import evaluate_pipelines, load_pipelines
 
     teacher, student = load_pipelines(str(tiny_sd1_dir), str(guided_student))
     calls: dict[str, Counter] = {"teacher": Counter(), "student": Counter()}

@@ -62,7 +62,7 @@ def test_use_fp8_linear_switches_the_transformer_layers_only(tmp_path):
 
     unet = load_teacher(str(save_tiny("tiny-sd1", tmp_path / "t")), components=("unet",), dtype="float32").unet
     keys = list(unet.state_dict())
-    from pipelines.metrics import unet_inputs
+    from models.metrics import unet_inputs
 
     args, kwargs = unet_inputs(unet.config, 2, 16, 16, device="cpu")
     with torch.no_grad():

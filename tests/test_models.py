@@ -11,6 +11,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2D
 from models.kd import KDTaps, KDWeights, Taps, attention_pairs, diffusion_batch, feature_pairs, kd_loss
 from models.student import (
     RemovalSpec,
+    StudentMeta,
     build_student,
     count_params,
     meta_unet,
@@ -90,7 +91,7 @@ def test_published_parameter_counts_on_meta_device():
 def test_sd1_students_save_and_generate_in_plain_diffusers(preset, sd1, tmp_path):
     spec = preset_spec(preset, sd1.unet.config)
     student = build_student(sd1.unet, spec)
-    out = save_student(student, sd1.source, tmp_path / preset, {"preset": preset})
+    out = save_student(student, sd1.source, tmp_path / preset, StudentMeta(preset=preset))
     unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
     assert count_params(unet) == count_params(student) < count_params(sd1.unet)
     pipe = StableDiffusionPipeline.from_pretrained(out)
@@ -106,7 +107,7 @@ def test_sd1_students_save_and_generate_in_plain_diffusers(preset, sd1, tmp_path
 @pytest.mark.parametrize("preset", ["ssd-1b", "vega"])
 def test_sdxl_students_save_and_generate(preset, sdxl, tmp_path):
     student = build_student(sdxl.unet, preset_spec(preset, sdxl.unet.config))
-    out = save_student(student, sdxl.source, tmp_path / preset, {"preset": preset})
+    out = save_student(student, sdxl.source, tmp_path / preset, StudentMeta(preset=preset))
     pipe = StableDiffusionXLPipeline.from_pretrained(out)
     img = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np").images
     assert img.shape == (1, 64, 64, 3)

@@ -137,7 +137,8 @@ def test_imagefolder_s3_bad_rows_rerun_resume(s3_server, ray_local, s3_bucket, t
 
     result = prepare.run(cfg)
     assert result["status"] == "prepared" and result["new_rows"] == 32
-    manifest = read_manifest(out)
+    typed = read_manifest(out)
+    manifest = typed.model_dump(mode="json")
     assert manifest["complete"] and manifest["skipped"] == skipped
     assert manifest["family"] == "sd1" and manifest["latent_shape"] == [4, 16, 16]
     assert manifest["embed_shape"] == [77, 32] and manifest["pooled_dim"] is None
@@ -147,7 +148,7 @@ def test_imagefolder_s3_bad_rows_rerun_resume(s3_server, ray_local, s3_bucket, t
     assert batch["latent_mean"].shape == (32, 4, 16, 16) and batch["latent_mean"].dtype == np.float32
     assert batch["latent_std"].shape == (32, 4, 16, 16) and (batch["latent_std"] > 0).all()
     assert batch["prompt_embeds"].shape == (32, 77, 32) and batch["prompt_embeds"].dtype == np.float32
-    lat = sample_latents(batch, manifest)
+    lat = sample_latents(batch, typed)
     assert tuple(lat.shape) == (32, 4, 16, 16)
 
     # same config, complete output: nothing is done, nothing rewritten
@@ -163,7 +164,7 @@ def test_imagefolder_s3_bad_rows_rerun_resume(s3_server, ray_local, s3_bucket, t
     fs.delete_file(f"{root}/{lost}")
     result = prepare.run(cfg)
     assert result["status"] == "prepared" and result["new_rows"] == n_lost
-    assert read_manifest(out)["rows"] == manifest["rows"] and read_manifest(out)["skipped"] == skipped
+    assert read_manifest(out).rows == manifest["rows"] and read_manifest(out).skipped == skipped
 
     # another config into the same output is refused, naming the output
     with pytest.raises(ValueError, match="another data/teacher config"):
@@ -187,13 +188,13 @@ def test_parquet_s3_scores_and_sampled_latents(s3_server, ray_local, s3_bucket, 
     assert len(list_files(src)) == 3
     cfg = _cfg(src, out, str(tiny_sd1_dir), score_column="aesthetic", min_score=5.0, latents="sample")
     prepare.run(cfg)
-    manifest = read_manifest(out)
+    manifest = read_manifest(out).model_dump(mode="json")
     assert manifest["skipped"] == skipped and manifest["format"] == "parquet"
     batch = _read_cache(out)
     _check_rows(batch, manifest, len(good))
     assert "latent_mean" not in batch and batch["latent"].shape == (len(good), 4, 16, 16)
     # a scaled sample: mean times the scaling factor plus noise, not the raw mean
-    assert sample_latents(batch, manifest).shape == (len(good), 4, 16, 16)
+    assert sample_latents(batch, read_manifest(out)).shape == (len(good), 4, 16, 16)
     keys = {prepare.content_hash(good_image(int(k[3:]))) for k in good}
     assert set(batch["key"]) == keys
 
@@ -219,8 +220,8 @@ def test_webdataset_local_path(ray_local, tmp_path, tiny_sd1_dir):
 def test_builtin_shapes_source_leaves_out_the_held_out_pairs(ray_local, tmp_path, tiny_sd1_dir):
     """The limited-data split, made by the data stage itself: `builtin:shapes?...&holdout=K` generates N images of
     which none shows one of the K held-out shape-color pairs; `only=heldout` prompts ask for those alone."""
+    from models.shapes import held_out, parse_caption
     from pipelines.evaluate import read_prompts
-    from pipelines.shapes import held_out, parse_caption
 
     out = str(tmp_path / "cache")
     cfg = _cfg("builtin:shapes?n=48&seed=0&holdout=5", out, str(tiny_sd1_dir), min_side=16)
@@ -265,7 +266,7 @@ def test_sdxl_buckets_time_ids(s3_server, ray_local, s3_bucket, tiny_sdxl_dir):
     write_samples(src, "imagefolder", samples)  # extras: captions in metadata.jsonl
     assert "metadata.jsonl" in list_files(src)
     prepare.run(_cfg(src, out, str(tiny_sdxl_dir), aspect_buckets=True, val_fraction=0.0))
-    manifest = read_manifest(out)
+    manifest = read_manifest(out).model_dump(mode="json")
     assert manifest["family"] == "sdxl" and manifest["pooled_dim"] == 32 and manifest["embed_shape"] == [77, 64]
     assert manifest["rows"] == {"train": 9, "val": 0} and manifest["skipped"] == {}
     import pyarrow.parquet as pq
@@ -485,3 +486,24 @@ def test_a_utf8_bom_never_reaches_the_caption(tmp_path):
     assert rows["caption"] == ["a red square"]
     meta = prepare._imagefolder_metadata(str(tmp_path), ["metadata.jsonl"], cfg)
     assert meta["b.png"]["caption"] == "a blue circle"
+
+
+def test_a_manifest_the_code_did_not_write_is_refused_naming_the_file(tmp_path):
+    """The cache contract is typed: a manifest.json missing a field, with a field the code does not know, or
+    of another schema version is an error that names the file, not a KeyError deep in a training worker."""
+    from pipelines.cache import CacheManifest, write_manifest
+
+    good = CacheManifest(teacher="t", family="sd1", prediction_type="epsilon", resolution=64, latents="dist",
+                         vae_scaling_factor=0.18, latent_shape=(4, 8, 8), embed_shape=(77, 32), rows={"train": 2},
+                         source="s", format="parquet", config_digest="d", created="now")
+    write_manifest(str(tmp_path), good)
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    assert read_manifest(str(tmp_path)) == good and raw["latent_shape"] == [4, 8, 8]
+    for bad, match in [({k: v for k, v in raw.items() if k != "latents"}, "latents"),
+                       ({**raw, "latent_shapes": [4, 8, 8]}, "latent_shapes"),
+                       ({**raw, "family": "sd3"}, "family"),
+                       ({**raw, "schema_version": 2}, "schema version 2")]:
+        (tmp_path / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match) as err:
+            read_manifest(str(tmp_path))
+        assert "manifest.json" in str(err.value)

@@ -31,11 +31,12 @@ def _cfg(tmp_path, server, **registry_kw):
 
 @pytest.fixture(scope="module")
 def student_dir(tiny_sd1_dir, tmp_path_factory):
-    """The tiny pipeline as a student folder, with the distillery.json a distill stage writes."""
+    """A student folder as `distillery student build` writes it (its distillery.json by the real producer)."""
+    from pipelines.cli import main
+
     d = tmp_path_factory.mktemp("student") / "pipe"
-    shutil.copytree(tiny_sd1_dir, d)
-    (d / "distillery.json").write_text(json.dumps({"teacher": "builtin:tiny-sd1", "preset": "identity",
-                                                   "family": "sd1", "config_digest": "abc123"}))
+    assert main(["student", "build", "--teacher", "builtin:tiny-sd1", "--preset", "identity", "--out", str(d),
+                 "--no-model-card"]) == 0
     return d
 
 
@@ -52,7 +53,8 @@ def test_worse_second_model_keeps_champion(mlflow_server, student_dir, tmp_path)
     assert client.get_model_version_by_alias(name, "challenger").version == "2"
     tags = client.get_model_version(name, "1").tags
     assert tags["teacher"] == "builtin:tiny-sd1" and tags["preset"] == "identity"
-    assert tags["config_digest"] == "abc123" and tags["family"] == "sd1"
+    assert tags["config_digest"] == cfg.digest() and tags["family"] == "sd1"  # no config made it: this one's
+    assert int(tags["params"]) == json.loads((student_dir / "distillery.json").read_text())["params"]
     assert float(tags["metric.fid_student_vs_teacher"]) == 10.0 and float(tags["metric.clip_score_student"]) == 0.3
 
     # a better one takes the alias; with mode=max the comparison flips

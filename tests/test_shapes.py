@@ -1,4 +1,4 @@
-"""The built-in shapes dataset (pipelines/shapes.py): determinism, caption parsing, the analyzer on dataset
+"""The built-in shapes dataset (models/shapes.py): determinism, caption parsing, the analyzer on dataset
 images and on noise, writing in the three formats to a local folder and to S3, and the shipped teacher."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import shapes
+from models import shapes
 from pipelines.storage import join, list_files, read_bytes
 
 
@@ -165,19 +165,15 @@ def test_write_shapes_rejects_bad_arguments(tmp_path):
         shapes.write_shapes(str(tmp_path), "csv", n=4)
 
 
-SHIPPED = shapes.__file__.rsplit("/pipelines/", 1)[0] + "/models/assets/shapes-sd1"
-
-
-@pytest.mark.skipif(not __import__("os").path.isdir(SHIPPED), reason="shipped teacher not trained yet")
 def test_shipped_teacher_draws_its_captions():
     import torch
     from diffusers import StableDiffusionPipeline
 
     from models.student import preset_spec
-    from models.teacher import load_teacher
+    from models.teacher import SHIPPED, load_teacher
 
     t = load_teacher("builtin:shapes-sd1", dtype="float32")
-    assert t.family == "sd1" and t.source == SHIPPED
+    assert t.family == "sd1" and t.source == str(SHIPPED / "shapes-sd1")
     for preset in ("bk-base", "bk-small", "bk-tiny"):
         preset_spec(preset, t.unet.config)  # the BK-SDM presets apply to it
     pipe = StableDiffusionPipeline(vae=t.vae, text_encoder=t.text_encoder, tokenizer=t.tokenizer, unet=t.unet,
@@ -188,7 +184,7 @@ def test_shipped_teacher_draws_its_captions():
     images = pipe(prompts, height=64, width=64, num_inference_steps=10, guidance_scale=5.0,
                   generator=torch.Generator().manual_seed(0)).images
     acc = shapes.caption_accuracy(images, prompts)
-    card = json.loads(open(SHIPPED + "/training.json").read())
+    card = json.loads(open(SHIPPED / "shapes-sd1" / "training.json").read())
     assert card["caption_accuracy"]["dataset"]["overall"] == 1.0
     # chance: overall ~0.0005, shape 1/3, color ~1/5, size 1/2, position 1/5, count 1/3, background 1/4. Measured
     # on CPU with these prompts and seeds: 1.0 for every attribute (prompt seeds 1 and 2 too); the first teacher,

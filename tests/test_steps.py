@@ -26,7 +26,7 @@ from models.steps import (
     student_scheduler,
     trailing_timesteps,
 )
-from models.student import build_student, preset_spec
+from models.student import StepsMeta, build_student, preset_spec
 from models.teacher import encode_prompts, load_teacher
 
 
@@ -176,7 +176,7 @@ def test_guided_rounds_halve_steps_and_export_runs_without_cfg(sd1, batch, tiny_
     assert seen == [8, 4, 2] and d.final_steps == 2
     out = save_steps_student(d.export_student(), str(tiny_sd1_dir), tmp_path / "s",
                              student_scheduler("guided", sd1.scheduler, d.final_steps),
-                             {"objective": "guided", "steps": d.final_steps, "guidance_scale": 7.5})
+                             StepsMeta(objective="guided", steps=d.final_steps, guidance_scale=7.5))
     meta = json.loads((out / "distillery.json").read_text())
     assert meta["steps"] == 2 and meta["steps_distillation"]["objective"] == "guided"
 
@@ -206,7 +206,7 @@ def test_consistency_student_exports_with_lcm_scheduler(sd1, batch, tiny_sd1_dir
     _train(d, latents, cond, 1)
     sched = student_scheduler("consistency", sd1.scheduler, 4, skip=100)
     out = save_steps_student(d.export_student(), str(tiny_sd1_dir), tmp_path / "lcm", sched,
-                             {"objective": "consistency", "steps": 4, "guidance_scale": 7.5})
+                             StepsMeta(objective="consistency", steps=4, guidance_scale=7.5))
     pipe = LatentConsistencyModelPipeline.from_pretrained(out, safety_checker=None, feature_extractor=None)
     assert isinstance(pipe.scheduler, LCMScheduler) and pipe.scheduler.config.original_inference_steps == 10
     calls = _count_unet_calls(pipe)
@@ -228,7 +228,7 @@ def _write_cache(uri: str, teacher_uri: str, n: int = 8) -> None:
     """A small embedding cache by the contract: colored squares encoded by the tiny teacher."""
     import numpy as np
 
-    from pipelines.cache import write_manifest, write_rows
+    from pipelines.cache import CacheManifest, write_manifest, write_rows
     from pipelines.storage import join
 
     t = load_teacher(teacher_uri, dtype="float32", components=("vae", "text"))
@@ -245,11 +245,10 @@ def _write_cache(uri: str, teacher_uri: str, n: int = 8) -> None:
         "key": [f"k{i}" for i in range(n)], "caption": captions, "split": ["train"] * n,
         "latent_mean": list(dist.mean.numpy()), "latent_std": list(dist.std.numpy()),
         "prompt_embeds": list(emb.numpy().astype(np.float32))})
-    write_manifest(uri, {"schema_version": 1, "complete": True, "teacher": teacher_uri, "family": "sd1",
-                         "prediction_type": "epsilon", "resolution": 64, "dtype": "float32", "latents": "dist",
-                         "vae_scaling_factor": t.vae_scale, "latent_shape": [4, 16, 16], "embed_shape": [77, 32],
-                         "pooled_dim": None, "rows": {"train": n, "val": 0}, "skipped": {}, "source": "test",
-                         "config_digest": "test", "created": "now"})
+    write_manifest(uri, CacheManifest(teacher=teacher_uri, family="sd1", prediction_type="epsilon", resolution=64,
+                                      latents="dist", vae_scaling_factor=t.vae_scale, latent_shape=(4, 16, 16),
+                                      embed_shape=(77, 32), rows={"train": n, "val": 0}, source="test",
+                                      format="test", config_digest="test", created="now"))
 
 
 def test_steps_stage_guided_lora_on_ray(tmp_path, ray_local, mlflow_server):

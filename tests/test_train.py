@@ -17,9 +17,10 @@ TEACHER = "builtin:shapes-sd1"
 def shapes_rows():
     """64 generated shapes images (seed 0) encoded by the teacher's VAE and text encoder, as cache columns, and the
     manifest the data stage writes for them (latents "mean": what the teacher's folder declares)."""
+    from models.shapes import generate
     from models.teacher import encode_prompts, load_teacher, resolve_model_dir, trained_latents
+    from pipelines.cache import CacheManifest
     from pipelines.prepare import to_model_input
-    from pipelines.shapes import generate
 
     teacher = load_teacher(TEACHER, dtype="float32")
     samples = list(generate(64, seed=0))
@@ -27,8 +28,10 @@ def shapes_rows():
         post = teacher.vae.encode(to_model_input(np.stack([np.asarray(s.image) for s in samples]))).latent_dist
         emb = encode_prompts(teacher, [s.caption for s in samples])["prompt_embeds"]
     rows = {"latent_mean": post.mean.numpy(), "latent_std": post.std.numpy(), "prompt_embeds": emb.numpy()}
-    manifest = {"latents": trained_latents(resolve_model_dir(TEACHER)), "vae_scaling_factor": teacher.vae_scale,
-                "rows": {"train": 64}, "latent_shape": [4, 16, 16], "embed_shape": [77, 64], "family": "sd1"}
+    manifest = CacheManifest(teacher=TEACHER, family="sd1", prediction_type="epsilon", resolution=128,
+                             latents=trained_latents(resolve_model_dir(TEACHER)), vae_scaling_factor=teacher.vae_scale,
+                             latent_shape=(4, 16, 16), embed_shape=(77, 64), rows={"train": 64}, source="test",
+                             format="test", config_digest="test", created="now")
     return teacher, rows, manifest
 
 
@@ -72,7 +75,7 @@ PINNED_TASK_LOSS = {0: 0.392689, 11: 0.132002, 23: 0.093233}
 
 def test_kd_learning_is_pinned(shapes_rows):
     teacher, rows, manifest = shapes_rows
-    assert manifest["latents"] == "mean"
+    assert manifest.latents == "mean"
     losses = _kd_run(teacher, rows, manifest)
     for step, want in PINNED_TASK_LOSS.items():
         assert losses[step] == pytest.approx(want, rel=2e-3), (step, losses)
@@ -84,7 +87,8 @@ def test_the_student_sees_the_latents_its_teacher_was_trained_on(shapes_rows):
     used to feed draws: its students stalled at a task loss of 0.43)."""
     teacher, rows, manifest = shapes_rows
     on_means = _kd_run(teacher, rows, manifest, steps=4, preset="identity", lr=1e-9)
-    on_draws = _kd_run(teacher, rows, {**manifest, "latents": "dist"}, steps=4, preset="identity", lr=1e-9)
+    on_draws = _kd_run(teacher, rows, manifest.model_copy(update={"latents": "dist"}), steps=4, preset="identity",
+                       lr=1e-9)
     assert np.mean(on_means) < 0.05 and np.mean(on_draws) > 0.25, (on_means, on_draws)
     assert np.mean(on_draws) > 8 * np.mean(on_means)
 
@@ -113,9 +117,9 @@ def test_preloaded_batches_visit_every_row_each_epoch(shapes_rows):
 
     _, rows, manifest = shapes_rows
     dc = parse_config({"distill": {"batch_size": 16, "caption_dropout": 0.0}}).distill
-    b = TrainBatches(None, {**manifest, "latents": "mean"}, "sd1", dc, 0, 1, torch.device("cpu"), None, seed=0,
-                     rows=rows)
-    scale = manifest["vae_scaling_factor"]
+    b = TrainBatches(None, manifest.model_copy(update={"latents": "mean"}), "sd1", dc, 0, 1, torch.device("cpu"), None,
+                     seed=0, rows=rows)
+    scale = manifest.vae_scaling_factor
     want = sorted(map(tuple, (rows["latent_mean"].reshape(64, -1)[:, :4] * scale).round(4).tolist()))
     for epoch in range(2):
         seen = []

@@ -45,6 +45,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from models.student import RemovalSpec, count_params, student_config
 from pipelines import tracking
+from pipelines.cache import CacheManifest
 from pipelines.config import QUALITY_METRICS, Config, dump_config
 from pipelines.storage import delete_dir, ensure_ray, exists, filesystem, is_remote, join, read_bytes, write_bytes
 from pipelines.train import cache_manifest
@@ -98,7 +99,7 @@ def student_cost(teacher_uri: str, sample: dict, latent_shape: list[int], batch:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from pipelines.metrics import measure_latency, median, unet_inputs
+    from models.metrics import measure_latency, median, unet_inputs
 
     t_config = _teacher_unet_config(teacher_uri)
     preset, spec = space.spec_from_sample(sample, t_config)
@@ -150,7 +151,7 @@ def scores(cfg: Config, student_uri: str | None, scoring: dict[str, Any], env: d
     return ray.get(trial_task(quality_scores, cfg.tune, env).remote(cfg.teacher.uri, student_uri, **scoring))
 
 
-def eval_inputs(cfg: Config, manifest: dict) -> dict[str, Any] | None:
+def eval_inputs(cfg: Config, manifest: CacheManifest) -> dict[str, Any] | None:
     """What a quality metric is measured on (prompts, seeds, sampling), or None for a loss metric."""
     from pipelines.evaluate import read_prompts
 
@@ -165,30 +166,30 @@ def eval_inputs(cfg: Config, manifest: dict) -> dict[str, Any] | None:
     if len(prompts) < 2:
         raise ValueError(f"tune.eval_prompts {uri}: {len(prompts)} prompt(s); give at least 2")
     return {"prompts": prompts, "seeds": [ev.seed + i for i in range(len(prompts))], "steps": ev.steps,
-            "guidance_scale": ev.guidance_scale, "size": ev.resolution or manifest.get("resolution"),
+            "guidance_scale": ev.guidance_scale, "size": ev.resolution or manifest.resolution,
             "batch_size": ev.batch_size, "clip_model": ev.clip_model, "dtype": cfg.teacher.dtype}
 
 
-def cost(cfg: Config, sample: dict[str, Any], manifest: dict, env: dict[str, str]) -> dict[str, Any]:
+def cost(cfg: Config, sample: dict[str, Any], manifest: CacheManifest, env: dict[str, str]) -> dict[str, Any]:
     """student_cost of a sample's student, in a Ray task with a trial's resources, at the batch classifier-free
     guidance runs."""
     import ray
 
     tc = cfg.tune
     batch = 2 if cfg.evaluate.guidance_scale > 1 else 1
-    return ray.get(trial_task(student_cost, tc, env).remote(cfg.teacher.uri, sample, manifest["latent_shape"], batch,
+    return ray.get(trial_task(student_cost, tc, env).remote(cfg.teacher.uri, sample, manifest.latent_shape, batch,
                                                             cfg.distill.precision, tc.latency_repeats,
                                                             tc.gpus_per_trial > 0))
 
 
-def preset_costs(cfg: Config, manifest: dict, env: dict[str, str]) -> dict[str, dict[str, Any]]:
+def preset_costs(cfg: Config, manifest: CacheManifest, env: dict[str, str]) -> dict[str, dict[str, Any]]:
     """An ablation's students measured once per preset, one after another before any trial trains: on a shared
     device, a latency measured beside training trials would measure them too."""
     presets = dict.fromkeys(v["preset"] for v in space.arm_variants(cfg.tune))
     return {p: cost(cfg, {"preset": p}, manifest, env) for p in presets}
 
 
-def trial(sample: dict[str, Any], base: dict, manifest: dict, parent_run_id: str, env: dict[str, str],
+def trial(sample: dict[str, Any], base: dict, manifest: CacheManifest, parent_run_id: str, env: dict[str, str],
           scoring: dict[str, Any] | None = None, teacher_score: float | None = None,
           costs: dict[str, dict[str, Any]] | None = None) -> None:
     """A Tune function trainable: measure the sampled student, then distill it briefly with the distill
@@ -530,7 +531,7 @@ def run(cfg: Config) -> dict[str, Any]:
             log.info("tune: %s already holds the results of search %s; nothing to do", out, name)
             return {**summary, "skipped": True}
     manifest = cache_manifest(cfg)
-    if not manifest["rows"].get("val"):
+    if not manifest.rows.get("val"):
         raise ValueError(f"distill.cache {cfg.distill.cache}: no validation rows; trials are compared on the "
                          "validation loss, so prepare the data with data.val_fraction > 0")
     t_config = _teacher_unet_config(cfg.teacher.uri)

@@ -256,29 +256,13 @@ def resolve_feature_extractor(spec: str | None) -> dict[str, Any]:
         return {"feature_extractor": register_tiny_extractor()}
     if spec.startswith("builtin:"):
         raise ValueError(f"evaluate.feature_extractor {spec!r}: unknown builtin; the only one is builtin:tiny")
-    path = spec
     if "://" in spec and not spec.startswith("file://"):
-        path = _fetch(spec)
-    path = path.removeprefix("file://")
+        raise ValueError(f"evaluate.feature_extractor {spec!r}: a remote file; fetch it first (pipelines.storage."
+                         "local_copy)")
+    path = spec.removeprefix("file://")
     if not Path(path).is_file():
         raise FileNotFoundError(f"evaluate.feature_extractor {spec!r}: no such weights file")
     return {"feature_extractor": "inception-v3-compat", "feature_extractor_weights_path": path}
-
-
-def _fetch(uri: str) -> str:
-    """A remote file copied once into the local cache; returns the local path."""
-    import hashlib
-
-    from models.teacher import cache_root
-    from pipelines.storage import read_bytes
-
-    dest = cache_root() / "files" / hashlib.sha256(uri.encode()).hexdigest()[:16] / uri.rsplit("/", 1)[-1]
-    if not dest.exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_suffix(".partial")
-        tmp.write_bytes(read_bytes(uri))
-        tmp.rename(dest)
-    return str(dest)
 
 
 class _Uint8Images(torch.utils.data.Dataset):
@@ -347,20 +331,12 @@ def tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
 def resolve_clip(spec: str) -> str:
     """A folder or hub id for CLIPModel.from_pretrained: builtin:tiny-clip is built once into the cache,
     s3:// folders are copied there."""
-    from models.teacher import cache_root, resolve_model_dir
+    from models.local_cache import build_once, cache_root
+    from models.teacher import resolve_model_dir
 
     if spec == "builtin:tiny-clip":
         dest = cache_root() / "builtin" / "tiny-clip"
-        if not (dest / "config.json").exists():
-            import os
-
-            tmp = dest.with_name(f"tiny-clip.{os.getpid()}.partial")
-            tiny_clip(tmp)
-            try:
-                tmp.rename(dest)
-            except OSError:  # another process built it first
-                pass
-        return str(dest)
+        return str(build_once(dest, tiny_clip, done=lambda d: (d / "config.json").exists()))
     if spec.startswith("builtin:"):
         raise ValueError(f"evaluate.clip_model {spec!r}: unknown builtin; the only one is builtin:tiny-clip")
     return resolve_model_dir(spec)
