@@ -332,7 +332,7 @@ def write_shapes(uri: str, fmt: str, n: int, seed: int = 0, size: int = 64, bad_
     A bad_fraction of the rows, chosen from the seed, get broken image bytes (empty, truncated PNG, text)
     so the data stage's skip counting can be seen working. Returns what was written.
     """
-    from pipelines.writers import write_samples
+    from pipelines.formats import write_samples
 
     if not 0.0 <= bad_fraction <= 1.0:
         raise ValueError(f"write_shapes: bad_fraction must be in [0, 1], got {bad_fraction}")

@@ -15,7 +15,6 @@ The per-row functions (decode_image, preprocess, split_of, caption_skip, ...) ar
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -34,11 +33,20 @@ from PIL import Image, ImageOps
 
 from pipelines.cache import MANIFEST, SPLITS, CacheManifest, read_manifest, write_manifest, write_rows
 from pipelines.config import Config, DataConfig
+from pipelines.formats import (
+    IMAGE_EXTS,
+    SHARD_DAMAGE,
+    detect_format,
+    imagefolder_metadata,
+    rows_imagefolder,
+    rows_parquet,
+    rows_webdataset,
+    with_fingerprint,
+)
 from pipelines.storage import delete_dir, ensure_ray, exists, filesystem, join, list_files, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
 STATE = "_state.json"  # written first: which config this (possibly unfinished) cache belongs to
 # config fields that do not change what is written (so changing them keeps the cache)
 RUNTIME_FIELDS = {"output", "embed_batch_size", "embed_concurrency", "embed_num_gpus", "rows_per_file",
@@ -55,10 +63,6 @@ class Skip(Exception):
 
 # ----------------------------------------------------------------------------------------------------------
 # Pure per-row functions
-
-
-def content_hash(data: bytes) -> str:
-    return hashlib.sha1(data).hexdigest()
 
 
 def split_of(key: str, val_fraction: float, seed: int = 0) -> str:
@@ -214,200 +218,7 @@ def process_row(row: dict, cfg: DataConfig, buckets: list[tuple[int, int]] | Non
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Reading the three input formats into rows of (key, image, caption, score, fp)
-
-
-def detect_format(files: list[str]) -> str:
-    exts = Counter(f.rsplit(".", 1)[-1].lower() for f in files if "." in f)
-    if exts["parquet"]:
-        return "parquet"
-    if exts["tar"]:
-        return "webdataset"
-    if any(exts[e] for e in IMAGE_EXTS):
-        return "imagefolder"
-    raise ValueError(f"cannot tell the dataset format from the files ({dict(exts)}); set data.format")
-
-
-def _imagefolder_metadata(source: str, files: list[str], cfg: DataConfig) -> dict[str, dict]:
-    """file path (relative) → {"caption", "score"} from metadata.jsonl/.csv files (HF imagefolder convention)."""
-    meta: dict[str, dict] = {}
-    for f in files:
-        name = f.rsplit("/", 1)[-1]
-        if name not in ("metadata.jsonl", "metadata.csv"):
-            continue
-        folder = f[: -len(name)]
-        text = read_bytes(join(source, f)).decode("utf-8-sig")
-        try:
-            records = (
-                [json.loads(line) for line in text.splitlines() if line.strip()]
-                if name.endswith(".jsonl")
-                else list(csv.DictReader(io.StringIO(text)))
-            )
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{join(source, f)}: not JSON lines: {err}") from None
-        for i, r in enumerate(records):
-            if "file_name" not in r:
-                raise ValueError(f"{join(source, f)}: record {i + 1} has no file_name")
-            caption = r.get(cfg.caption_column, r.get("text"))
-            score = r.get(cfg.score_column) if cfg.score_column else None
-            meta[folder + r["file_name"]] = {"caption": caption, "score": _float(score)}
-    return meta
-
-
-def _float(x: Any) -> float | None:
-    if x is None or x == "":
-        return None
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return None
-
-
-def _nan(x: float | None) -> float:
-    return math.nan if x is None else x
-
-
-def _text(x: Any) -> str:
-    """A caption from a column that may hold None or NaN (pandas' missing value)."""
-    return x if isinstance(x, str) else ""
-
-
-def _fingerprint(data: bytes, caption: str | None) -> str:
-    return hashlib.sha1(data + b"\0" + (caption or "").encode()).hexdigest()
-
-
-def _rows_imagefolder(batch: dict, root: str, fs: pafs.FileSystem, meta: dict, sidecars: set) -> dict:
-    keys, captions, scores = [], [], []
-    for path in batch["path"]:
-        rel = path[len(root) + 1 :]
-        keys.append(rel)
-        m = meta.get(rel)
-        caption = m["caption"] if m else None
-        if m is None and (txt := rel.rsplit(".", 1)[0] + ".txt") in sidecars:
-            with fs.open_input_stream(f"{root}/{txt}") as f:
-                caption = f.read().decode("utf-8-sig", errors="replace")
-        captions.append(_text(caption))
-        scores.append(_nan(m["score"]) if m else math.nan)
-    return {"key": keys, "image": list(batch["bytes"]), "caption": captions, "score": scores}
-
-
-def _rows_parquet(batch: dict, cfg: DataConfig) -> dict:
-    images = [(x.get("bytes") if isinstance(x, dict) else x) or b"" for x in batch[cfg.image_column]]
-    captions = [_text(c) for c in batch[cfg.caption_column]]
-    if cfg.key_column:
-        keys = [str(k) for k in batch[cfg.key_column]]
-    else:
-        keys = [content_hash(b) for b in images]
-    scores = [_nan(_float(s)) for s in batch[cfg.score_column]] if cfg.score_column else [math.nan] * len(keys)
-    return {"key": keys, "image": images, "caption": captions, "score": scores}
-
-
-WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-SHARD_DAMAGE = ("damaged_shard", "truncated_shard", "unreadable_shard")
-
-
-def _wds_row(key: str, parts: dict[str, bytes], cfg: DataConfig) -> dict:
-    """One webdataset sample (its members by lower-case extension) as a row."""
-    image = next((parts[e] for e in WDS_IMAGE_EXTS if e in parts), b"")
-    meta = {}
-    if "json" in parts:
-        try:
-            meta = json.loads(parts["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            meta = {}
-    caption = parts["txt"].decode("utf-8-sig", errors="replace") if "txt" in parts else meta.get(cfg.caption_column)
-    score = meta.get(cfg.score_column) if cfg.score_column and isinstance(meta, dict) else None
-    return {"key": key, "image": image, "caption": _text(None if caption is None else str(caption)),
-            "score": _nan(_float(score)), "error": ""}
-
-
-def read_shard(fs: pafs.FileSystem, path: str, name: str, cfg: DataConfig) -> tuple[list[dict], list[str]]:
-    """The samples of one webdataset .tar shard, read as far as it can be read: (rows, what was damaged).
-
-    Members group into samples by the name before the first dot of the file name; extensions are matched in lower
-    case (KEY.JPG is an image). A damaged header is skipped over to the next readable member (tarfile's
-    ignore_zeros), and the unreadable stretch becomes a row with the error "damaged_shard"; a shard cut off
-    mid-file keeps the samples before the cut and a row with the error "truncated_shard" for the one cut."""
-    import tarfile
-
-    rows: list[dict] = []
-    damaged: list[str] = []
-    samples: dict[str, dict[str, bytes]] = {}
-
-    def lost(reason: str, where: int) -> None:
-        damaged.append(f"{name}: {reason} at byte {where}")
-        rows.append({"key": f"{name}/#{reason}@{where}", "image": b"", "caption": "", "score": math.nan,
-                     "error": reason})
-
-    try:
-        f = fs.open_input_file(path)
-        size = f.size()
-        tar = tarfile.open(fileobj=f, mode="r:", ignore_zeros=True)
-    except (OSError, tarfile.TarError) as err:
-        lost("unreadable_shard", 0)
-        log.warning("%s: not readable as tar (%s)", name, err)
-        return rows, damaged
-    expect = 0  # where the next header should start
-    try:
-        while True:
-            try:
-                m = tar.next()
-            except tarfile.ReadError as err:
-                if "unexpected end" in str(err) or tar.offset >= size:
-                    lost("truncated_shard", tar.offset)
-                    break
-                lost("damaged_shard", tar.offset)
-                continue
-            if m is None:
-                break
-            if m.offset > expect and any(f.read_at(m.offset - expect, expect).strip(b"\0")):
-                lost("damaged_shard", expect)  # members were skipped over to reach this one
-            expect = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-            if not m.isfile():
-                continue
-            base = m.name.rsplit("/", 1)[-1]
-            stem, dot, ext = base.partition(".")
-            if not dot:
-                continue
-            folder = m.name[: len(m.name) - len(base)]
-            try:
-                data = tar.extractfile(m).read()
-                if len(data) != m.size:
-                    raise tarfile.ReadError("unexpected end of data")
-            except (OSError, tarfile.TarError):
-                lost("truncated_shard", m.offset)
-                break
-            samples.setdefault(f"{name}/{folder}{stem}", {})[ext.lower()] = data
-        # a whole archive ends in zero blocks: a shard cut off between members has none
-        if not damaged or "truncated_shard" not in damaged[-1]:
-            if size % tarfile.BLOCKSIZE or any(f.read_at(min(size, 2 * tarfile.BLOCKSIZE),
-                                                          max(0, size - 2 * tarfile.BLOCKSIZE))):
-                lost("truncated_shard", size)
-    finally:
-        tar.close()
-        f.close()
-    rows += [_wds_row(k, parts, cfg) for k, parts in samples.items()]
-    return rows, damaged
-
-
-def _rows_webdataset(batch: dict, fs: pafs.FileSystem, root: str, cfg: DataConfig) -> dict:
-    out: dict[str, list] = {"key": [], "image": [], "caption": [], "score": [], "error": []}
-    for path in batch["path"]:
-        name = str(path)[len(root) + 1 :].rsplit(".", 1)[0]
-        rows, damaged = read_shard(fs, str(path), name, cfg)
-        for d in damaged:
-            log.warning("webdataset shard %s", d)
-        for r in rows:
-            for k in out:
-                out[k].append(r[k])
-    return out
-
-
-def _with_fingerprint(rows: dict) -> dict:
-    rows["image"] = [b if isinstance(b, bytes) else b"" for b in rows["image"]]
-    rows["fp"] = [_fingerprint(b, c) for b, c in zip(rows["image"], rows["caption"])]
-    rows["hash"] = [content_hash(b) if b else "" for b in rows["image"]]
-    return rows
+# Reading the input formats (their row readers: pipelines/formats.py) into rows of (key, image, caption, score, fp)
 
 
 BUILTIN_SHAPES = "builtin:shapes"
@@ -501,10 +312,10 @@ def read_rows(cfg: DataConfig) -> tuple[Any, str, int]:
         images = paths(IMAGE_EXTS)
         if not images:
             raise ValueError(f"{cfg.source}: no image files ({', '.join(sorted(IMAGE_EXTS))})")
-        meta = _imagefolder_metadata(cfg.source, files, cfg)
+        meta = imagefolder_metadata(cfg.source, files, cfg)
         sidecars = {f for f in files if f.endswith(".txt")}
         ds = ray.data.read_binary_files(images, filesystem=fs, include_paths=True, **blocks)
-        ds = ds.map_batches(_rows_imagefolder, fn_kwargs=dict(root=root, fs=fs, meta=meta, sidecars=sidecars),
+        ds = ds.map_batches(rows_imagefolder, fn_kwargs=dict(root=root, fs=fs, meta=meta, sidecars=sidecars),
                             batch_format="numpy", zero_copy_batch=True)
         n_files = len(images)
     elif fmt == "parquet":
@@ -517,7 +328,7 @@ def read_rows(cfg: DataConfig) -> tuple[Any, str, int]:
         if missing:
             raise ValueError(f"{shards[0]}: no column(s) {missing} (has {schema.names}); set data.*_column")
         ds = ray.data.read_parquet(shards, filesystem=fs, columns=[c for c in wanted if c], **blocks)
-        ds = ds.map_batches(_rows_parquet, fn_kwargs=dict(cfg=cfg), batch_format="numpy")
+        ds = ds.map_batches(rows_parquet, fn_kwargs=dict(cfg=cfg), batch_format="numpy")
         n_files = len(shards)
     elif fmt == "webdataset":
         shards = paths({"tar"})
@@ -525,12 +336,12 @@ def read_rows(cfg: DataConfig) -> tuple[Any, str, int]:
             raise ValueError(f"{cfg.source}: no .tar shards")
         # one shard per task, read by read_shard (tolerant of damaged and truncated shards)
         ds = ray.data.from_items([{"path": p} for p in shards], override_num_blocks=len(shards))
-        ds = ds.map_batches(_rows_webdataset, fn_kwargs=dict(fs=fs, root=root, cfg=cfg), batch_size=1,
+        ds = ds.map_batches(rows_webdataset, fn_kwargs=dict(fs=fs, root=root, cfg=cfg), batch_size=1,
                             batch_format="numpy")
         n_files = len(shards)
     else:
         raise ValueError(f"unknown data.format {fmt!r}")
-    ds = ds.map_batches(_with_fingerprint, batch_format="numpy")
+    ds = ds.map_batches(with_fingerprint, batch_format="numpy")
     if cfg.max_rows:
         ds = ds.limit(cfg.max_rows)
     return ds, fmt, n_files

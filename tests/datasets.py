@@ -76,7 +76,7 @@ def _bad_rows(base: int) -> list[tuple[bytes, str | None, str]]:
 
 
 def make_samples(n_good: int = 32, extras: bool = False, base: int = 0):
-    """(samples for pipelines.writers.write_samples, good keys, expected skip counts).
+    """(samples for pipelines.formats.write_samples, good keys, expected skip counts).
 
     n_good good rows plus 8 bad ones (20% bad at 32 good). With extras, every row gets an "aesthetic"
     score; good rows with an odd index score below 5 (skipped as low_score with data.min_score=5).

@@ -12,11 +12,11 @@ import pytest
 from datasets import caption, encode, good_image, make_samples, picture
 from PIL import Image
 
-from pipelines import prepare
+from pipelines import formats, prepare
 from pipelines.cache import read_manifest, sample_latents
 from pipelines.config import parse_config
+from pipelines.formats import image_ext, write_samples
 from pipelines.storage import filesystem, join, list_files
-from pipelines.writers import image_ext, write_samples
 
 # ---------------------------------------------------------------------------------------------- pure
 
@@ -195,7 +195,7 @@ def test_parquet_s3_scores_and_sampled_latents(s3_server, ray_local, s3_bucket, 
     assert "latent_mean" not in batch and batch["latent"].shape == (len(good), 4, 16, 16)
     # a scaled sample: mean times the scaling factor plus noise, not the raw mean
     assert sample_latents(batch, read_manifest(out)).shape == (len(good), 4, 16, 16)
-    keys = {prepare.content_hash(good_image(int(k[3:]))) for k in good}
+    keys = {formats.content_hash(good_image(int(k[3:]))) for k in good}
     assert set(batch["key"]) == keys
 
 
@@ -481,10 +481,10 @@ def test_a_utf8_bom_never_reaches_the_caption(tmp_path):
     (tmp_path / "a.txt").write_bytes("\ufeffa red square".encode())
     (tmp_path / "metadata.jsonl").write_bytes('\ufeff{"file_name": "b.png", "text": "a blue circle"}\n'.encode())
     cfg = parse_config({}).data
-    rows = prepare._rows_imagefolder({"path": [str(tmp_path / "a.png")], "bytes": [b"x"]}, str(tmp_path),
+    rows = formats.rows_imagefolder({"path": [str(tmp_path / "a.png")], "bytes": [b"x"]}, str(tmp_path),
                                      pafs.LocalFileSystem(), {}, {"a.txt"})
     assert rows["caption"] == ["a red square"]
-    meta = prepare._imagefolder_metadata(str(tmp_path), ["metadata.jsonl"], cfg)
+    meta = formats.imagefolder_metadata(str(tmp_path), ["metadata.jsonl"], cfg)
     assert meta["b.png"]["caption"] == "a blue circle"
 
 
