@@ -1,5 +1,5 @@
 """Generation from a diffusers pipeline folder, shared by the serving stage (serving/app.py), the registered MLflow
-pyfunc model (pipelines/registry.py) and the benchmarks: one image per job, each with its own seeded generator, PNG
+pyfunc model (pipelines/register.py) and the benchmarks: one image per job, each with its own seeded generator, PNG
 bytes out. Plain diffusers: no MLflow, no Ray, no server, so a folder can be served, registered or benchmarked with
 none of them."""
 

@@ -20,10 +20,10 @@ log = logging.getLogger(__name__)
 STAGE_MODULES = {
     "prepare": "pipelines.prepare",
     "distill": "pipelines.distill",
-    "steps": "pipelines.steps",
+    "steps": "pipelines.fewstep",
     "tune": "tuning.search",
     "evaluate": "pipelines.evaluate",
-    "register": "pipelines.registry",
+    "register": "pipelines.register",
     "serve": "serving.app",
 }
 

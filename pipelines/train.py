@@ -36,7 +36,7 @@ import torch
 
 from models.fp8 import fp8_unsupported, use_fp8_linear
 from models.student import read_meta_file
-from models.teacher import encode_prompts, unet_conditioning
+from models.teacher import encode_prompts, map_tensors, unet_conditioning
 from pipelines.cache import CacheManifest, read_manifest, sample_latents
 from pipelines.config import Config, DistillConfig, uses_cudagraphs  # noqa: F401 (part of the shell)
 from pipelines.storage import filesystem, is_remote, join
@@ -170,13 +170,8 @@ def prefer_attention_backend(name: str) -> None:
 
 def to_device(tree: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
     """A tree of tensors (dicts of dicts, as U-Net conditioning is) on `device`; floating tensors cast to `dtype`."""
-    if isinstance(tree, dict):
-        return {k: to_device(v, device, dtype) for k, v in tree.items()}
-    if isinstance(tree, torch.Tensor):
-        if dtype is not None and tree.is_floating_point():
-            return tree.to(device, dtype)
-        return tree.to(device)
-    return tree
+    return map_tensors(tree, lambda v: v.to(device, dtype) if dtype is not None and v.is_floating_point()
+                       else v.to(device))
 
 
 def all_mean(values: torch.Tensor, world: int) -> torch.Tensor:

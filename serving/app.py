@@ -166,7 +166,7 @@ def fetch_model(model: dict[str, Any]) -> str:
     from models.local_cache import build_once, cache_root
 
     dest = cache_root() / "serve" / f"{model['name']}-v{model['version']}"
-    folder = dest / "artifacts" / "pipeline"  # the artifacts layout pipelines/registry.py logs
+    folder = dest / "artifacts" / "pipeline"  # the artifacts layout pipelines/register.py logs
 
     def download(tmp: Path) -> None:
         mlflow.artifacts.download_artifacts(artifact_uri=model["uri"], dst_path=str(tmp),

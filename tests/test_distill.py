@@ -356,7 +356,7 @@ def test_distill_zero3_on_s3_exports_consolidated_student(tmp_path, ray_local, m
 def test_distill_imports_no_mlflow():
     """MLflow loads only where a run is tracked: the training code (and the GPU benchmark, whose offline bundle
     leaves MLflow out) imports without it."""
-    code = "import sys, pipelines.distill, pipelines.steps; print(sorted(m for m in sys.modules if 'mlflow' in m))"
+    code = "import sys, pipelines.distill, pipelines.fewstep; print(sorted(m for m in sys.modules if 'mlflow' in m))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 

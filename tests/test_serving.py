@@ -30,7 +30,7 @@ KEY = "test-key-5d41c0e7"  # fixed: parametrize ids must match across pytest-xdi
 def server(ray_local, mlflow_server, tiny_sd1_dir, tmp_path_factory):
     from ray import serve
 
-    from pipelines import registry
+    from pipelines import register
     from serving import app
 
     tmp = tmp_path_factory.mktemp("serving")
@@ -51,7 +51,7 @@ def server(ray_local, mlflow_server, tiny_sd1_dir, tmp_path_factory):
             "decoder": "builtin:tiny-decoder",  # a TAESD-style lighter decoder in place of the student's VAE
         },
     })
-    reg = registry.register_student(student, {"fid_student_vs_teacher": 1.0}, cfg)
+    reg = register.register_student(student, {"fid_student_vs_teacher": 1.0}, cfg)
     url = app.start(cfg)
     yield {"url": url, "cfg": cfg, "version": reg["version"], "name": cfg.registry.model_name}
     serve.shutdown()

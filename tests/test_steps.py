@@ -254,7 +254,7 @@ def _write_cache(uri: str, teacher_uri: str, n: int = 8) -> None:
 def test_steps_stage_guided_lora_on_ray(tmp_path, ray_local, mlflow_server):
     from mlflow.tracking import MlflowClient
 
-    from pipelines import steps
+    from pipelines import fewstep
     from pipelines.config import parse_config
 
     _write_cache(str(tmp_path / "cache"), "builtin:tiny-sd1")
@@ -264,7 +264,7 @@ def test_steps_stage_guided_lora_on_ray(tmp_path, ray_local, mlflow_server):
         # step-distill the teacher itself: guided stage 1, then one round 4 -> 2 steps, as a LoRA
         "steps": {"objective": "guided", "student": "builtin:tiny-sd1", "teacher_steps": 4, "rounds": 1,
                   "steps_per_round": 2, "batch_size": 4, "lr": 1e-3, "lora_rank": 4}})
-    result = steps.run(cfg)
+    result = fewstep.run(cfg)
     assert result["steps"] == 2 and result["scheduler"] == "DDIMScheduler"
     out = tmp_path / "student-steps"
     meta = json.loads((out / "distillery.json").read_text())
@@ -280,4 +280,4 @@ def test_steps_stage_guided_lora_on_ray(tmp_path, ray_local, mlflow_server):
     img = pipe("a red square", num_inference_steps=2, guidance_scale=7.5, output_type="np", height=32, width=32,
                generator=torch.Generator().manual_seed(0)).images
     assert img.shape == (1, 32, 32, 3) and calls == [1, 1]
-    assert steps.run(cfg)["skipped"] is True  # the same job again: nothing to do
+    assert fewstep.run(cfg)["skipped"] is True  # the same job again: nothing to do

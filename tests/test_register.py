@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipelines import registry
+from pipelines import register
 from pipelines.config import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,9 +42,9 @@ def student_dir(tiny_sd1_dir, tmp_path_factory):
 
 def test_worse_second_model_keeps_champion(mlflow_server, student_dir, tmp_path):
     cfg = _cfg(tmp_path, mlflow_server)
-    first = registry.register_student(student_dir, {"fid_student_vs_teacher": 10.0, "clip_score_student": 0.3}, cfg)
+    first = register.register_student(student_dir, {"fid_student_vs_teacher": 10.0, "clip_score_student": 0.3}, cfg)
     assert (first["version"], first["alias"]) == (1, "champion")
-    second = registry.register_student(student_dir, {"fid_student_vs_teacher": 12.5}, cfg)
+    second = register.register_student(student_dir, {"fid_student_vs_teacher": 12.5}, cfg)
     assert (second["version"], second["alias"], second["champion_version"]) == (2, "challenger", 1)
 
     client = mlflow.MlflowClient(mlflow_server.url)
@@ -58,17 +58,17 @@ def test_worse_second_model_keeps_champion(mlflow_server, student_dir, tmp_path)
     assert float(tags["metric.fid_student_vs_teacher"]) == 10.0 and float(tags["metric.clip_score_student"]) == 0.3
 
     # a better one takes the alias; with mode=max the comparison flips
-    third = registry.register_student(student_dir, {"fid_student_vs_teacher": 4.0}, cfg)
+    third = register.register_student(student_dir, {"fid_student_vs_teacher": 4.0}, cfg)
     assert third["alias"] == "champion" and client.get_model_version_by_alias(name, "champion").version == "3"
     cfg.registry.mode = "max"
-    fourth = registry.register_student(student_dir, {"fid_student_vs_teacher": 3.0}, cfg)
+    fourth = register.register_student(student_dir, {"fid_student_vs_teacher": 3.0}, cfg)
     assert fourth["alias"] == "challenger"
 
 
 def test_rerun_is_idempotent(mlflow_server, student_dir, tmp_path):
     cfg = _cfg(tmp_path, mlflow_server)
-    a = registry.register_student(student_dir, {"fid_student_vs_teacher": 7.0}, cfg)
-    b = registry.register_student(student_dir, {"fid_student_vs_teacher": 7.0}, cfg)
+    a = register.register_student(student_dir, {"fid_student_vs_teacher": 7.0}, cfg)
+    b = register.register_student(student_dir, {"fid_student_vs_teacher": 7.0}, cfg)
     assert b["skipped"] and b["version"] == a["version"] and b["alias"] == "champion"
     versions = mlflow.MlflowClient(mlflow_server.url).search_model_versions(f"name = '{cfg.registry.model_name}'")
     assert len(versions) == 1
@@ -76,7 +76,7 @@ def test_rerun_is_idempotent(mlflow_server, student_dir, tmp_path):
 
 def test_registered_model_loads_and_generates(mlflow_server, student_dir, tmp_path):
     cfg = _cfg(tmp_path, mlflow_server)
-    registry.register_student(student_dir, {"fid_student_vs_teacher": 1.0}, cfg)
+    register.register_student(student_dir, {"fid_student_vs_teacher": 1.0}, cfg)
     uri = f"models:/{cfg.registry.model_name}@champion"
 
     # the artifacts layout the serving stage relies on: a plain diffusers folder at artifacts/pipeline
@@ -110,7 +110,7 @@ def test_logs_into_the_distill_run(mlflow_server, student_dir, tmp_path):
     shutil.copytree(student_dir, d)
     meta = json.loads((d / "distillery.json").read_text())
     (d / "distillery.json").write_text(json.dumps({**meta, "mlflow_run_id": run.info.run_id}))
-    out = registry.register_student(d, {"fid_student_vs_teacher": 2.0}, cfg)
+    out = register.register_student(d, {"fid_student_vs_teacher": 2.0}, cfg)
     assert out["run_id"] == run.info.run_id
     mv = mlflow.MlflowClient(mlflow_server.url).get_model_version(cfg.registry.model_name, str(out["version"]))
     assert mv.run_id == run.info.run_id
@@ -122,19 +122,19 @@ def test_run_reads_evaluation_metrics(mlflow_server, student_dir, tmp_path):
     cfg.evaluate.student = str(student_dir)
     cfg.evaluate.output = str(tmp_path / "eval")
     with pytest.raises(FileNotFoundError, match="metrics.json"):
-        registry.run(cfg)
+        register.run(cfg)
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "metrics.json").write_text(json.dumps({"clip_score_student": 0.2, "speedup_step": 1.7}))
     with pytest.raises(ValueError, match="fid_student_vs_teacher.*clip_score_student"):
-        registry.run(cfg)
+        register.run(cfg)
     cfg.registry.metric, cfg.registry.mode = "speedup_step", "max"
-    out = registry.run(cfg)
+    out = register.run(cfg)
     assert out["alias"] == "champion" and out["value"] == 1.7
 
 
 def test_not_a_pipeline_folder(mlflow_server, tmp_path):
     with pytest.raises(FileNotFoundError, match="model_index.json"):
-        registry.register_student(tmp_path, {"fid_student_vs_teacher": 1.0}, _cfg(tmp_path, mlflow_server))
+        register.register_student(tmp_path, {"fid_student_vs_teacher": 1.0}, _cfg(tmp_path, mlflow_server))
 
 
 HIDE_PROJECT = """
@@ -165,7 +165,7 @@ def test_registered_model_loads_where_the_project_is_not_installed(mlflow_server
     import textwrap
 
     cfg = _cfg(tmp_path, mlflow_server)
-    registry.register_student(student_dir, {"fid_student_vs_teacher": 1.0}, cfg)
+    register.register_student(student_dir, {"fid_student_vs_teacher": 1.0}, cfg)
     uri = f"models:/{cfg.registry.model_name}@champion"
     script = textwrap.dedent(f"""
         try:
@@ -201,7 +201,7 @@ def test_mlflow_models_serve_answers_where_the_project_is_not_installed(mlflow_s
     from pipelines.local import free_port
 
     cfg = _cfg(tmp_path, mlflow_server)
-    registry.register_student(student_dir, {"fid_student_vs_teacher": 1.0}, cfg)
+    register.register_student(student_dir, {"fid_student_vs_teacher": 1.0}, cfg)
     port = free_port()
     env = _env_without_project(tmp_path, mlflow_server)
     bin_dir = str(Path(sys.executable).parent)
