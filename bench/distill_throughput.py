@@ -41,6 +41,10 @@ modifiers:
   +fp8     distill.fp8_linear both (ours, ddp): the transformer blocks' linear layers of student and teacher
            multiply in float8 (models/fp8.py; needs compute capability 8.9+)
   +fp8s    distill.fp8_linear student: the same for the student only (ours, ddp)
+  +buckets each batch of one of three aspect-ratio buckets of data.aspect_buckets at --resolution (the square one
+           and the two two steps away: 1152x896 and 896x1152 at 1024 px), each first seen in the warm-up, then in a
+           seeded random order, as pipelines/train.py's TrainBatches draws an aspect-bucketed cache (ours, ddp).
+           The buckets hold ~1% fewer pixels than the square: the note gives the ratio
 
 --profile: after a row's timed steps, 3 more run under torch.profiler; the GPU kernel time per step, split by
 kind (convolution, matmul, attention, Triton-fused pointwise/norm, optimizer, copies, other), is printed and
@@ -63,6 +67,7 @@ import gc
 import json
 import os
 import platform
+import random
 import sys
 import tempfile
 import time
@@ -92,8 +97,9 @@ Goal: >= 2x the plain eager loop per GPU. Tables below; a --tiny table is a CPU 
 DEFAULT_LEVERS = "ref,ours,ours+compile,ours+compile+big"
 SDPA = {"sdpa-flash", "sdpa-efficient", "sdpa-cudnn"}
 BASES = {"ref": {"compile", "big", "cl", "fused", "bf16t", "encode", "cudnnb", "nhwcbwd"} | SDPA,
-         "ours": {"compile", "big", "nocl", "z0", "z1", "z2", "z3", "cudnnb", "nhwcbwd", "fp8", "fp8s"} | SDPA,
-         "ddp": {"compile", "big", "nocl", "cudnnb", "nhwcbwd", "fp8", "fp8s", "graph"} | SDPA}
+         "ours": {"compile", "big", "nocl", "z0", "z1", "z2", "z3", "cudnnb", "nhwcbwd", "fp8", "fp8s",
+                  "buckets"} | SDPA,
+         "ddp": {"compile", "big", "nocl", "cudnnb", "nhwcbwd", "fp8", "fp8s", "graph", "buckets"} | SDPA}
 WHAT = {"ref": "eager, fp32 weights + {amp}, {adam} AdamW",
         "ours": "Ray Train + DeepSpeed ZeRO-{z}, {half} weights, teacher {half} no-grad, fused AdamW{cl}",
         "ddp": "Ray Train, no DeepSpeed: {amp}, teacher {half} no-grad, fused AdamW{cl}"}
@@ -101,7 +107,9 @@ MOD_WHAT = {"compile": "torch.compile", "cl": "channels_last", "bf16t": "teacher
             "encode": "VAE + text encoder in the loop", "cudnnb": "cudnn.benchmark",
             "nhwcbwd": "Inductor layout optimization forced (channels_last backward graphs)",
             "fp8": "FP8 transformer linears (student and teacher)", "fp8s": "FP8 transformer linears (student)",
-            "graph": "each step one CUDA graph (distill.cuda_graph)", **{m: f"{m[5:]} attention first" for m in SDPA}}
+            "graph": "each step one CUDA graph (distill.cuda_graph)",
+            "buckets": "aspect-ratio buckets (each batch one of 3 sizes)",
+            **{m: f"{m[5:]} attention first" for m in SDPA}}
 # seconds a row is expected to take before one of its kind was measured (H200: SD 1.5 at 512 px, batch 32; SDXL at
 # 1024 px, batch 8, whose compilation took 336-393 s)
 DEFAULT_ROW_S = {"sd15": {"compile": 200.0, "eager": 45.0}, "sdxl": {"compile": 420.0, "eager": 60.0}}
@@ -150,6 +158,10 @@ def describe(row: dict, args: argparse.Namespace) -> str:
 
 def blank(row: dict, args: argparse.Namespace, workers: int, note: str = "") -> dict:
     """A row's result before (or instead of) measuring it."""
+    if not note and "buckets" in row["mods"]:
+        sizes = bench_buckets(args)
+        pixels = sum(w * h for w, h in sizes) / len(sizes) / args.resolution**2
+        note = f"buckets {', '.join(f'{w}x{h}' for w, h in sizes)}: {pixels:.3f}x the square's pixels per sample"
     return {"key": row["key"], "base": row["base"], "mods": row["mods"], "what": describe(row, args),
             "workers": workers, "batch": row_batch(row, args), "note": note}
 
@@ -277,19 +289,35 @@ def flops_line(args: argparse.Namespace, rows: list[dict], ref_per_worker: float
     return text
 
 
-def synthetic_batch(args: argparse.Namespace, teacher, n: int, device) -> tuple[torch.Tensor, dict]:
-    """Scaled latents and conditioning, as a cache batch gives them."""
+def synthetic_batch(args: argparse.Namespace, teacher, n: int, device,
+                    size: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict]:
+    """Scaled latents and conditioning, as a cache batch gives them; `size` (width, height), default square."""
     f = 8 if not args.tiny else 4
-    lat = torch.randn(n, 4, args.resolution // f, args.resolution // f, device=device)
+    w, h = size or (args.resolution, args.resolution)
+    lat = torch.randn(n, 4, h // f, w // f, device=device)
     d = teacher.config.cross_attention_dim
     cond = {"encoder_hidden_states": torch.randn(n, 77, d, device=device)}
     if teacher.config.addition_embed_type == "text_time":
-        r = args.resolution
         cond["added_cond_kwargs"] = {
             "text_embeds": torch.randn(n, teacher.config.projection_class_embeddings_input_dim - 6 * 256,
                                        device=device),
-            "time_ids": torch.tensor([[r, r, 0, 0, r, r]] * n, dtype=torch.float32, device=device)}
+            "time_ids": torch.tensor([[h, w, 0, 0, h, w]] * n, dtype=torch.float32, device=device)}
     return lat, cond
+
+
+def bench_buckets(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """The square bucket of data.aspect_buckets at --resolution and the two two steps away from it."""
+    from pipelines.prepare import aspect_buckets
+
+    buckets = aspect_buckets(args.resolution)
+    i = buckets.index((args.resolution, args.resolution))
+    return [buckets[i], buckets[i + 2], buckets[i - 2]]
+
+
+def bucket_order(n_buckets: int, steps: int, seed: int = 0) -> list[int]:
+    """Which bucket each step draws: every bucket once, then a seeded random draw per step."""
+    rng = random.Random(seed)
+    return list(range(n_buckets)) + [rng.randrange(n_buckets) for _ in range(steps)]
 
 
 def encoders(args: argparse.Namespace, device) -> tuple:
@@ -585,14 +613,17 @@ def ours_worker(config: dict) -> None:
                 taps = KDTaps(eng.module, teacher, KDWeights(), pairs, cudagraphs=uses_cudagraphs(dc)).attach()
                 t_unet = kd_teacher(teacher, dc)
                 state.update(eng=eng, taps=taps)
-                lat, cond = synthetic_batch(args, teacher, n, device)
-                cond = to_device(cond, device, eng.input_dtype)
+                sizes = bench_buckets(args) if "buckets" in row["mods"] else [None]
+                batches = [synthetic_batch(args, teacher, n, device, size) for size in sizes]
+                batches = [(lat, to_device(cond, device, eng.input_dtype)) for lat, cond in batches]
+                order = iter(bucket_order(len(batches), 10 * (args.warmup + args.steps + PROFILE_STEPS)))
 
                 def kd_step(noisy, t, cond, target):
                     with eng.autocast():
                         return kd_loss(eng.engine, t_unet, noisy, t, cond, target, KDWeights(), taps=taps)
 
                 def step():
+                    lat, cond = batches[next(order) if len(batches) > 1 else 0]
                     noisy, t, target = diffusion_batch(sched, lat, "epsilon")
                     if dc.channels_last:
                         noisy = noisy.contiguous(memory_format=torch.channels_last)

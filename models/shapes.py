@@ -319,30 +319,3 @@ def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _bad_bytes(good: bytes, kind: int) -> bytes:
-    return [b"", good[: len(good) // 2], b"this is not an image"][kind % 3]
-
-
-def write_shapes(uri: str, fmt: str, n: int, seed: int = 0, size: int = 64, bad_fraction: float = 0.0,
-                 shard_size: int = 256) -> dict:
-    """Write generate(n, seed, size) to `uri` (local path or s3://) as imagefolder, parquet or webdataset.
-
-    A bad_fraction of the rows, chosen from the seed, get broken image bytes (empty, truncated PNG, text)
-    so the data stage's skip counting can be seen working. Returns what was written.
-    """
-    from pipelines.formats import write_samples
-
-    if not 0.0 <= bad_fraction <= 1.0:
-        raise ValueError(f"write_shapes: bad_fraction must be in [0, 1], got {bad_fraction}")
-    bad_rng = np.random.default_rng([seed, 1 << 30])
-    bad = set(bad_rng.permutation(n)[: int(round(n * bad_fraction))].tolist())
-
-    def samples():
-        for i, s in enumerate(generate(n, seed, size)):
-            data = png_bytes(s.image)
-            yield s.key, (_bad_bytes(data, i) if i in bad else data), s.caption, {}
-
-    written = write_samples(uri, fmt, samples(), shard_size)
-    return {"uri": uri, "format": fmt, "rows": written, "bad_rows": len(bad), "seed": seed, "size": size}

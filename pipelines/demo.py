@@ -79,7 +79,7 @@ def run_demo(work_dir: str, small: bool = False, serve: bool = True, port: int =
     """Start the local services, run the stages, optionally serve until `stop` is set (or Ctrl-C)."""
     import ray
 
-    from models.shapes import write_shapes
+    from pipelines.formats import write_shapes
     from pipelines.run import run_all
 
     work = Path(work_dir).absolute()

@@ -53,6 +53,7 @@ from pipelines.cache import CacheManifest
 from pipelines.config import Config, DistillConfig
 from pipelines.storage import ensure_ray, join
 from pipelines.train import (
+    CACHE_COLUMNS,
     EMA,
     StudentEngine,
     TrainBatches,
@@ -63,10 +64,13 @@ from pipelines.train import (
     eager_if_compiled,
     finish_export,
     fp8_linears,
+    latent_column,
     prompt_conditioning,
     prune_orphan_checkpoints,
     resume_checkpoint,
+    rows_of,
     seal_checkpoint,
+    shape_batches,
     teacher_dtype,
     to_device,
     trainer_configs,
@@ -270,10 +274,8 @@ def train_loop_per_worker(config: dict) -> None:
     # fixed validation batches: the same rows, noise and timesteps at every validation (no caption dropout)
     val_set = []
     if config.get("val_rows") is not None:
-        rows = ray.get(config["val_rows"])
-        n = len(next(iter(rows.values())))
-        for i, start in enumerate(range(0, n, dc.batch_size)):
-            batch = {k: v[start : start + dc.batch_size] for k, v in rows.items()}
+        rows = {k: rows_of(v) for k, v in ray.get(config["val_rows"]).items() if k in CACHE_COLUMNS}
+        for i, batch in enumerate(shape_batches(rows, latent_column(manifest), dc.batch_size)):
             g = torch.Generator().manual_seed(VAL_SEED + i)
             latents, cond = cache_batch(batch, manifest, teacher.family, torch.device("cpu"), g)
             noisy, t, target = diffusion_batch(teacher.scheduler, latents, teacher.prediction_type, g)

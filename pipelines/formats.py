@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -137,6 +138,34 @@ def write_samples(
             write_bytes(join(uri, f"shard-{i:05d}.tar"), buf.getvalue())
         n += len(chunk)
     return n
+
+
+def _bad_bytes(good: bytes, kind: int) -> bytes:
+    return [b"", good[: len(good) // 2], b"this is not an image"][kind % 3]
+
+
+def write_shapes(uri: str, fmt: str, n: int, seed: int = 0, size: int = 64, bad_fraction: float = 0.0,
+                 shard_size: int = 256) -> dict:
+    """Write the built-in shapes dataset (models.shapes.generate(n, seed, size)) to `uri` (local path or s3://) as
+    imagefolder, parquet or webdataset.
+
+    A bad_fraction of the rows, chosen from the seed, get broken image bytes (empty, truncated PNG, text)
+    so the data stage's skip counting can be seen working. Returns what was written.
+    """
+    from models.shapes import generate, png_bytes
+
+    if not 0.0 <= bad_fraction <= 1.0:
+        raise ValueError(f"write_shapes: bad_fraction must be in [0, 1], got {bad_fraction}")
+    bad_rng = np.random.default_rng([seed, 1 << 30])
+    bad = set(bad_rng.permutation(n)[: int(round(n * bad_fraction))].tolist())
+
+    def samples():
+        for i, s in enumerate(generate(n, seed, size)):
+            data = png_bytes(s.image)
+            yield s.key, (_bad_bytes(data, i) if i in bad else data), s.caption, {}
+
+    written = write_samples(uri, fmt, samples(), shard_size)
+    return {"uri": uri, "format": fmt, "rows": written, "bad_rows": len(bad), "seed": seed, "size": size}
 
 
 # ----------------------------------------------------------------------------------------------------------

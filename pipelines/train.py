@@ -455,13 +455,41 @@ def shard_bytes(manifest: CacheManifest, rows: int) -> int:
     return 4 * per_row * rows
 
 
+def latent_column(manifest: CacheManifest) -> str:
+    return "latent" if manifest.latents == "sample" else "latent_mean"
+
+
+def rows_of(column: Any) -> list[np.ndarray]:
+    """A batch column as one array per row: Ray Data gives an (N, ...) array when the batch's rows share a shape and
+    an object array of per-row arrays when they do not (an aspect-bucketed cache)."""
+    return [np.asarray(r, dtype=np.float32) for r in column]
+
+
+def shape_batches(rows: dict[str, Any], key: str, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """Rows (columns of equal length) as batches of at most batch_size rows, each of one latent shape (`key`'s):
+    a square cache gives its rows in order, an aspect-bucketed one its buckets' rows in order, bucket by bucket."""
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows[key]):
+        groups.setdefault(np.shape(r), []).append(i)
+    out = []
+    for idx in groups.values():
+        for start in range(0, len(idx), batch_size):
+            part = idx[start : start + batch_size]
+            out.append({k: np.stack([np.asarray(v[i], dtype=np.float32) for i in part]) for k, v in rows.items()})
+    return out
+
+
 class TrainBatches:
     """(epoch, scaled latents, U-Net conditioning) for every micro-batch of a worker's shard, forever; each epoch
     visits the shard again in a new order. Iterate with next().
 
     Streaming (Ray Data's iter_batches with a local shuffle buffer) unless the shard fits in distill.preload_gb:
     then it is read once into device memory and every batch is drawn there (a permutation per epoch), which keeps
-    small models from waiting on the data loader. A caption_dropout share of each batch gets the empty prompt."""
+    small models from waiting on the data loader. A caption_dropout share of each batch gets the empty prompt.
+
+    An aspect-bucketed cache (data.aspect_buckets: rows of several latent shapes, the SDXL time ids of each row's
+    bucket) gives batches of one bucket each, in the data's bucket mix: preloaded, each epoch is every bucket's
+    full batches in one shuffled order; streamed, rows collect per bucket and a bucket's batch leaves when full."""
 
     def __init__(self, shard: Any, manifest: CacheManifest, family: str, dc: DistillConfig, rank: int, world: int,
                  device: torch.device, empty: dict[str, Any] | None, seed: int, batch_size: int | None = None,
@@ -477,7 +505,15 @@ class TrainBatches:
         self.preloaded = rows is not None or (dc.preload_gb > 0
                                               and shard_bytes(manifest, per_worker) <= dc.preload_gb * 2**30)
         self.shard = shard
-        if self.preloaded:
+        self.bucketed = bool(manifest.buckets)
+        self.key = latent_column(manifest)
+        if self.preloaded and self.bucketed:
+            parts = self._read_rows(shard) if rows is None else {k: rows_of(v) for k, v in rows.items()
+                                                                  if k in CACHE_COLUMNS}
+            self.buckets = [{k: torch.from_numpy(v).to(device) for k, v in b.items()}
+                            for b in shape_batches(parts, self.key, len(parts[self.key]))]
+            self._plan, self._at = self._bucket_plan(), 0
+        elif self.preloaded:
             self.rows = self._read_all(shard) if rows is None else {
                 k: torch.as_tensor(np.asarray(v, dtype=np.float32)).to(device) for k, v in rows.items()
                 if k in CACHE_COLUMNS}
@@ -486,7 +522,7 @@ class TrainBatches:
                 raise RuntimeError(self._too_few())
             self._order, self._at = self._permutation(), 0
         else:
-            self._stream = self._streamed()
+            self._stream = self._streamed_buckets() if self.bucketed else self._streamed()
 
     def _too_few(self) -> str:
         return (f"rank {self.rank}: the training shard has fewer than batch_size={self.batch_size} rows; lower "
@@ -501,6 +537,46 @@ class TrainBatches:
         if not parts:
             raise RuntimeError(self._too_few())
         return {k: torch.from_numpy(np.concatenate(v)).to(self.device) for k, v in parts.items()}
+
+    def _read_rows(self, shard: Any) -> dict[str, list[np.ndarray]]:
+        parts: dict[str, list[np.ndarray]] = {}
+        for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
+            for k, v in batch.items():
+                if k in CACHE_COLUMNS:
+                    parts.setdefault(k, []).extend(rows_of(v))
+        if not parts:
+            raise RuntimeError(self._too_few())
+        return parts
+
+    def _bucket_plan(self) -> list[tuple[int, torch.Tensor]]:
+        """One epoch: (bucket, row indices) of every full batch of every bucket, in one shuffled order."""
+        plan = []
+        for b, rows in enumerate(self.buckets):
+            n = len(rows[self.key])
+            perm = torch.randperm(n, generator=self.gen, device=self.device)
+            plan += [(b, perm[i : i + self.batch_size]) for i in range(0, n - self.batch_size + 1, self.batch_size)]
+        if not plan:
+            raise RuntimeError(self._too_few() + " (in any one aspect-ratio bucket)")
+        order = torch.randperm(len(plan), generator=self.gen, device=self.device).tolist()
+        return [plan[i] for i in order]
+
+    def _streamed_buckets(self):
+        while True:
+            n, pending = 0, {}
+            for batch in self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy",
+                                                 local_shuffle_buffer_size=4 * self.batch_size,
+                                                 local_shuffle_seed=self.dc.seed + 1000 * self.epoch + self.rank):
+                cols = {k: rows_of(v) for k, v in batch.items() if k in CACHE_COLUMNS}
+                for i, latent in enumerate(cols[self.key]):
+                    rows = pending.setdefault(latent.shape, {k: [] for k in cols})
+                    for k, v in cols.items():
+                        rows[k].append(v[i])
+                    if len(rows[self.key]) == self.batch_size:
+                        n += 1
+                        yield {k: np.stack(v) for k, v in pending.pop(latent.shape).items()}
+            if n == 0:
+                raise RuntimeError(self._too_few() + " (in any one aspect-ratio bucket)")
+            self.epoch += 1  # rows left in a bucket's unfinished batch wait for the next epoch's order
 
     def _permutation(self) -> torch.Tensor:
         return torch.randperm(self.n, generator=self.gen, device=self.device)
@@ -521,7 +597,14 @@ class TrainBatches:
         return self
 
     def __next__(self) -> tuple[int, torch.Tensor, dict[str, Any]]:
-        if self.preloaded:
+        if self.preloaded and self.bucketed:
+            if self._at == len(self._plan):
+                self.epoch += 1
+                self._plan, self._at = self._bucket_plan(), 0
+            b, idx = self._plan[self._at]
+            self._at += 1
+            batch = {k: v[idx] for k, v in self.buckets[b].items()}
+        elif self.preloaded:
             if self._at + self.batch_size > self.n:
                 self.epoch += 1
                 self._order, self._at = self._permutation(), 0
@@ -718,6 +801,9 @@ def cache_manifest(cfg: Config) -> CacheManifest:
     if manifest is None or not manifest.complete:
         raise FileNotFoundError(f"distill.cache {dc.cache}: no complete embedding cache there (no manifest.json "
                                 "with complete: true); run `distillery prepare` first")
+    if manifest.buckets and dc.cuda_graph:
+        raise ValueError(f"distill.cuda_graph captures one batch shape, but the cache {dc.cache} has aspect-ratio "
+                         f"buckets ({', '.join(manifest.buckets)}); set cuda_graph: false")
     if manifest.teacher != cfg.teacher.uri:
         raise ValueError(f"distill.cache {dc.cache} holds embeddings of teacher {manifest.teacher!r}, but "
                          f"teacher.uri is {cfg.teacher.uri!r}; prepare the data with this teacher")

@@ -507,3 +507,19 @@ def test_a_manifest_the_code_did_not_write_is_refused_naming_the_file(tmp_path):
         with pytest.raises(ValueError, match=match) as err:
             read_manifest(str(tmp_path))
         assert "manifest.json" in str(err.value)
+
+
+def test_local_copy_fetches_a_remote_file_once(s3_server, s3_bucket, tmp_path, monkeypatch):
+    """storage.local_copy (remote metric weights, e.g. evaluate.feature_extractor on S3): the file is copied into
+    the node's cache once, keyed by its URI; a local path passes through."""
+    from pipelines.storage import local_copy, write_bytes
+
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
+    uri = f"{s3_bucket}/weights/inception.pth"
+    write_bytes(uri, b"weights v1")
+    path = local_copy(uri)
+    assert path.startswith(str(tmp_path / "cache")) and open(path, "rb").read() == b"weights v1"
+    write_bytes(uri, b"weights v2")  # the same URI again: the cached copy, not a second download
+    assert local_copy(uri) == path and open(path, "rb").read() == b"weights v1"
+    assert not list((tmp_path / "cache").rglob("*.partial"))
+    assert local_copy(str(tmp_path / "x.pth")) == str(tmp_path / "x.pth") == local_copy(f"file://{tmp_path}/x.pth")

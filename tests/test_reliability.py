@@ -143,7 +143,7 @@ def test_planted_credentials_reach_no_log_mlflow_or_output(s3_bucket, s3_server,
     import boto3
     import yaml
 
-    from models.shapes import write_shapes
+    from pipelines.formats import write_shapes
 
     write_shapes(f"{s3_bucket}/data", "parquet", 24, seed=0)
     planted = {"AWS_ACCESS_KEY_ID": "AKIAPLANTEDKEYID0042", "AWS_SECRET_ACCESS_KEY": "planted+Secret/Value0042xyz",

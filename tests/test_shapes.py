@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from models import shapes
+from pipelines import formats
 from pipelines.storage import join, list_files, read_bytes
 
 
@@ -143,7 +144,7 @@ def _check_written(uri: str, fmt: str, n: int, bad: int, seed: int) -> None:
 @pytest.mark.parametrize("fmt", ["imagefolder", "parquet", "webdataset"])
 def test_write_shapes_local(tmp_path, fmt):
     uri = str(tmp_path / fmt)
-    written = shapes.write_shapes(uri, fmt, n=30, seed=2, bad_fraction=0.2, shard_size=8)
+    written = formats.write_shapes(uri, fmt, n=30, seed=2, bad_fraction=0.2, shard_size=8)
     assert written["rows"] == 30 and written["bad_rows"] == 6
     _check_written(uri, fmt, 30, 6, seed=2)
     if fmt != "imagefolder":
@@ -153,16 +154,16 @@ def test_write_shapes_local(tmp_path, fmt):
 @pytest.mark.parametrize("fmt", ["imagefolder", "parquet", "webdataset"])
 def test_write_shapes_s3(s3_bucket, fmt):
     uri = f"{s3_bucket}/shapes/{fmt}"
-    written = shapes.write_shapes(uri, fmt, n=12, seed=9, bad_fraction=0.25)
+    written = formats.write_shapes(uri, fmt, n=12, seed=9, bad_fraction=0.25)
     assert written == {"uri": uri, "format": fmt, "rows": 12, "bad_rows": 3, "seed": 9, "size": 64}
     _check_written(uri, fmt, 12, 3, seed=9)
 
 
 def test_write_shapes_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="bad_fraction"):
-        shapes.write_shapes(str(tmp_path), "parquet", n=4, bad_fraction=1.5)
+        formats.write_shapes(str(tmp_path), "parquet", n=4, bad_fraction=1.5)
     with pytest.raises(ValueError, match="unknown dataset format"):
-        shapes.write_shapes(str(tmp_path), "csv", n=4)
+        formats.write_shapes(str(tmp_path), "csv", n=4)
 
 
 def test_shipped_teacher_draws_its_captions():
