@@ -50,8 +50,8 @@ def hub_base_model(teacher: str | None) -> str | None:
 
 def _made(meta: StudentMeta) -> str:
     rows = [("teacher", meta.teacher), ("family", meta.family), ("preset", meta.preset),
-            ("initialised from", {"teacher": "the teacher's kept blocks", "random": "random weights"}.get(
-                meta.init, meta.init)),
+            ("initialised from", meta.start_from and f"the student `{meta.start_from}`" or
+             {"teacher": "the teacher's kept blocks", "random": "random weights"}.get(meta.init, meta.init)),
             ("U-Net parameters", f"{meta.params / 1e6:.2f}M" if meta.params else None),
             ("training steps", meta.step),
             ("latents", {"mean": "VAE posterior means", "dist": "draws from the VAE posterior"}.get(

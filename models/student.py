@@ -377,6 +377,7 @@ class StudentMeta(BaseModel):
     family: Literal["sd1", "sd2", "sdxl"] | None = None
     preset: str | None = None
     init: Literal["teacher", "random"] | None = None
+    start_from: str | None = None  # the student folder whose U-Net training started from (continued distillation)
     spec: dict[str, Any] | None = None  # RemovalSpec.to_dict()
     latents: Literal["dist", "mean", "sample"] | None = None  # what the U-Net was trained on
     params: int | None = None  # U-Net parameters

@@ -118,12 +118,22 @@ class StudentConfig(Section):
     # "teacher": the kept blocks start from the teacher's weights (BK-SDM); "random": the same architecture from
     # scratch (with distill.loss task-only, the no-KD baseline; with the identity preset, a teacher of your own)
     init: Literal["teacher", "random"] = "teacher"
+    # continued (or multi-teacher) distillation, as SSD-1B: start from an existing student folder (local, s3://, hub
+    # id) instead of building one; its distillery.json's spec maps it onto teacher.uri, which may be another teacher
+    # of the same architecture (a fine-tune)
+    start_from: str | None = None
     output: str | None = None  # default {work_dir}/student-init
 
     @model_validator(mode="after")
     def _one_of(self) -> StudentConfig:
         if self.preset is None and self.spec is None:
             raise ValueError("set student.preset or student.spec")
+        if self.start_from is not None:
+            if self.init != "teacher":
+                raise ValueError("student.start_from starts from that folder's weights: leave student.init unset")
+            if self.spec is not None:  # (student.preset is not read either; it has a default, so it may be set)
+                raise ValueError("student.start_from takes the removal spec from that folder's distillery.json: "
+                                 "leave student.spec unset")
         return self
 
 

@@ -46,7 +46,16 @@ from models.kd import (
     self_attention_pairs,
 )
 from models.sampling import decode_latents
-from models.student import META_FILE, RemovalSpec, StudentMeta, count_params, read_meta, resolve_spec, student_config
+from models.student import (
+    META_FILE,
+    RemovalSpec,
+    StudentMeta,
+    count_params,
+    read_meta,
+    read_meta_file,
+    resolve_spec,
+    student_config,
+)
 from models.teacher import load_teacher, resolve_model_dir
 from pipelines import tracking
 from pipelines.cache import CacheManifest
@@ -188,13 +197,39 @@ def export_student(ckpt_dir: str | Path, cfg: Config, spec: RemovalSpec, out_dir
     return save_student(student, src, out_dir, meta)
 
 
-def initial_student(teacher_unet: torch.nn.Module, spec: RemovalSpec, init: str, seed: int) -> torch.nn.Module:
-    """The student U-Net before training: the teacher's kept blocks copied (student.init: teacher), or the same
-    architecture with fresh random weights, the same on every rank (random: the no-KD baseline)."""
+def start_spec(start_from: str, teacher_config: Any) -> RemovalSpec:
+    """The removal spec of an existing student folder (student.start_from), checked against the teacher: the folder's
+    U-Net must be the one the spec makes of this teacher's architecture."""
+    from diffusers import UNet2DConditionModel
+
+    folder = resolve_model_dir(start_from)
+    meta = read_meta_file(folder)
+    if meta.spec is None and meta.preset is None:
+        raise ValueError(f"student.start_from {start_from}: its distillery.json records no spec or preset (was it "
+                         "made by distill or `distillery student build`?)")
+    where = f"student.start_from {start_from}"
+    spec = resolve_spec(teacher_config, preset=meta.preset, spec=meta.spec)
+    want = student_config(teacher_config, spec)
+    have = dict(UNet2DConditionModel.load_config(folder, subfolder="unet"))
+    differ = sorted(k for k in want if k != "time_cond_proj_dim" and k in have and have[k] != want[k])
+    if differ:
+        raise ValueError(f"{where}: its U-Net does not fit teacher.uri's architecture under its spec "
+                         f"(differs in {', '.join(differ)})")
+    return spec
+
+
+def initial_student(teacher_unet: torch.nn.Module, spec: RemovalSpec, init: str, seed: int,
+                    start_from: str | None = None) -> torch.nn.Module:
+    """The student U-Net before training: the teacher's kept blocks copied (student.init: teacher), the same
+    architecture with fresh random weights, the same on every rank (random: the no-KD baseline), or the U-Net of
+    an existing student folder (student.start_from: continued or multi-teacher distillation)."""
     from diffusers import UNet2DConditionModel
 
     from models.student import build_student
 
+    if start_from is not None:
+        return UNet2DConditionModel.from_pretrained(resolve_model_dir(start_from), subfolder="unet",
+                                                    dtype=torch.float32)
     student = build_student(teacher_unet, spec)
     if init == "random":
         torch.manual_seed(seed)
@@ -225,7 +260,7 @@ def train_loop_per_worker(config: dict) -> None:
     teacher = load_teacher(cfg.teacher.uri, dtype="float32", revision=cfg.teacher.revision,
                            variant=cfg.teacher.variant)
     spec = RemovalSpec.from_dict(config["spec"])
-    student = initial_student(teacher.unet, spec, cfg.student.init, dc.seed)
+    student = initial_student(teacher.unet, spec, cfg.student.init, dc.seed, cfg.student.start_from)
     t_dtype = teacher_dtype(cfg.teacher.dtype, dc.precision, device)
     teacher.unet.to(device, t_dtype)
     teacher.text_encoder.to(device)
@@ -467,8 +502,13 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
 
     src = resolve_model_dir(cfg.teacher.uri)
     t_config = UNet2DConditionModel.load_config(src, subfolder="unet")
-    spec = resolve_spec(t_config, preset=cfg.student.preset,
-                        spec=cfg.student.spec.model_dump() if cfg.student.spec else None)
+    preset = cfg.student.preset
+    if cfg.student.start_from is not None:
+        spec = start_spec(cfg.student.start_from, t_config)
+        preset = read_meta_file(resolve_model_dir(cfg.student.start_from)).preset
+    else:
+        spec = resolve_spec(t_config, preset=cfg.student.preset,
+                            spec=cfg.student.spec.model_dump() if cfg.student.spec else None)
     ensure_ray(cfg)
     uri = cfg.tracking_uri()
     tags = {"distillery.stage": "distill", "distillery.config_digest": cfg.digest()}
@@ -490,8 +530,8 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     losses = {k: v for k, v in metrics.items() if "loss" in k or k.startswith("val_")}
     with final.as_directory() as d:
         state = json.loads((Path(d) / STATE).read_text())
-        meta = StudentMeta(teacher=cfg.teacher.uri, family=manifest.family, preset=cfg.student.preset,
-                           init=cfg.student.init, spec=spec.to_dict(),
+        meta = StudentMeta(teacher=cfg.teacher.uri, family=manifest.family, preset=preset,
+                           init=cfg.student.init, start_from=cfg.student.start_from, spec=spec.to_dict(),
                            latents="mean" if manifest.latents == "mean" else "dist", job_key=job_key,
                            step=state["step"], losses=losses, mlflow_run_id=run_id, checkpoint=final.path,
                            config_digest=cfg.digest(), kd_loss=dc.loss.model_dump(mode="json"))

@@ -34,7 +34,7 @@ def test_ablation_ranks_arms_on_the_evaluate_stage_caption_accuracy(tmp_path, ra
             "tune": {"arms": [{"name": "scratch", "init": "random", "loss": {"out": 0.0, "feat": 0.0}},
                               {"name": "teacher-init"}],
                      "presets": ["identity"], "metric": "caption_accuracy", "steps_per_trial": 2,
-                     "cpus_per_trial": 0.25, "max_concurrent": 2, "latency_repeats": 1}}
+                     "cpus_per_trial": 0.5, "latency_repeats": 1}}
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(json.dumps(tree))
     cfg = load_config(cfg_path)

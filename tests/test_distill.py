@@ -5,7 +5,9 @@ exported student (ZeRO-3 shards consolidated) loads in plain diffusers."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -310,6 +312,47 @@ def test_exported_student_loads_in_plain_diffusers_and_rerun_is_skipped(job):
     assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
     again = distill.run(job["cfg"])
     assert again.get("skipped") and again["step"] == 12
+
+
+def test_continued_distillation_starts_from_a_student_folder_with_another_teacher(job, tmp_path):
+    """student.start_from (SSD-1B's continued, multi-teacher training): the distilled student of `job` goes on
+    against a second teacher of the same architecture (a fine-tune: the tiny teacher's U-Net perturbed). It starts
+    from that folder's U-Net (with a vanishing learning rate its export is that U-Net), not from the new teacher's
+    blocks; its distillery.json says where it started. A folder that records no spec is refused, naming it."""
+    from diffusers import UNet2DConditionModel
+
+    from models.student import build_student, preset_spec
+    from models.teacher import load_teacher, resolve_model_dir
+    from pipelines import distill
+
+    start = Path(job["result"]["output"])
+    second = tmp_path / "teacher-2"
+    shutil.copytree(resolve_model_dir("builtin:tiny-sd1"), second)
+    unet = UNet2DConditionModel.from_pretrained(second / "unet")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.01)
+    unet.save_pretrained(second / "unet")
+    make_cache(str(tmp_path / "cache"), str(second), n_train=16, n_val=4)
+    tree = _config(tmp_path, max_steps=2, val_every=2, checkpoint_every=2, num_workers=1, deepspeed=False, lr=1e-12)
+    tree.update(teacher={"uri": str(second)}, student={"start_from": str(start)},
+                data={"output": str(tmp_path / "cache")})
+    result = distill.run(parse_config(tree))
+    assert result["step"] == 2
+    out = Path(result["output"])
+    meta = json.loads((out / "distillery.json").read_text())
+    assert meta["start_from"] == str(start) and meta["preset"] == "bk-small" and meta["teacher"] == str(second)
+    got = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
+    began = UNet2DConditionModel.from_pretrained(start / "unet").state_dict()
+    fresh = build_student(load_teacher(str(second), components=("unet",), dtype="float32").unet,
+                          preset_spec("bk-small", unet.config)).state_dict()
+    assert all(torch.allclose(got[k], began[k], atol=1e-6) for k in got)
+    assert any(not torch.allclose(got[k], fresh[k], atol=1e-4) for k in got)
+    with pytest.raises(ValueError, match="records no spec or preset") as err:
+        distill.start_spec(str(second), unet.config)
+    assert str(second) in str(err.value)
+    with pytest.raises(ConfigError, match="student.spec"):
+        parse_config({**tree, "student": {"start_from": str(start), "spec": {"down": [[0]], "up": [[0]]}}})
 
 
 def test_distill_zero3_on_s3_exports_consolidated_student(tmp_path, ray_local, mlflow_server, s3_bucket):

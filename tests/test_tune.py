@@ -186,8 +186,8 @@ def _tree(work: Path) -> dict:
                         "sample_prompts": ["a red circle"], "max_steps": 50},
             "tune": {"num_samples": TRIALS, "steps_per_trial": 3, "val_every": 1, "presets": ["bk-base", "bk-small",
                                                                                         "bk-tiny"],
-                     "objective": "multi", "scheduler": "asha", "cpus_per_trial": 0.25, "max_concurrent": 2,
-                     "latency_repeats": 2, "seed": 3}}
+                     "objective": "multi", "scheduler": "asha", "cpus_per_trial": 0.5, "latency_repeats": 2,
+                     "seed": 3}}
 
 
 def read_uri(uri: str) -> io.BytesIO:
