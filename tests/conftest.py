@@ -81,3 +81,15 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
     from models.tiny import save_tiny
 
     return save_tiny("tiny-sdxl", tmp_path_factory.mktemp("tiny") / "sdxl")
+
+
+# The longest test files first (seconds on CI's 2 cores), so that pytest-xdist (--dist loadfile hands out whole files
+# in collection order) starts the demo on one worker while the other works through the rest, instead of starting it
+# last on a worker that then runs alone.
+LONGEST_FIRST = ("test_demo.py", "test_distill.py", "test_tune.py", "test_ablation.py", "test_reliability.py",
+                 "test_prepare.py", "test_buckets.py", "test_cluster.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
