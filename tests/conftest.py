@@ -83,9 +83,9 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
     return save_tiny("tiny-sdxl", tmp_path_factory.mktemp("tiny") / "sdxl")
 
 
-# The longest test files first (seconds on CI's 2 cores), so that pytest-xdist (--dist loadfile hands out whole files
-# in collection order) starts the demo on one worker while the other works through the rest, instead of starting it
-# last on a worker that then runs alone.
+# The longest test files first, so that pytest-xdist (scripts/test.sh: --dist loadfile --no-loadscope-reorder hands
+# out whole files in collection order) starts the demo on one worker while the other works through the rest, instead
+# of starting it last on a worker that then runs alone.
 LONGEST_FIRST = ("test_demo.py", "test_distill.py", "test_tune.py", "test_ablation.py", "test_reliability.py",
                  "test_prepare.py", "test_buckets.py", "test_cluster.py")
 
