@@ -197,9 +197,9 @@ def export_student(ckpt_dir: str | Path, cfg: Config, spec: RemovalSpec, out_dir
     return save_student(student, src, out_dir, meta)
 
 
-def start_spec(start_from: str, teacher_config: Any) -> RemovalSpec:
-    """The removal spec of an existing student folder (student.start_from), checked against the teacher: the folder's
-    U-Net must be the one the spec makes of this teacher's architecture."""
+def start_spec(start_from: str, teacher_config: Any) -> tuple[RemovalSpec, StudentMeta]:
+    """The removal spec and distillery.json of an existing student folder (student.start_from), checked against the
+    teacher: the folder's U-Net must be the one the spec makes of this teacher's architecture."""
     from diffusers import UNet2DConditionModel
 
     folder = resolve_model_dir(start_from)
@@ -207,15 +207,14 @@ def start_spec(start_from: str, teacher_config: Any) -> RemovalSpec:
     if meta.spec is None and meta.preset is None:
         raise ValueError(f"student.start_from {start_from}: its distillery.json records no spec or preset (was it "
                          "made by distill or `distillery student build`?)")
-    where = f"student.start_from {start_from}"
     spec = resolve_spec(teacher_config, preset=meta.preset, spec=meta.spec)
     want = student_config(teacher_config, spec)
     have = dict(UNet2DConditionModel.load_config(folder, subfolder="unet"))
     differ = sorted(k for k in want if k != "time_cond_proj_dim" and k in have and have[k] != want[k])
     if differ:
-        raise ValueError(f"{where}: its U-Net does not fit teacher.uri's architecture under its spec "
-                         f"(differs in {', '.join(differ)})")
-    return spec
+        raise ValueError(f"student.start_from {start_from}: its U-Net does not fit teacher.uri's architecture under "
+                         f"its spec (differs in {', '.join(differ)})")
+    return spec, meta
 
 
 def initial_student(teacher_unet: torch.nn.Module, spec: RemovalSpec, init: str, seed: int,
@@ -451,7 +450,7 @@ def _finished(cfg: Config, job_key: str) -> StudentMeta | None:
     """The result of an earlier run of this job that already exported its final student."""
     from pipelines.storage import exists, read_bytes
 
-    meta_uri = join(cfg.distill.output, "distillery.json")
+    meta_uri = join(cfg.distill.output, META_FILE)
     if not exists(meta_uri):
         return None
     meta = read_meta(read_bytes(meta_uri), meta_uri)
@@ -504,8 +503,8 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     t_config = UNet2DConditionModel.load_config(src, subfolder="unet")
     preset = cfg.student.preset
     if cfg.student.start_from is not None:
-        spec = start_spec(cfg.student.start_from, t_config)
-        preset = read_meta_file(resolve_model_dir(cfg.student.start_from)).preset
+        spec, start_meta = start_spec(cfg.student.start_from, t_config)
+        preset = start_meta.preset
     else:
         spec = resolve_spec(t_config, preset=cfg.student.preset,
                             spec=cfg.student.spec.model_dump() if cfg.student.spec else None)

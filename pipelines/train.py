@@ -529,16 +529,10 @@ class TrainBatches:
                 "distill.batch_size or distill.num_workers, or prepare more data")
 
     def _read_all(self, shard: Any) -> dict[str, torch.Tensor]:
-        parts: dict[str, list[np.ndarray]] = {}
-        for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
-            for k, v in batch.items():
-                if k in CACHE_COLUMNS:
-                    parts.setdefault(k, []).append(np.asarray(v, dtype=np.float32))
-        if not parts:
-            raise RuntimeError(self._too_few())
-        return {k: torch.from_numpy(np.concatenate(v)).to(self.device) for k, v in parts.items()}
+        return {k: torch.from_numpy(np.stack(v)).to(self.device) for k, v in self._read_rows(shard).items()}
 
     def _read_rows(self, shard: Any) -> dict[str, list[np.ndarray]]:
+        """The shard's cache columns, one array per row (rows of several shapes in an aspect-bucketed cache)."""
         parts: dict[str, list[np.ndarray]] = {}
         for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
             for k, v in batch.items():
@@ -576,7 +570,7 @@ class TrainBatches:
                         yield {k: np.stack(v) for k, v in pending.pop(latent.shape).items()}
             if n == 0:
                 raise RuntimeError(self._too_few() + " (in any one aspect-ratio bucket)")
-            self.epoch += 1  # rows left in a bucket's unfinished batch wait for the next epoch's order
+            self.epoch += 1  # rows left in a bucket's unfinished batch are dropped, as drop_last does
 
     def _permutation(self) -> torch.Tensor:
         return torch.randperm(self.n, generator=self.gen, device=self.device)
