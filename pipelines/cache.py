@@ -101,6 +101,50 @@ def write_rows(uri: str, columns: dict[str, Any], fs: Any = None) -> int:
     return table.num_rows
 
 
+def read_split_columns(cache: str, split: str, columns: list[str] | None = None,
+                       limit: int | None = None) -> dict[str, Any]:
+    """Columns of a cache split read with pyarrow, in file order (no Ray Data job for a few rows): strings as lists,
+    tensors as one (N, ...) array, or a list of per-row arrays where the files' shapes differ (an aspect-bucketed
+    cache). `columns` None: every column of the first file."""
+    import ray.data.extensions  # noqa: F401  (registers the Arrow tensor type, so tensors read back as such)
+
+    from pipelines.storage import list_files
+
+    root = join(cache, split)
+    files = [f for f in list_files(root) if f.endswith(".parquet")]
+    if not files:
+        raise FileNotFoundError(f"{root}: no parquet files")
+    fs, base = filesystem(root)
+    parts: dict[str, list[Any]] = {}
+    n = 0
+    for f in files:
+        t = pq.read_table(f"{base}/{f}", filesystem=fs, columns=columns)
+        if limit is not None:
+            t = t.slice(0, limit - n)
+        for name in t.column_names:
+            parts.setdefault(name, []).append(_column_values(t.column(name).combine_chunks()))
+        n += t.num_rows
+        if limit is not None and n >= limit:
+            break
+    out: dict[str, Any] = {}
+    for name, chunks in parts.items():
+        if isinstance(chunks[0], list):
+            out[name] = [v for c in chunks for v in c]
+        elif len({c.shape[1:] for c in chunks}) == 1:
+            out[name] = np.concatenate(chunks)
+        else:
+            out[name] = [row for c in chunks for row in c]
+    return out
+
+
+def _column_values(col: pa.Array) -> np.ndarray | list:
+    if hasattr(col, "to_numpy_ndarray"):  # Ray's tensor extension array
+        return col.to_numpy_ndarray()
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return col.to_pylist()
+    return np.stack([np.asarray(v, dtype=np.float32) for v in col.to_pylist()])
+
+
 def _as_tensor(x: Any) -> torch.Tensor:
     import torch
 

@@ -62,7 +62,7 @@ def demo_config(work: Path, small: bool, port: int) -> Config:
         sets += [
             # one validation and checkpoint, one Tune trial: each Train run costs ~a minute of start-up on 2 cores
             # (tests/test_tune.py searches several trials); enough KD steps that the student draws some prompts right
-            "distill.max_steps=120", "distill.val_every=120", "distill.checkpoint_every=120",
+            "distill.max_steps=50", "distill.val_every=50", "distill.checkpoint_every=50",
             "data.val_fraction=0.15",  # FID needs 2 reference images or more from 64
             "tune.num_samples=1", "tune.steps_per_trial=3", "evaluate.num_prompts=16", "evaluate.steps=10",
             "evaluate.latency_repeats=1", "evaluate.embedding_samples=8",

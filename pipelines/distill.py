@@ -58,7 +58,7 @@ from models.student import (
 )
 from models.teacher import load_teacher, resolve_model_dir
 from pipelines import tracking
-from pipelines.cache import CacheManifest
+from pipelines.cache import CacheManifest, read_split_columns
 from pipelines.config import Config, DistillConfig
 from pipelines.storage import ensure_ray, join
 from pipelines.train import (
@@ -469,11 +469,12 @@ def trainer_for(cfg: Config, spec: RemovalSpec, manifest: CacheManifest, mlflow_
     dc = cfg.distill
 
     datasets = training_datasets(cfg, manifest)
-    # the validation rows are few and fixed: taken once here, shared with every worker through the object store
+    # the validation rows are few and fixed: read once here with pyarrow (a Ray Data job costs seconds of start-up
+    # for a few rows), shared with every worker through the object store
     val_rows = None
-    if "val" in datasets:
+    if manifest.rows.get("val", 0) > 0:
         n = dc.val_batches * dc.batch_size
-        val_rows = ray.put(datasets.pop("val").limit(n).take_batch(n, batch_format="numpy"))
+        val_rows = ray.put(read_split_columns(dc.cache, "val", list(datasets["train"].schema().names), n))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "manifest": manifest, "spec": spec.to_dict(),

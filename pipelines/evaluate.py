@@ -26,7 +26,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -47,7 +46,7 @@ from models.evaluation import (
 )
 from models.sampling import decode_latents
 from models.student import META_FILE, StudentMeta, read_meta
-from pipelines.cache import CacheManifest, read_manifest
+from pipelines.cache import CacheManifest, read_manifest, read_split_columns
 from pipelines.config import Config
 from pipelines.report import write_report
 from pipelines.storage import exists, is_remote, join, list_files, local_copy, read_bytes, write_bytes
@@ -94,44 +93,9 @@ def _require_cache(cache: str, what: str) -> CacheManifest:
     return manifest
 
 
-def read_val_columns(cache: str, columns: list[str], limit: int | None = None) -> dict[str, Any]:
-    """Columns of the cache's validation split, in file order: strings as lists, tensors as (N, ...) arrays."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import ray.data.extensions  # noqa: F401  (registers the Arrow tensor type, so tensors read back as such)
-
-    from pipelines.storage import filesystem
-
-    root = join(cache, "val")
-    files = [f for f in list_files(root) if f.endswith(".parquet")]
-    if not files:
-        raise FileNotFoundError(f"{root}: no parquet files")
-    fs, base = filesystem(root)
-    tables, n = [], 0
-    for f in files:
-        t = pq.read_table(f"{base}/{f}", filesystem=fs, columns=columns)
-        tables.append(t)
-        n += t.num_rows
-        if limit is not None and n >= limit:
-            break
-    table = pa.concat_tables(tables)
-    if limit is not None:
-        table = table.slice(0, limit)
-    out: dict[str, Any] = {}
-    for name in columns:
-        col = table.column(name).combine_chunks()
-        if hasattr(col, "to_numpy_ndarray"):  # ray's tensor extension array
-            out[name] = col.to_numpy_ndarray()
-        elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            out[name] = col.to_pylist()
-        else:
-            out[name] = np.stack([np.asarray(v, dtype=np.float32) for v in col.to_pylist()])
-    return out
-
-
 def val_captions(cache: str, limit: int) -> list[str]:
     _require_cache(cache, "validation captions")
-    captions = [c for c in read_val_columns(cache, ["caption"], limit)["caption"] if c and c.strip()]
+    captions = [c for c in read_split_columns(cache, "val", ["caption"], limit)["caption"] if c and c.strip()]
     if not captions:
         raise ValueError(f"no validation captions: the cache {cache} has only empty captions")
     return captions
@@ -160,10 +124,10 @@ def cache_reference(cache: str, vae: Any, limit: int | None, batch_size: int) ->
     """The validation images as the cache holds them: latents decoded with the teacher's VAE."""
     manifest = _require_cache(cache, "reference images")
     if manifest.latents == "sample":
-        lat = torch.from_numpy(read_val_columns(cache, ["latent"], limit)["latent"]).float()
+        lat = torch.from_numpy(read_split_columns(cache, "val", ["latent"], limit)["latent"]).float()
         lat = lat / manifest.vae_scaling_factor
     else:  # "dist": the mean of the latent distribution, unscaled
-        lat = torch.from_numpy(read_val_columns(cache, ["latent_mean"], limit)["latent_mean"]).float()
+        lat = torch.from_numpy(read_split_columns(cache, "val", ["latent_mean"], limit)["latent_mean"]).float()
     images = decode_latents(vae, lat, batch_size)
     if len(images) < 2:
         raise ValueError(f"the cache {cache} has {len(images)} validation image(s); FID needs at least 2")

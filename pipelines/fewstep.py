@@ -241,7 +241,6 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
                                                "distillery.objective": sc.objective})
     log.info("steps: %s MLflow run %s", "resuming" if resumed else "starting", run_id)
     datasets = training_datasets(cfg, manifest)
-    datasets.pop("val", None)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "manifest": manifest, "tracking_uri": uri,

@@ -772,20 +772,15 @@ def prune_orphan_checkpoints(result: Any, storage_path: str, name: str) -> list[
 
 
 def training_datasets(cfg: Config, manifest: CacheManifest) -> dict[str, Any]:
-    """The cache's splits as Ray datasets of the columns training reads ("val" only where there are rows)."""
+    """The cache's training split as a Ray dataset of the columns training reads (validation rows are few: the
+    stages read them with pipelines.cache.read_split_columns)."""
     import ray.data
 
-    out = {}
-    for split in ("train", "val"):
-        if manifest.rows.get(split, 0) == 0:
-            continue
-        fs, path = filesystem(join(cfg.distill.cache, split))
-        ds = ray.data.read_parquet(path, filesystem=fs)
-        keep = [c for c in CACHE_COLUMNS if c in ds.schema().names]
-        out[split] = ds.select_columns(keep)
-    if "train" not in out:
+    if manifest.rows.get("train", 0) == 0:
         raise ValueError(f"{cfg.distill.cache}: the cache has no training rows")
-    return out
+    fs, path = filesystem(join(cfg.distill.cache, "train"))
+    ds = ray.data.read_parquet(path, filesystem=fs)
+    return {"train": ds.select_columns([c for c in CACHE_COLUMNS if c in ds.schema().names])}
 
 
 def cache_manifest(cfg: Config) -> CacheManifest:
