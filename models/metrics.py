@@ -329,8 +329,8 @@ def tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
 
 
 def resolve_clip(spec: str) -> str:
-    """A folder or hub id for CLIPModel.from_pretrained: builtin:tiny-clip is built once into the cache,
-    s3:// folders are copied there."""
+    """A folder or hub id for CLIPModel.from_pretrained: builtin:tiny-clip is built once into the cache; local
+    folders and hub ids pass through (s3://: pipelines.storage.model_dir first)."""
     from models.local_cache import build_once, cache_root
     from models.teacher import resolve_model_dir
 

@@ -380,6 +380,7 @@ class StudentMeta(BaseModel):
     start_from: str | None = None  # the student folder whose U-Net training started from (continued distillation)
     spec: dict[str, Any] | None = None  # RemovalSpec.to_dict()
     latents: Literal["dist", "mean", "sample"] | None = None  # what the U-Net was trained on
+    sizes: list[str] | None = None  # "WxH" image sizes it was trained at (the cache's aspect-ratio buckets)
     params: int | None = None  # U-Net parameters
     teacher_params: int | None = None
     job_key: str | None = None

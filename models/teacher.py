@@ -1,4 +1,5 @@
-"""Load a teacher: hub id, local diffusers folder, s3:// URI (copied to a local cache) or builtin:NAME.
+"""Load a teacher: hub id, local diffusers folder or builtin:NAME (an s3:// folder is copied to a local one by
+pipelines.storage.model_dir first).
 
 Returns the components (U-Net, VAE, text encoder(s), tokenizer(s), scheduler) with the family (sd1,
 sd2, sdxl) and the prediction type (epsilon, v_prediction) read from their configs, and the text
@@ -7,7 +8,6 @@ encoding every stage shares (`encode_prompts`), so SD1 and SDXL differ in one pl
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,38 +25,10 @@ Family = Literal["sd1", "sd2", "sdxl"]
 SHIPPED = Path(__file__).parent / "assets"  # teachers committed to the repo (builtin:shapes-sd1)
 
 
-def _copy_remote_tree(uri: str, dest: Path) -> None:
-    """Copy the files of a remote folder into `dest` (files in parallel)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(uri)
-    files = [f for f in fs.find(root) if not f.endswith("/")]
-    if not files:
-        raise FileNotFoundError(f"no files under {uri}")
-
-    def get(f: str) -> None:
-        target = dest / f[len(root.rstrip("/")) + 1 :]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(f, str(target))
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(get, files))
-
-
-def _listing(uri: str) -> str:
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(uri)
-    info = fs.find(root, detail=True)
-    return repr(sorted((k, v.get("size"), str(v.get("ETag") or v.get("LastModified") or v.get("mtime")))
-                       for k, v in info.items()))
-
-
 def resolve_model_dir(uri: str) -> str:
-    """A path or hub id that from_pretrained accepts: remote URIs are copied to the local cache once,
-    builtin tiny models are built there once; hub ids and local folders pass through."""
+    """A path or hub id that from_pretrained accepts: builtin tiny models are built into the local cache once;
+    hub ids and local folders pass through. Remote URIs (s3://) are the storage layer's: pipelines.storage.model_dir
+    copies them to a local folder."""
     if uri.startswith("builtin:"):
         name = uri.split(":", 1)[1]
         shipped = SHIPPED / name
@@ -70,11 +42,7 @@ def resolve_model_dir(uri: str) -> str:
         return str(build_once(cache_root() / "builtin" / name, lambda tmp: save_tiny(name, tmp),
                               done=lambda d: (d / "model_index.json").exists() or (d / "config.json").exists()))
     if "://" in uri and not uri.startswith("file://"):
-        # keyed by the URI and what is there now, so a folder rewritten in place is fetched again
-        dest = cache_root() / "models" / hashlib.sha256((uri + _listing(uri)).encode()).hexdigest()[:16]
-        if not dest.exists():
-            log.info("copying %s to %s", uri, dest)
-        return str(build_once(dest, lambda tmp: _copy_remote_tree(uri, tmp)))
+        raise ValueError(f"{uri}: a remote folder; fetch it to a local one first (pipelines.storage.model_dir)")
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     return uri
@@ -83,7 +51,8 @@ def resolve_model_dir(uri: str) -> str:
 def load_decoder(uri: str, dtype: torch.dtype = torch.float32) -> Any:
     """A VAE to decode with in place of the pipeline's own: a diffusers AutoencoderTiny (TAESD,
     madebyollin/taesd for SD 1.x/2.x, madebyollin/taesdxl for SDXL) or AutoencoderKL folder, by local path, hub
-    id, s3:// URI or builtin:tiny-decoder. A pipeline folder works too (its vae/ subfolder)."""
+    id or builtin:tiny-decoder (s3://: pipelines.storage.model_dir first). A pipeline folder works too (its vae/
+    subfolder)."""
     import json
 
     from diffusers import AutoencoderTiny

@@ -55,6 +55,12 @@ class CacheManifest(BaseModel):
     created: str
 
 
+def trained_sizes(manifest: CacheManifest) -> list[str]:
+    """The "WxH" image sizes a cache trains at, its square resolution first: then its aspect-ratio buckets."""
+    square = f"{manifest.resolution}x{manifest.resolution}"
+    return [square, *[b for b in manifest.buckets or [] if b != square]]
+
+
 def read_manifest(uri: str) -> CacheManifest | None:
     """The cache's manifest, or None when there is none (never prepared, or still being written)."""
     path = join(uri, MANIFEST)

@@ -485,7 +485,9 @@ class ServeConfig(Section):
     max_body_bytes: int = Field(65536, ge=1024)
     max_prompt_chars: int = Field(1000, ge=1)
     max_n: int = Field(4, ge=1)
-    sizes: list[str] = Field(default_factory=lambda: ["64x64"])
+    # "WxH" sizes a request may ask for, the first the default; None: the sizes the student was trained at (its
+    # distillery.json: the cache's aspect-ratio buckets or its square size), else the model's native square size
+    sizes: list[str] | None = None
     default_steps: int = Field(20, ge=1)
     max_steps: int = Field(100, ge=1)
     default_guidance_scale: float = Field(7.5, ge=0)
@@ -496,7 +498,9 @@ class ServeConfig(Section):
 
     @field_validator("sizes")
     @classmethod
-    def _sizes(cls, v: list[str]) -> list[str]:
+    def _sizes(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
         for s in v:
             w, _, h = s.partition("x")
             if not (w.isdigit() and h.isdigit()):

@@ -58,9 +58,9 @@ from models.student import (
 )
 from models.teacher import load_teacher, resolve_model_dir
 from pipelines import tracking
-from pipelines.cache import CacheManifest, read_split_columns
+from pipelines.cache import CacheManifest, read_split_columns, trained_sizes
 from pipelines.config import Config, DistillConfig
-from pipelines.storage import ensure_ray, join
+from pipelines.storage import ensure_ray, join, model_dir
 from pipelines.train import (
     CACHE_COLUMNS,
     EMA,
@@ -190,7 +190,7 @@ def export_student(ckpt_dir: str | Path, cfg: Config, spec: RemovalSpec, out_dir
 
     from models.student import save_student
 
-    src = resolve_model_dir(cfg.teacher.uri)
+    src = resolve_model_dir(model_dir(cfg.teacher.uri))
     t_config = UNet2DConditionModel.load_config(src, subfolder="unet")
     student = UNet2DConditionModel.from_config(student_config(t_config, spec))
     student.load_state_dict(consolidated_state(ckpt_dir, cfg.distill.zero_stage, cfg.distill.deepspeed))
@@ -202,7 +202,7 @@ def start_spec(start_from: str, teacher_config: Any) -> tuple[RemovalSpec, Stude
     teacher: the folder's U-Net must be the one the spec makes of this teacher's architecture."""
     from diffusers import UNet2DConditionModel
 
-    folder = resolve_model_dir(start_from)
+    folder = resolve_model_dir(model_dir(start_from))
     meta = read_meta_file(folder)
     if meta.spec is None and meta.preset is None:
         raise ValueError(f"student.start_from {start_from}: its distillery.json records no spec or preset (was it "
@@ -227,7 +227,7 @@ def initial_student(teacher_unet: torch.nn.Module, spec: RemovalSpec, init: str,
     from models.student import build_student
 
     if start_from is not None:
-        return UNet2DConditionModel.from_pretrained(resolve_model_dir(start_from), subfolder="unet",
+        return UNet2DConditionModel.from_pretrained(resolve_model_dir(model_dir(start_from)), subfolder="unet",
                                                     dtype=torch.float32)
     student = build_student(teacher_unet, spec)
     if init == "random":
@@ -256,7 +256,7 @@ def train_loop_per_worker(config: dict) -> None:
     resolution = int(manifest.resolution)
 
     # the teacher: fp32 while the student is copied from it, then half precision on the device
-    teacher = load_teacher(cfg.teacher.uri, dtype="float32", revision=cfg.teacher.revision,
+    teacher = load_teacher(model_dir(cfg.teacher.uri), dtype="float32", revision=cfg.teacher.revision,
                            variant=cfg.teacher.variant)
     spec = RemovalSpec.from_dict(config["spec"])
     student = initial_student(teacher.unet, spec, cfg.student.init, dc.seed, cfg.student.start_from)
@@ -500,7 +500,7 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     manifest = cache_manifest(cfg)
     from diffusers import UNet2DConditionModel
 
-    src = resolve_model_dir(cfg.teacher.uri)
+    src = resolve_model_dir(model_dir(cfg.teacher.uri))
     t_config = UNet2DConditionModel.load_config(src, subfolder="unet")
     preset = cfg.student.preset
     if cfg.student.start_from is not None:
@@ -532,7 +532,8 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         state = json.loads((Path(d) / STATE).read_text())
         meta = StudentMeta(teacher=cfg.teacher.uri, family=manifest.family, preset=preset,
                            init=cfg.student.init, start_from=cfg.student.start_from, spec=spec.to_dict(),
-                           latents="mean" if manifest.latents == "mean" else "dist", job_key=job_key,
+                           latents="mean" if manifest.latents == "mean" else "dist", sizes=trained_sizes(manifest),
+                           job_key=job_key,
                            step=state["step"], losses=losses, mlflow_run_id=run_id, checkpoint=final.path,
                            config_digest=cfg.digest(), kd_loss=dc.loss.model_dump(mode="json"))
         with tempfile.TemporaryDirectory() as tmp:

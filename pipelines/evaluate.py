@@ -49,7 +49,7 @@ from models.student import META_FILE, StudentMeta, read_meta
 from pipelines.cache import CacheManifest, read_manifest, read_split_columns
 from pipelines.config import Config
 from pipelines.report import write_report
-from pipelines.storage import exists, is_remote, join, list_files, local_copy, read_bytes, write_bytes
+from pipelines.storage import exists, is_remote, join, list_files, local_copy, model_dir, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -147,18 +147,18 @@ def quality_scores(teacher_uri: str, student_uri: str | None, prompts: list[str]
     t0 = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if student_uri is None:
-        pipe = load_teacher_pipeline(teacher_uri, dtype, device)
+        pipe = load_teacher_pipeline(model_dir(teacher_uri), dtype, device)
     else:  # a step-distilled student samples as its distillery.json records, as in the stage
         asked = SimpleNamespace(student=student_uri, student_steps=None, student_guidance_scale=None, steps=steps,
                                 guidance_scale=guidance_scale)
         steps, guidance_scale = student_sampling(asked, _student_meta(student_uri))
-        _, pipe = load_pipelines(teacher_uri, student_uri, dtype, device)
+        _, pipe = load_pipelines(model_dir(teacher_uri), model_dir(student_uri), dtype, device)
     size = size or image_size(pipe)
     images = decode(pipe, generate(pipe, prompts, seeds, steps, guidance_scale, size, batch_size), batch_size)
     out: dict[str, float] = {"num_images": float(len(prompts))}
     out.update(caption_scores(to_pil(images), prompts, "student"))
     if clip_model:
-        model, tokenizer = M.load_clip(clip_model, device)
+        model, tokenizer = M.load_clip(model_dir(clip_model), device)
         out["clip_score_student"] = M.clip_score(images, prompts, model, tokenizer)
     out["eval_s"] = time.perf_counter() - t0
     return out
@@ -302,8 +302,9 @@ def evaluate_here(cfg: Config) -> dict[str, float]:
         log.info("evaluate: %s already has the metrics of these inputs; skipping", out_uri)
         return json.loads(read_bytes(join(out_uri, "metrics.json")))
 
-    teacher_pipe, student_pipe = load_pipelines(cfg.teacher.uri, ev.student, cfg.teacher.dtype, device,
-                                                cfg.teacher.revision, cfg.teacher.variant, ev.student_decoder)
+    teacher_pipe, student_pipe = load_pipelines(model_dir(cfg.teacher.uri), model_dir(ev.student), cfg.teacher.dtype,
+                                                device, cfg.teacher.revision, cfg.teacher.variant,
+                                                ev.student_decoder and model_dir(ev.student_decoder))
     size = ev.resolution or _cache_resolution(cfg.data.output) or image_size(teacher_pipe)
     if ev.reference:
         reference = read_reference_folder(ev.reference, size, ev.num_reference)
@@ -314,8 +315,8 @@ def evaluate_here(cfg: Config) -> dict[str, float]:
         teacher_pipe, student_pipe, image_prompts, seeds, spec=spec, steps=ev.steps,
         guidance_scale=ev.guidance_scale, student_steps=student_steps, student_guidance_scale=student_scale,
         steps_sweep=ev.steps_sweep, size=size, batch_size=ev.batch_size, reference=reference,
-        feature_extractor=ev.feature_extractor and local_copy(ev.feature_extractor), clip_model=ev.clip_model,
-        latency_repeats=ev.latency_repeats,
+        feature_extractor=ev.feature_extractor and local_copy(ev.feature_extractor),
+        clip_model=ev.clip_model and model_dir(ev.clip_model), latency_repeats=ev.latency_repeats,
         embedding_samples=ev.embedding_samples, seed=ev.seed,
     )
     info = {"teacher": cfg.teacher.uri, "student": ev.student, "preset": meta.preset,

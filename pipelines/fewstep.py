@@ -33,7 +33,7 @@ from models.student import META_FILE, StepsMeta, read_meta
 from models.teacher import load_teacher, resolve_model_dir
 from pipelines import tracking
 from pipelines.config import Config, DistillConfig
-from pipelines.storage import ensure_ray, exists, join, read_bytes
+from pipelines.storage import ensure_ray, exists, join, model_dir, read_bytes
 from pipelines.train import (
     StudentEngine,
     TrainBatches,
@@ -75,7 +75,7 @@ def train_config(cfg: Config) -> DistillConfig:
 def _load_student(uri: str) -> tuple[str, Any]:
     from diffusers import UNet2DConditionModel
 
-    src = resolve_model_dir(uri)
+    src = resolve_model_dir(model_dir(uri))
     if not (Path(src) / "model_index.json").exists() or not (Path(src) / "unet").is_dir():
         raise FileNotFoundError(f"steps.student {uri}: no diffusers pipeline folder with a unet/ there; run the "
                                 "distill stage first, or set steps.student to the teacher's URI to step-distill "
@@ -103,7 +103,7 @@ def train_loop_per_worker(config: dict) -> None:
     schedule = Schedule.from_scheduler(_scheduler(src))
     guide = None
     # the empty prompt: the teacher's CFG (guided, consistency) and caption dropout
-    teacher = load_teacher(cfg.teacher.uri, dtype="float32",
+    teacher = load_teacher(model_dir(cfg.teacher.uri), dtype="float32",
                            components=("unet", "text") if sc.objective in ("guided", "consistency") else ("text",),
                            revision=cfg.teacher.revision, variant=cfg.teacher.variant)
     uncond = prompt_conditioning(teacher, [""], int(manifest.resolution))
@@ -227,7 +227,7 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
                 "skipped": True}
     manifest = cache_manifest(cfg)
     src, student = _load_student(sc.student)
-    t_cfg = UNet2DConditionModel.load_config(resolve_model_dir(cfg.teacher.uri), subfolder="unet")
+    t_cfg = UNet2DConditionModel.load_config(resolve_model_dir(model_dir(cfg.teacher.uri)), subfolder="unet")
     if t_cfg["cross_attention_dim"] != student.config.cross_attention_dim:
         raise ValueError(f"steps.student {sc.student} (cross_attention_dim {student.config.cross_attention_dim}) "
                          f"does not fit teacher.uri {cfg.teacher.uri} ({t_cfg['cross_attention_dim']})")

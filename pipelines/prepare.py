@@ -43,7 +43,17 @@ from pipelines.formats import (
     rows_webdataset,
     with_fingerprint,
 )
-from pipelines.storage import delete_dir, ensure_ray, exists, filesystem, join, list_files, read_bytes, write_bytes
+from pipelines.storage import (
+    delete_dir,
+    ensure_ray,
+    exists,
+    filesystem,
+    join,
+    list_files,
+    model_dir,
+    read_bytes,
+    write_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -463,7 +473,7 @@ class Embedder:
         self.cfg = DataConfig.model_validate(data)
         self.fs, self.root = fs, root
         self.device = device
-        self.teacher = load_teacher(teacher["uri"], dtype=teacher["dtype"], device=device,
+        self.teacher = load_teacher(model_dir(teacher["uri"]), dtype=teacher["dtype"], device=device,
                                     components=("vae", "text"), revision=teacher["revision"],
                                     variant=teacher["variant"])
         self.torch = torch
@@ -551,11 +561,11 @@ def _teacher_facts(cfg: Config) -> dict:
 
     from models.teacher import load_teacher, resolve_model_dir, trained_latents
 
-    src = resolve_model_dir(cfg.teacher.uri)
+    src = resolve_model_dir(model_dir(cfg.teacher.uri))
     kw = {"revision": cfg.teacher.revision} if cfg.teacher.revision else {}
     index = DiffusionPipeline.load_config(src, **kw)
     vae = AutoencoderKL.load_config(src, subfolder="vae", **kw)
-    t = load_teacher(cfg.teacher.uri, dtype="float32", components=(), revision=cfg.teacher.revision)
+    t = load_teacher(src, dtype="float32", components=(), revision=cfg.teacher.revision)
     te = CLIPTextConfig.from_pretrained(src, subfolder="text_encoder", **kw)
     dim, pooled = te.hidden_size, None
     if t.family == "sdxl":

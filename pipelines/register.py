@@ -274,6 +274,7 @@ def read_metrics(eval_dir: str) -> dict[str, float]:
 
 def run(cfg: Config) -> dict[str, Any]:
     from models.teacher import resolve_model_dir
+    from pipelines.storage import model_dir
 
     metrics = read_metrics(cfg.evaluate.output)
     if cfg.registry.metric not in metrics:
@@ -281,5 +282,5 @@ def run(cfg: Config) -> dict[str, Any]:
             f"registry.metric {cfg.registry.metric!r} is not in {cfg.evaluate.output}/metrics.json "
             f"(it has {sorted(metrics)}); set registry.metric to one of them"
         )
-    folder = resolve_model_dir(cfg.evaluate.student)  # s3:// students are copied locally first
+    folder = resolve_model_dir(model_dir(cfg.evaluate.student))  # s3:// students are copied locally first
     return register_student(folder, metrics, cfg)

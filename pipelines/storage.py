@@ -82,6 +82,51 @@ def local_copy(uri: str) -> str:
     return str(build_once(dest, lambda tmp: Path(tmp).write_bytes(read_bytes(uri))))
 
 
+def model_dir(uri: str) -> str:
+    """What the loaders in models/ take for a model folder URI: a remote folder (s3://) is copied once into the
+    node's cache (keyed by the URI and what is there now, so a folder rewritten in place is fetched again); hub ids,
+    local folders and builtin: names pass through."""
+    if not is_remote(uri):
+        return uri
+    import hashlib
+
+    from models.local_cache import build_once, cache_root
+
+    dest = cache_root() / "models" / hashlib.sha256((uri + _listing(uri)).encode()).hexdigest()[:16]
+    if not dest.exists():
+        log.info("copying %s to %s", uri, dest)
+    return str(build_once(dest, lambda tmp: _copy_remote_tree(uri, tmp)))
+
+
+def _listing(uri: str) -> str:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    info = fs.find(root, detail=True)
+    return repr(sorted((k, v.get("size"), str(v.get("ETag") or v.get("LastModified") or v.get("mtime")))
+                       for k, v in info.items()))
+
+
+def _copy_remote_tree(uri: str, dest: Any) -> None:
+    """Copy the files of a remote folder into `dest` (files in parallel)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    files = [f for f in fs.find(root) if not f.endswith("/")]
+    if not files:
+        raise FileNotFoundError(f"no files under {uri}")
+
+    def get(f: str) -> None:
+        target = dest / f[len(root.rstrip("/")) + 1 :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(f, str(target))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(get, files))
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole file so that readers never see half of it: S3 puts are atomic; locally we rename."""
     write_file(*filesystem(uri), data)

@@ -83,8 +83,9 @@ def main(args: argparse.Namespace) -> int:
             from diffusers import UNet2DConditionModel
 
             from models.teacher import resolve_model_dir
+            from pipelines.storage import model_dir
 
-            cfg = dict(UNet2DConditionModel.load_config(resolve_model_dir(args.teacher), subfolder="unet"))
+            cfg = dict(UNet2DConditionModel.load_config(resolve_model_dir(model_dir(args.teacher)), subfolder="unet"))
             configs = {args.teacher: {k: v for k, v in cfg.items() if not k.startswith("_")}}
         else:
             configs = {"sd1.5": SD15_UNET, "sdxl": SDXL_UNET}
@@ -103,8 +104,9 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(pushed, indent=2))
         return 0
     from models.teacher import load_teacher
+    from pipelines.storage import model_dir
 
-    teacher = load_teacher(args.teacher, dtype=args.dtype, components=("unet",))
+    teacher = load_teacher(model_dir(args.teacher), dtype=args.dtype, components=("unet",))
     spec = load_spec_file(args.spec) if args.spec else None
     spec = resolve_spec(teacher.unet.config, preset=args.preset, spec=spec)
     student = build_student(teacher.unet, spec)

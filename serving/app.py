@@ -42,6 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.sampling import ImageJob, encode_png
 from pipelines.config import Config, ServeConfig, parse_config
+from pipelines.storage import model_dir
 from serving.batching import DynamicBatcher
 from serving.schemas import ApiError, ImageData, ImageResponse, ModelCard, Timings, parse_request, parse_size
 
@@ -160,7 +161,7 @@ def resolve_model(cfg: Config) -> dict[str, Any]:
 def fetch_model(model: dict[str, Any]) -> str:
     """A local diffusers folder for the model: MLflow models are downloaded once per node and version."""
     if not model["uri"].startswith("models:/"):
-        return model["uri"]  # models.sampling.load_pipeline resolves s3:// and builtin: itself
+        return model_dir(model["uri"])  # s3:// folders are copied to the node; builtin: names pass through
     import mlflow
 
     from models.local_cache import build_once, cache_root
@@ -176,6 +177,18 @@ def fetch_model(model: dict[str, Any]) -> str:
 
     build_once(dest, download, done=lambda d: (d / "artifacts" / "pipeline" / "model_index.json").is_file())
     return str(folder)
+
+
+def served_sizes(folder: str, pipe: Any) -> list[str]:
+    """serve.sizes left unset: the sizes the student was trained at (its distillery.json), else the pipeline's
+    native square size."""
+    from models.student import read_meta_file
+
+    trained = read_meta_file(Path(folder)).sizes if Path(folder).is_dir() else None
+    if trained:
+        return trained
+    side = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    return [f"{side}x{side}"]
 
 
 def read_api_key(cfg: ServeConfig) -> str | None:
@@ -214,7 +227,10 @@ class ImageServer:
         self._key = read_api_key(self.cfg)
         self._render = render_images
         device = "cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.pipe = load_pipeline(fetch_model(model), device, self.cfg.decoder)
+        folder = fetch_model(model)
+        self.pipe = load_pipeline(folder, device, self.cfg.decoder and model_dir(self.cfg.decoder))
+        if self.cfg.sizes is None:
+            self.cfg = self.cfg.model_copy(update={"sizes": served_sizes(folder, self.pipe)})
         if self.cfg.batcher == "serve":
             self._serve_batch.set_max_batch_size(self.cfg.max_batch_size)
             self._serve_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)

@@ -4,6 +4,7 @@ stage trains on it with DeepSpeed ZeRO-2, checkpoints, resumes and exports."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 from pathlib import Path
@@ -103,6 +104,23 @@ def test_bucketed_distill_trains_checkpoints_resumes_and_exports(bucketed, mlflo
     second = distill.run(parse_config(more))  # the same job, further: it resumes from the step-2 checkpoint
     assert second["step"] == 4 and second["mlflow_run_id"] == first["mlflow_run_id"]
     out = parse_config(more).distill.output
-    assert json.loads(open(f"{out}/distillery.json").read())["step"] == 4
+    meta = json.loads(open(f"{out}/distillery.json").read())
+    assert meta["step"] == 4
     unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
     assert unet.config.addition_embed_type == "text_time"  # an SDXL student, loaded by plain diffusers
+    # it records the sizes it was trained at (the square one first, then the buckets); Serve offers those when
+    # serve.sizes is unset, and the student generates at a wide bucket's size
+    from diffusers import StableDiffusionXLPipeline
+
+    from models.sampling import ImageJob, generate_images, load_pipeline
+    from pipelines.cache import read_manifest
+    from serving.app import served_sizes
+
+    buckets = read_manifest(parse_config(more).data.output).buckets
+    assert meta["sizes"][0] == "64x64" and sorted(meta["sizes"]) == sorted(buckets), meta["sizes"]
+    pipe = load_pipeline(out, "cpu")
+    assert isinstance(pipe, StableDiffusionXLPipeline) and served_sizes(out, pipe) == meta["sizes"]
+    wide = max(meta["sizes"], key=lambda s: int(s.split("x")[0]) / int(s.split("x")[1]))
+    w, h = (int(v) for v in wide.split("x"))
+    (png,) = generate_images(pipe, [ImageJob("a wide picture", num_inference_steps=1, width=w, height=h, seed=0)])
+    assert Image.open(io.BytesIO(png)).size == (w, h)

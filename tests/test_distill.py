@@ -134,9 +134,9 @@ def make_cache(uri: str, teacher_uri: str, n_train: int = 64, n_val: int = 8):
     """Encode colored-shape images with the tiny teacher and write the cache by the contract."""
     from models.teacher import encode_prompts, load_teacher
     from pipelines.cache import CacheManifest, write_manifest, write_rows
-    from pipelines.storage import join
+    from pipelines.storage import join, model_dir
 
-    teacher = load_teacher(teacher_uri, dtype="float32", components=("vae", "text"))
+    teacher = load_teacher(model_dir(teacher_uri), dtype="float32", components=("vae", "text"))
     combos = [(c, s) for c in COLORS for s in SHAPES]
     rows = {"train": [], "val": []}
     for i in range(n_train + n_val):
@@ -356,14 +356,21 @@ def test_continued_distillation_starts_from_a_student_folder_with_another_teache
 
 
 def test_distill_zero3_on_s3_exports_consolidated_student(tmp_path, ray_local, mlflow_server, s3_bucket):
+    import boto3
     from diffusers import UNet2DConditionModel
 
     from models.student import build_student, preset_spec
-    from models.teacher import load_teacher
+    from models.teacher import load_teacher, resolve_model_dir
     from pipelines import distill
     from pipelines.storage import list_files, read_bytes
 
-    make_cache(str(tmp_path / "cache"), "builtin:tiny-sd1", n_train=32, n_val=4)
+    # the teacher on S3 too: the driver and every worker fetch it through pipelines.storage.model_dir
+    tiny = Path(resolve_model_dir("builtin:tiny-sd1"))
+    for f in tiny.rglob("*"):
+        if f.is_file():
+            boto3.client("s3").upload_file(str(f), s3_bucket.removeprefix("s3://"), f"teacher/{f.relative_to(tiny)}")
+    teacher_uri = f"{s3_bucket}/teacher"
+    make_cache(str(tmp_path / "cache"), teacher_uri, n_train=32, n_val=4)
     # with float8 matmuls in both U-Nets' transformer layers: they train and export as plain nn.Linear weights; and
     # with the KD settings of later papers (transformer-level features normalized as LAPTOP-Diff, self-attention
     # KD, min-SNR weights, tempered attention transfer), each term logged on its own
@@ -372,6 +379,7 @@ def test_distill_zero3_on_s3_exports_consolidated_student(tmp_path, ray_local, m
     tree = _config(tmp_path, max_steps=2, val_every=2, checkpoint_every=2, zero_stage=3, fp8_linear="both",
                    storage_path=f"{s3_bucket}/train", output=f"{s3_bucket}/student", lr=1e-3, loss=loss)
     tree["data"] = {"output": str(tmp_path / "cache")}
+    tree["teacher"] = {"uri": teacher_uri}
     tree["mlflow"] = {"tracking_uri": mlflow_server.url, "experiment": "zero3-kd-terms"}
     result = distill.run(parse_config(tree))
     assert result["step"] == 2

@@ -60,7 +60,8 @@ def test_dependencies_point_one_way():
                if n and n.startswith("_") and mod.split(".")[0] in PACKAGES and mod != m]
     assert not private, f"imports of another module's private names: {private}"
     core = [(m, mod) for m, found in imports.items() if m.startswith("models.") for mod, _ in found
-            if mod.split(".")[0] in ("pipelines", "tuning", "serving", "ray", "mlflow", "pyarrow")]
+            if mod.split(".")[0] in ("pipelines", "tuning", "serving", "ray", "mlflow", "pyarrow", "fsspec", "s3fs",
+                                     "boto3")]
     assert not core, f"models/ is pure PyTorch + diffusers: {core}"
     serving = sorted(m for m, found in imports.items() if not m.startswith("serving.")
                      and any(mod.split(".")[0] == "serving" for mod, _ in found))

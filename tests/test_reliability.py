@@ -21,9 +21,9 @@ SHAPES = REPO / "models" / "assets" / "shapes-sd1"
 def _resolve(uri: str, cache: str, env: dict, out: multiprocessing.Queue) -> None:
     os.environ.update(env, DISTILLERY_CACHE=cache)
     try:
-        from models.teacher import resolve_model_dir
+        from pipelines.storage import model_dir
 
-        out.put(("ok", resolve_model_dir(uri)))
+        out.put(("ok", model_dir(uri)))
     except Exception as e:  # noqa: BLE001 - the parent reports it
         out.put(("error", f"{type(e).__name__}: {e}"))
 
@@ -55,6 +55,12 @@ def test_concurrent_fetches_of_one_remote_teacher(s3_bucket, s3_server, tmp_path
     want = sorted(str(f.relative_to(SHAPES)) for f in SHAPES.rglob("*") if f.is_file())
     assert sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()) == want
     assert not list(folder.parent.glob("*.partial"))
+    # the loaders in models/ take local folders only: a remote URI is refused with its name, not fetched there
+    from models.teacher import load_teacher
+
+    with pytest.raises(ValueError, match="a remote folder; fetch it") as err:
+        load_teacher(f"{s3_bucket}/teacher", components=("unet",))
+    assert f"{s3_bucket}/teacher" in str(err.value)
 
 
 @pytest.mark.parametrize("tree, field", [

@@ -173,6 +173,14 @@ def test_serve_config(tiny_sd1_dir, tmp_path):
     assert built._bound_deployment.ray_actor_options["num_gpus"] == 1
     with pytest.raises(ValueError, match="not a diffusers pipeline folder"):
         app.resolve_model(parse_config({"serve": {"model": str(tmp_path)}}))
+    # serve.sizes unset: a model whose distillery.json records no sizes is served at its native square size
+    from types import SimpleNamespace
+
+    assert cfg.serve.sizes is None
+    pipe = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(sample_size=96)), vae_scale_factor=8)
+    assert app.served_sizes(str(tmp_path), pipe) == ["768x768"]
+    with pytest.raises(ConfigError, match="sizes"):
+        parse_config({"serve": {"sizes": []}})
 
 
 def test_models_and_health(server):

@@ -47,7 +47,17 @@ from models.student import RemovalSpec, count_params, student_config
 from pipelines import tracking
 from pipelines.cache import CacheManifest
 from pipelines.config import QUALITY_METRICS, Config, dump_config
-from pipelines.storage import delete_dir, ensure_ray, exists, filesystem, is_remote, join, read_bytes, write_bytes
+from pipelines.storage import (
+    delete_dir,
+    ensure_ray,
+    exists,
+    filesystem,
+    is_remote,
+    join,
+    model_dir,
+    read_bytes,
+    write_bytes,
+)
 from pipelines.train import cache_manifest
 from tuning import space
 
@@ -84,7 +94,7 @@ def _teacher_unet_config(teacher_uri: str) -> dict:
 
     from models.teacher import resolve_model_dir
 
-    return dict(UNet2DConditionModel.load_config(resolve_model_dir(teacher_uri), subfolder="unet"))
+    return dict(UNet2DConditionModel.load_config(resolve_model_dir(model_dir(teacher_uri)), subfolder="unet"))
 
 
 # ---------------------------------------------------------------------------------------------------
