@@ -107,11 +107,12 @@ def write_rows(uri: str, columns: dict[str, Any], fs: Any = None) -> int:
     return table.num_rows
 
 
-def read_split_columns(cache: str, split: str, columns: list[str] | None = None,
-                       limit: int | None = None) -> dict[str, Any]:
-    """Columns of a cache split read with pyarrow, in file order (no Ray Data job for a few rows): strings as lists,
-    tensors as one (N, ...) array, or a list of per-row arrays where the files' shapes differ (an aspect-bucketed
-    cache). `columns` None: every column of the first file."""
+def read_split_columns(cache: str, split: str, columns: list[str] | None = None, limit: int | None = None,
+                       start: int = 0) -> dict[str, Any]:
+    """Rows start .. start+limit of a cache split read with pyarrow, in file order (no Ray Data job for a few rows
+    or a small shard; files before `start` are skipped by their footers' row counts): strings as lists, tensors as
+    one (N, ...) array, or a list of per-row arrays where the files' shapes differ (an aspect-bucketed cache).
+    `columns`: those of them the files have; None: all."""
     import ray.data.extensions  # noqa: F401  (registers the Arrow tensor type, so tensors read back as such)
 
     from pipelines.storage import list_files
@@ -121,10 +122,19 @@ def read_split_columns(cache: str, split: str, columns: list[str] | None = None,
     if not files:
         raise FileNotFoundError(f"{root}: no parquet files")
     fs, base = filesystem(root)
+    if columns is not None:
+        have = set(pq.read_schema(fs.open_input_file(f"{base}/{files[0]}")).names)
+        columns = [c for c in columns if c in have]
     parts: dict[str, list[Any]] = {}
-    n = 0
+    n, skip = 0, start
     for f in files:
-        t = pq.read_table(f"{base}/{f}", filesystem=fs, columns=columns)
+        if skip:
+            rows = pq.read_metadata(fs.open_input_file(f"{base}/{f}")).num_rows
+            if rows <= skip:
+                skip -= rows
+                continue
+        t = pq.read_table(f"{base}/{f}", filesystem=fs, columns=columns).slice(skip)
+        skip = 0
         if limit is not None:
             t = t.slice(0, limit - n)
         for name in t.column_names:

@@ -65,7 +65,6 @@ from pipelines.train import (
     CACHE_COLUMNS,
     EMA,
     StudentEngine,
-    TrainBatches,
     all_mean,
     cache_batch,
     cache_manifest,
@@ -86,6 +85,7 @@ from pipelines.train import (
     training_datasets,
     upload_folder,
     uses_cudagraphs,
+    worker_batches,
     worker_setup,
 )
 
@@ -387,8 +387,8 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = validate(0)
         ray.train.report({"step": 0, **metrics})
 
-    batches = TrainBatches(ray.train.get_dataset_shard("train"), manifest, teacher.family, dc, rank, world, device,
-                           empty, seed=dc.seed * 7919 + rank * 104729 + step)
+    batches = worker_batches(manifest, teacher.family, dc, rank, world, device, empty,
+                             seed=dc.seed * 7919 + rank * 104729 + step)
     if rank == 0:
         log.info("[distill] %s batches of %d, caption dropout %.2f, latents %s%s", "preloaded" if batches.preloaded
                  else "streamed", dc.batch_size, dc.caption_dropout, manifest.latents,
@@ -474,13 +474,13 @@ def trainer_for(cfg: Config, spec: RemovalSpec, manifest: CacheManifest, mlflow_
     val_rows = None
     if manifest.rows.get("val", 0) > 0:
         n = dc.val_batches * dc.batch_size
-        val_rows = ray.put(read_split_columns(dc.cache, "val", list(datasets["train"].schema().names), n))
+        val_rows = ray.put(read_split_columns(dc.cache, "val", list(CACHE_COLUMNS), n))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "manifest": manifest, "spec": spec.to_dict(),
                            "tracking_uri": cfg.tracking_uri(), "mlflow_run_id": mlflow_run_id,
                            "val_rows": val_rows},
-        datasets=datasets,
+        datasets=datasets or None,
         dataset_config=DataConfig(datasets_to_split="all"),
         **trainer_configs(cfg, job_name(cfg), callbacks),
     )

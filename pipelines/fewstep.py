@@ -36,7 +36,6 @@ from pipelines.config import Config, DistillConfig
 from pipelines.storage import ensure_ray, exists, join, model_dir, read_bytes
 from pipelines.train import (
     StudentEngine,
-    TrainBatches,
     all_mean,
     cache_manifest,
     finish_export,
@@ -48,6 +47,7 @@ from pipelines.train import (
     trainer_configs,
     training_datasets,
     upload_folder,
+    worker_batches,
     worker_setup,
 )
 
@@ -145,8 +145,8 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report({"step": at, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint_{at:06d}")
 
-    batches = TrainBatches(ray.train.get_dataset_shard("train"), manifest, manifest.family, dc, rank, world,
-                           device, uncond, seed=dc.seed * 7919 + rank * 104729 + step)
+    batches = worker_batches(manifest, manifest.family, dc, rank, world, device, uncond,
+                             seed=dc.seed * 7919 + rank * 104729 + step)
     gen = torch.Generator(device=device).manual_seed(dc.seed * 7919 + rank * 104729 + step + 1)
     window, window_n, t_log = torch.zeros(1, device=device), 0, time.perf_counter()
 
@@ -245,7 +245,7 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "manifest": manifest, "tracking_uri": uri,
                            "mlflow_run_id": run_id},
-        datasets=datasets,
+        datasets=datasets or None,
         **trainer_configs(cfg, job_name(cfg), callbacks),
     )
     try:

@@ -37,7 +37,7 @@ import torch
 from models.fp8 import fp8_unsupported, use_fp8_linear
 from models.student import read_meta_file
 from models.teacher import encode_prompts, map_tensors, unet_conditioning
-from pipelines.cache import CacheManifest, read_manifest, sample_latents
+from pipelines.cache import CacheManifest, read_manifest, read_split_columns, sample_latents
 from pipelines.config import Config, DistillConfig, uses_cudagraphs  # noqa: F401 (part of the shell)
 from pipelines.storage import filesystem, is_remote, join
 
@@ -455,6 +455,20 @@ def shard_bytes(manifest: CacheManifest, rows: int) -> int:
     return 4 * per_row * rows
 
 
+def preload_fits(manifest: CacheManifest, dc: DistillConfig, world: int) -> bool:
+    """Whether a worker's share of the training rows fits in distill.preload_gb (then it is kept on the device)."""
+    per_worker = math.ceil(int(manifest.rows.get("train", 0)) / max(1, world))
+    return dc.preload_gb > 0 and shard_bytes(manifest, per_worker) <= dc.preload_gb * 2**30
+
+
+def rank_rows(cache: str, manifest: CacheManifest, rank: int, world: int) -> dict[str, Any]:
+    """This rank's contiguous share of the training rows, read with pyarrow (a preloaded shard: each epoch draws
+    its own permutation of them, so contiguous shares train as a random split does)."""
+    n = int(manifest.rows["train"])
+    start, stop = rank * n // world, (rank + 1) * n // world
+    return read_split_columns(cache, "train", list(CACHE_COLUMNS), limit=stop - start, start=start)
+
+
 def latent_column(manifest: CacheManifest) -> str:
     return "latent" if manifest.latents == "sample" else "latent_mean"
 
@@ -499,11 +513,8 @@ class TrainBatches:
         self.empty = to_device(empty, device) if empty is not None else None
         self.gen = torch.Generator(device=device).manual_seed(seed)
         self.epoch = 0
-        train_rows = int(manifest.rows.get("train", 0))
-        per_worker = math.ceil(train_rows / max(1, world))
         # `rows` (cache columns as arrays): this worker's rows, already read
-        self.preloaded = rows is not None or (dc.preload_gb > 0
-                                              and shard_bytes(manifest, per_worker) <= dc.preload_gb * 2**30)
+        self.preloaded = rows is not None or preload_fits(manifest, dc, world)
         self.shard = shard
         self.bucketed = bool(manifest.buckets)
         self.key = latent_column(manifest)
@@ -617,6 +628,18 @@ class TrainBatches:
 # ---------------------------------------------------------------------------------------------------
 # Ray: the worker's set-up and the driver's configs (the Ray lines of every training stage)
 # ---------------------------------------------------------------------------------------------------
+
+
+def worker_batches(manifest: CacheManifest, family: str, dc: DistillConfig, rank: int, world: int,
+                   device: torch.device, empty: dict[str, Any] | None, seed: int) -> TrainBatches:
+    """A Train worker's TrainBatches: its rows read directly when they fit in distill.preload_gb (the driver then
+    gave the trainer no dataset: training_datasets), else its shard of the Ray dataset."""
+    import ray.train
+
+    if preload_fits(manifest, dc, world):
+        return TrainBatches(None, manifest, family, dc, rank, world, device, empty, seed,
+                            rows=rank_rows(dc.cache, manifest, rank, world))
+    return TrainBatches(ray.train.get_dataset_shard("train"), manifest, family, dc, rank, world, device, empty, seed)
 
 
 def worker_setup(dc: DistillConfig) -> tuple[int, int, torch.device]:
@@ -772,12 +795,15 @@ def prune_orphan_checkpoints(result: Any, storage_path: str, name: str) -> list[
 
 
 def training_datasets(cfg: Config, manifest: CacheManifest) -> dict[str, Any]:
-    """The cache's training split as a Ray dataset of the columns training reads (validation rows are few: the
-    stages read them with pipelines.cache.read_split_columns)."""
+    """The cache's training split as a Ray dataset of the columns training reads, or none where each worker's share
+    fits in distill.preload_gb: then the workers read their rows themselves (worker_batches), which spares the
+    Ray Data job's start-up. Validation rows are few: the stages read them with pipelines.cache.read_split_columns."""
     import ray.data
 
     if manifest.rows.get("train", 0) == 0:
         raise ValueError(f"{cfg.distill.cache}: the cache has no training rows")
+    if preload_fits(manifest, cfg.distill, cfg.distill.num_workers):
+        return {}
     fs, path = filesystem(join(cfg.distill.cache, "train"))
     ds = ray.data.read_parquet(path, filesystem=fs)
     return {"train": ds.select_columns([c for c in CACHE_COLUMNS if c in ds.schema().names])}

@@ -62,17 +62,20 @@ def test_batches_hold_one_bucket_each_in_the_data_mix(bucketed):
     import torch
 
     from pipelines.cache import read_manifest
-    from pipelines.train import TrainBatches, training_datasets
+    from pipelines.train import TrainBatches, rank_rows, training_datasets
 
     tree, cfg = bucketed
     manifest = read_manifest(cfg.data.output)
     assert manifest.buckets and manifest.family == "sdxl"
     rows = _shapes(cfg)
     assert len(rows) == 3, rows  # square, wide and tall images landed in three buckets
-    ds = training_datasets(cfg, manifest)["train"]
-    for preload_gb in (0.0, 1.0):  # streamed from Ray Data, then preloaded
-        dc = parse_config({**tree, "distill": {**tree["distill"], "preload_gb": preload_gb}}).distill
-        batches = TrainBatches(ds, manifest, "sdxl", dc, 0, 1, torch.device("cpu"), None, seed=0)
+    for preload_gb in (0.0, 1.0):  # streamed from Ray Data, then preloaded (the worker reads its rows itself)
+        c = parse_config({**tree, "distill": {**tree["distill"], "preload_gb": preload_gb}})
+        datasets = training_datasets(c, manifest)
+        assert bool(datasets) == (preload_gb == 0)
+        own = None if datasets else rank_rows(c.distill.cache, manifest, 0, 1)
+        batches = TrainBatches(datasets.get("train"), manifest, "sdxl", c.distill, 0, 1, torch.device("cpu"), None,
+                               seed=0, rows=own)
         assert batches.preloaded == (preload_gb > 0)
         seen: Counter = Counter()
         while True:
@@ -89,6 +92,23 @@ def test_batches_hold_one_bucket_each_in_the_data_mix(bucketed):
         assert set(seen) == set(rows), (seen, rows)
         for shape, n in rows.items():
             assert abs(seen[shape] - 3 * n / 2) <= 3, (seen, rows)
+
+
+def test_workers_shares_of_a_preloaded_cache_are_its_rows_once(bucketed):
+    """rank_rows: three workers' contiguous shares, read with pyarrow across the cache's files, are every training
+    row once, in order, and differ in size by one row at most."""
+    from pipelines.cache import read_manifest, read_split_columns
+    from pipelines.train import rank_rows
+
+    _, cfg = bucketed
+    manifest = read_manifest(cfg.data.output)
+    assert len(list((Path(cfg.data.output) / "train").glob("*.parquet"))) > 1  # shares cross file boundaries
+    every = read_split_columns(cfg.data.output, "train", ["latent_mean", "prompt_embeds"])["latent_mean"]
+    shares = [rank_rows(cfg.data.output, manifest, r, 3)["latent_mean"] for r in range(3)]
+    joined = [row for share in shares for row in share]
+    assert len(joined) == len(every) == manifest.rows["train"]
+    assert all(np.array_equal(a, b) for a, b in zip(joined, every))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
 def test_bucketed_distill_trains_checkpoints_resumes_and_exports(bucketed, mlflow_server):
