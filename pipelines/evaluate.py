@@ -80,8 +80,7 @@ def read_prompts(uri: str) -> list[str]:
 
 
 def _require_cache(cache: str, what: str) -> CacheManifest:
-
-
+    """The cache's manifest, where it is complete and has validation rows."""
     manifest = read_manifest(cache)
     if manifest is None or not manifest.complete:
         raise FileNotFoundError(
@@ -288,7 +287,10 @@ def evaluate_here(cfg: Config) -> dict[str, float]:
             raise FileNotFoundError(f"evaluate.reference {ev.reference}: no such folder")
         ref_source = ev.reference
     else:
-        _require_cache(cfg.data.output, "reference images")
+        if _require_cache(cfg.data.output, "reference images").buckets:
+            raise ValueError(f"evaluate.reference: the cache {cfg.data.output} is aspect-bucketed "
+                             "(data.aspect_buckets), its validation images of several sizes; the evaluate stage "
+                             "does not yet take them as FID references: set evaluate.reference to a folder of images")
         ref_source = f"{cfg.data.output} (validation latents)"
     image_prompts = [p for p in prompts for _ in range(ev.images_per_prompt)]
     seeds = [ev.seed + i for i in range(len(image_prompts))]

@@ -144,3 +144,9 @@ def test_bucketed_distill_trains_checkpoints_resumes_and_exports(bucketed, mlflo
     w, h = (int(v) for v in wide.split("x"))
     (png,) = generate_images(pipe, [ImageJob("a wide picture", num_inference_steps=1, width=w, height=h, seed=0)])
     assert Image.open(io.BytesIO(png)).size == (w, h)
+    # evaluating against the bucketed validation images is not built yet: the stage says so before loading a model
+    from pipelines import evaluate
+
+    ev = {"student": out, "run_on": "driver", "num_prompts": 2, "feature_extractor": "builtin:tiny"}
+    with pytest.raises(ValueError, match="evaluate.reference: the cache .* is aspect-bucketed"):
+        evaluate.run(parse_config({**more, "evaluate": ev}))
