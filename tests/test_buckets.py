@@ -1,6 +1,7 @@
 """Aspect-ratio buckets in training (data.aspect_buckets): an SDXL cache of three aspect ratios, prepared from images
 written with PIL, gives batches of one bucket each, in the data's bucket mix, preloaded or streamed, and the distill
-stage trains on it with DeepSpeed ZeRO-2, checkpoints, resumes and exports."""
+stage trains on it with DeepSpeed ZeRO-2, checkpoints, resumes and exports; the steps stage makes a few-step student of
+it on the same cache; both record and serve at the sizes they were trained at."""
 
 from __future__ import annotations
 
@@ -111,7 +112,7 @@ def test_workers_shares_of_a_preloaded_cache_are_its_rows_once(bucketed):
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
-def test_bucketed_distill_trains_checkpoints_resumes_and_exports(bucketed, mlflow_server):
+def test_bucketed_distill_and_steps_train_checkpoint_resume_and_export(bucketed, mlflow_server):
     from diffusers import UNet2DConditionModel
 
     from pipelines import distill
@@ -143,6 +144,21 @@ def test_bucketed_distill_trains_checkpoints_resumes_and_exports(bucketed, mlflo
     wide = max(meta["sizes"], key=lambda s: int(s.split("x")[0]) / int(s.split("x")[1]))
     w, h = (int(v) for v in wide.split("x"))
     (png,) = generate_images(pipe, [ImageJob("a wide picture", num_inference_steps=1, width=w, height=h, seed=0)])
+    assert Image.open(io.BytesIO(png)).size == (w, h)
+    # the steps stage on the same bucketed cache: guided stage 1 and one progressive round (4 -> 2 steps); the
+    # few-step SDXL student takes w, keeps the sizes it was trained at and draws a wide image in 2 steps
+    from pipelines import fewstep
+
+    steps_tree = {**more, "distill": {**more["distill"], "deepspeed": True, "zero_stage": 2},
+                  "steps": {"objective": "guided", "student": out, "teacher_steps": 4, "rounds": 1,
+                            "steps_per_round": 2, "batch_size": 2, "lr": 1e-3}}
+    few = fewstep.run(parse_config(steps_tree))
+    assert few["steps"] == 2 and np.isfinite(few["loss"])
+    few_meta = json.loads(open(f"{few['output']}/distillery.json").read())
+    assert few_meta["steps"] == 2 and few_meta["sizes"] == meta["sizes"]
+    fast = load_pipeline(few["output"], "cpu")
+    assert isinstance(fast, StableDiffusionXLPipeline) and fast.unet.config.time_cond_proj_dim
+    (png,) = generate_images(fast, [ImageJob("a wide picture", num_inference_steps=2, width=w, height=h, seed=0)])
     assert Image.open(io.BytesIO(png)).size == (w, h)
     # evaluating against the bucketed validation images is not built yet: the stage says so before loading a model
     from pipelines import evaluate
