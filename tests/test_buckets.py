@@ -163,6 +163,23 @@ def test_bucketed_distill_and_steps_train_checkpoint_resume_and_export(bucketed,
     # evaluating against the bucketed validation images is not built yet: the stage says so before loading a model
     from pipelines import evaluate
 
-    ev = {"student": out, "run_on": "driver", "num_prompts": 2, "feature_extractor": "builtin:tiny"}
+    ev = {"student": out, "run_on": "driver", "num_prompts": 2, "feature_extractor": "builtin:tiny", "steps": 2,
+          "latency_repeats": 1, "embedding_samples": 2, "batch_size": 2, "guidance_scale": 5.0}
     with pytest.raises(ValueError, match="evaluate.reference: the cache .* is aspect-bucketed"):
         evaluate.run(parse_config({**more, "evaluate": ev}))
+    # with the source images as the reference (center-cropped to the cache's 64 px), the SDXL student is evaluated
+    # on its validation captions and registered; the registered model generates through MLflow's pyfunc
+    import mlflow
+    import pandas as pd
+
+    from pipelines import register
+
+    scored = {**more, "evaluate": {**ev, "reference": more["data"]["source"]},
+              "registry": {"model_name": "sdxl-buckets-student"}}
+    metrics = evaluate.run(parse_config(scored))
+    assert metrics["params_student"] < metrics["params_teacher"] and np.isfinite(metrics["fid_student_vs_teacher"])
+    done = register.run(parse_config(scored))
+    model = mlflow.pyfunc.load_model(f"models:/{parse_config(scored).registry.model_name}@champion")
+    got = model.predict(pd.DataFrame([{"prompt": "a wide picture", "num_inference_steps": 2, "seed": 0, "width": w,
+                                       "height": h}]))
+    assert done["version"] >= 1 and Image.open(io.BytesIO(list(got["image"])[0])).size == (w, h)
