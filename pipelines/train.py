@@ -7,10 +7,11 @@ A stage's worker function reads top to bottom as set up, step, validate, save; w
                                               micro-batch (optionally the whole step as one CUDA graph);
                                               eng.save / eng.load; the LR schedule with its floor (lr_at)
     EMA                                       an exponential moving average of the student's weights
-    TrainBatches(shard, manifest, dc, ...)    batches of the embedding cache as U-Net inputs on the device:
-                                              streamed by Ray Data, or the whole shard kept on the device
-                                              when it is small (distill.preload_gb); latents as the teacher
-                                              expects them, a caption_dropout share of empty prompts
+    worker_batches(manifest, ...)             a worker's TrainBatches: batches of the embedding cache as U-Net
+                                              inputs on the device, streamed by Ray Data, or the worker's rows
+                                              read once and kept on the device when they are few
+                                              (distill.preload_gb); latents as the teacher expects them, a
+                                              caption_dropout share of empty prompts
     trainer_configs(cfg), training_datasets(cfg, manifest), cache_manifest(cfg), upload_folder(local, uri)
                                               the driver's side: Ray Train's scaling/run configs, the cache as
                                               Ray datasets, the checked manifest, the exported folder to its URI
@@ -497,15 +498,16 @@ class TrainBatches:
     """(epoch, scaled latents, U-Net conditioning) for every micro-batch of a worker's shard, forever; each epoch
     visits the shard again in a new order. Iterate with next().
 
-    Streaming (Ray Data's iter_batches with a local shuffle buffer) unless the shard fits in distill.preload_gb:
-    then it is read once into device memory and every batch is drawn there (a permutation per epoch), which keeps
-    small models from waiting on the data loader. A caption_dropout share of each batch gets the empty prompt.
+    Streaming from a Ray Data shard (iter_batches with a local shuffle buffer), or from `rows`, the worker's rows
+    already read (worker_batches does when they fit in distill.preload_gb): those are kept in device memory and every
+    batch is drawn there (a permutation per epoch), which keeps small models from waiting on the data loader. A
+    caption_dropout share of each batch gets the empty prompt.
 
     An aspect-bucketed cache (data.aspect_buckets: rows of several latent shapes, the SDXL time ids of each row's
     bucket) gives batches of one bucket each, in the data's bucket mix: preloaded, each epoch is every bucket's
     full batches in one shuffled order; streamed, rows collect per bucket and a bucket's batch leaves when full."""
 
-    def __init__(self, shard: Any, manifest: CacheManifest, family: str, dc: DistillConfig, rank: int, world: int,
+    def __init__(self, shard: Any, manifest: CacheManifest, family: str, dc: DistillConfig, rank: int,
                  device: torch.device, empty: dict[str, Any] | None, seed: int, batch_size: int | None = None,
                  rows: dict[str, Any] | None = None):
         self.manifest, self.family, self.dc, self.rank, self.device = manifest, family, dc, rank, device
@@ -513,21 +515,20 @@ class TrainBatches:
         self.empty = to_device(empty, device) if empty is not None else None
         self.gen = torch.Generator(device=device).manual_seed(seed)
         self.epoch = 0
-        # `rows` (cache columns as arrays): this worker's rows, already read
-        self.preloaded = rows is not None or preload_fits(manifest, dc, world)
+        self.preloaded = rows is not None
         self.shard = shard
         self.bucketed = bool(manifest.buckets)
         self.key = latent_column(manifest)
         if self.preloaded and self.bucketed:
-            parts = self._read_rows(shard) if rows is None else {k: rows_of(v) for k, v in rows.items()
-                                                                  if k in CACHE_COLUMNS}
+            parts = {k: rows_of(v) for k, v in rows.items() if k in CACHE_COLUMNS}
+            if not parts.get(self.key):
+                raise RuntimeError(self._too_few())
             self.buckets = [{k: torch.from_numpy(v).to(device) for k, v in b.items()}
                             for b in shape_batches(parts, self.key, len(parts[self.key]))]
             self._plan, self._at = self._bucket_plan(), 0
         elif self.preloaded:
-            self.rows = self._read_all(shard) if rows is None else {
-                k: torch.as_tensor(np.asarray(v, dtype=np.float32)).to(device) for k, v in rows.items()
-                if k in CACHE_COLUMNS}
+            self.rows = {k: torch.as_tensor(np.asarray(v, dtype=np.float32)).to(device) for k, v in rows.items()
+                         if k in CACHE_COLUMNS}
             self.n = len(next(iter(self.rows.values())))
             if self.n < self.batch_size:
                 raise RuntimeError(self._too_few())
@@ -538,20 +539,6 @@ class TrainBatches:
     def _too_few(self) -> str:
         return (f"rank {self.rank}: the training shard has fewer than batch_size={self.batch_size} rows; lower "
                 "distill.batch_size or distill.num_workers, or prepare more data")
-
-    def _read_all(self, shard: Any) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(np.stack(v)).to(self.device) for k, v in self._read_rows(shard).items()}
-
-    def _read_rows(self, shard: Any) -> dict[str, list[np.ndarray]]:
-        """The shard's cache columns, one array per row (rows of several shapes in an aspect-bucketed cache)."""
-        parts: dict[str, list[np.ndarray]] = {}
-        for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
-            for k, v in batch.items():
-                if k in CACHE_COLUMNS:
-                    parts.setdefault(k, []).extend(rows_of(v))
-        if not parts:
-            raise RuntimeError(self._too_few())
-        return parts
 
     def _bucket_plan(self) -> list[tuple[int, torch.Tensor]]:
         """One epoch: (bucket, row indices) of every full batch of every bucket, in one shuffled order."""
@@ -637,9 +624,9 @@ def worker_batches(manifest: CacheManifest, family: str, dc: DistillConfig, rank
     import ray.train
 
     if preload_fits(manifest, dc, world):
-        return TrainBatches(None, manifest, family, dc, rank, world, device, empty, seed,
+        return TrainBatches(None, manifest, family, dc, rank, device, empty, seed,
                             rows=rank_rows(dc.cache, manifest, rank, world))
-    return TrainBatches(ray.train.get_dataset_shard("train"), manifest, family, dc, rank, world, device, empty, seed)
+    return TrainBatches(ray.train.get_dataset_shard("train"), manifest, family, dc, rank, device, empty, seed)
 
 
 def worker_setup(dc: DistillConfig) -> tuple[int, int, torch.device]:

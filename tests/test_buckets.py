@@ -75,7 +75,7 @@ def test_batches_hold_one_bucket_each_in_the_data_mix(bucketed):
         datasets = training_datasets(c, manifest)
         assert bool(datasets) == (preload_gb == 0)
         own = None if datasets else rank_rows(c.distill.cache, manifest, 0, 1)
-        batches = TrainBatches(datasets.get("train"), manifest, "sdxl", c.distill, 0, 1, torch.device("cpu"), None,
+        batches = TrainBatches(datasets.get("train"), manifest, "sdxl", c.distill, 0, torch.device("cpu"), None,
                                seed=0, rows=own)
         assert batches.preloaded == (preload_gb > 0)
         seen: Counter = Counter()

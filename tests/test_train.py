@@ -52,7 +52,7 @@ def _kd_run(teacher, rows, manifest, steps: int = 24, preset: str = "bk-small", 
     weights = KDWeights()
     taps = KDTaps(eng.module, teacher.unet, weights, feature_pairs(student, teacher.unet, spec)).attach()
     empty = prompt_conditioning(teacher, [""], 64)
-    batches = TrainBatches(None, manifest, "sd1", dc, 0, 1, torch.device("cpu"), empty, seed=0, rows=rows)
+    batches = TrainBatches(None, manifest, "sd1", dc, 0, torch.device("cpu"), empty, seed=0, rows=rows)
     gen = torch.Generator().manual_seed(1)
 
     def kd_step(noisy, t, cond, target):
@@ -101,7 +101,7 @@ def test_caption_dropout_replaces_prompts_with_the_empty_one(shapes_rows):
     e = empty["encoder_hidden_states"][0]
     for rate, lo, hi in ((0.0, 0, 0), (0.5, 200, 440), (0.99, 600, 640)):
         dc = parse_config({"distill": {"batch_size": 16, "caption_dropout": rate}}).distill
-        b = TrainBatches(None, manifest, "sd1", dc, 0, 1, torch.device("cpu"), empty, seed=3, rows=rows)
+        b = TrainBatches(None, manifest, "sd1", dc, 0, torch.device("cpu"), empty, seed=3, rows=rows)
         n_empty = 0
         for _ in range(40):
             _, lat, cond = next(b)
@@ -117,7 +117,7 @@ def test_preloaded_batches_visit_every_row_each_epoch(shapes_rows):
 
     _, rows, manifest = shapes_rows
     dc = parse_config({"distill": {"batch_size": 16, "caption_dropout": 0.0}}).distill
-    b = TrainBatches(None, manifest.model_copy(update={"latents": "mean"}), "sd1", dc, 0, 1, torch.device("cpu"), None,
+    b = TrainBatches(None, manifest.model_copy(update={"latents": "mean"}), "sd1", dc, 0, torch.device("cpu"), None,
                      seed=0, rows=rows)
     scale = manifest.vae_scaling_factor
     want = sorted(map(tuple, (rows["latent_mean"].reshape(64, -1)[:, :4] * scale).round(4).tolist()))
