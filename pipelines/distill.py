@@ -182,15 +182,14 @@ def consolidated_state(ckpt_dir: str | Path, zero_stage: int, deepspeed: bool) -
     return {k: v.float() for k, v in module["module"].items()}
 
 
-def export_student(ckpt_dir: str | Path, cfg: Config, spec: RemovalSpec, out_dir: str | Path,
+def export_student(ckpt_dir: str | Path, cfg: Config, src: str, spec: RemovalSpec, out_dir: str | Path,
                    meta: StudentMeta) -> Path:
-    """A diffusers pipeline folder (the teacher's VAE, text encoders, scheduler) with the trained student
-    U-Net, from a checkpoint folder. Plain diffusers loads it; its unet/ is the student alone."""
+    """A diffusers pipeline folder (the teacher's VAE, text encoders, scheduler from its local folder `src`) with
+    the trained student U-Net, from a checkpoint folder. Plain diffusers loads it; its unet/ is the student alone."""
     from diffusers import UNet2DConditionModel
 
     from models.student import save_student
 
-    src = resolve_model_dir(model_dir(cfg.teacher.uri))
     t_config = UNet2DConditionModel.load_config(src, subfolder="unet")
     student = UNet2DConditionModel.from_config(student_config(t_config, spec))
     student.load_state_dict(consolidated_state(ckpt_dir, cfg.distill.zero_stage, cfg.distill.deepspeed))
@@ -537,7 +536,7 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
                            step=state["step"], losses=losses, mlflow_run_id=run_id, checkpoint=final.path,
                            config_digest=cfg.digest(), kd_loss=dc.loss.model_dump(mode="json"))
         with tempfile.TemporaryDirectory() as tmp:
-            folder = export_student(d, cfg, spec, Path(tmp) / "student", meta)
+            folder = export_student(d, cfg, src, spec, Path(tmp) / "student", meta)
             from diffusers import UNet2DConditionModel as U
 
             meta.params = count_params(U.from_pretrained(folder / "unet"))

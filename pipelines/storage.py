@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -74,7 +75,6 @@ def local_copy(uri: str) -> str:
     if not is_remote(uri):
         return uri.removeprefix("file://")
     import hashlib
-    from pathlib import Path
 
     from models.local_cache import build_once, cache_root
 
@@ -107,7 +107,7 @@ def _listing(uri: str) -> str:
                        for k, v in info.items()))
 
 
-def _copy_remote_tree(uri: str, dest: Any) -> None:
+def _copy_remote_tree(uri: str, dest: Path) -> None:
     """Copy the files of a remote folder into `dest` (files in parallel)."""
     from concurrent.futures import ThreadPoolExecutor
 
