@@ -179,7 +179,7 @@ def _wait_for_checkpoint(run_dir: Path, step: int, timeout: float, proc: subproc
             raise AssertionError(f"the distill process exited ({proc.returncode}) before {name} was registered")
         if time.time() > deadline:
             raise AssertionError(f"{name} was not registered in {run_dir} within {timeout:.0f}s")
-        time.sleep(0.1)
+        time.sleep(0.02)
 
 
 def _wait_for_checkpoint_on_disk(run_dir: Path, step: int, timeout: float, proc: subprocess.Popen) -> None:
@@ -241,8 +241,13 @@ def job(tmp_path_factory, ray_local, mlflow_server):
     started, killed = time.time(), []
 
     def kill_one_worker():
-        _wait_for_checkpoint(ckpts, 8, 240)
-        workers = _train_workers(started)
+        # the two workers are found while they train up to step 8, so the kill follows the registration of its
+        # checkpoint at once: four steps run until the next one, and scanning every Ray process then could outlast them
+        workers, deadline = [], time.time() + 480
+        while len(workers) < 2 and time.time() < deadline:
+            time.sleep(0.5)
+            workers = _train_workers(started)
+        _wait_for_checkpoint(ckpts, 8, 480)
         if workers:
             workers[-1].kill()
             killed.append(workers[-1].pid)
