@@ -70,10 +70,12 @@ def decode_latents(vae: Any, latents: Any, batch_size: int = 8) -> Any:
     return torch.cat(out)
 
 
-def render_images(pipe: Any, jobs: list[ImageJob]) -> list[Any]:
+def render_images(pipe: Any, jobs: list[ImageJob], batch_sizes: list[int] | None = None) -> list[Any]:
     """PIL images for each job, in order. Jobs are grouped by settings (size, steps, guidance) so a
     batch mixing settings is split into one pipeline call per group; each image has its own seeded
-    generator, so an image depends on its own seed only, not on what it was batched with."""
+    generator, so an image depends on its own seed only, not on what it was batched with. With
+    `batch_sizes` (a compiled U-Net's warmed-up batches, CompiledUNet), a group is padded with copies of its
+    last job up to the smallest of them that holds it, and the copies are dropped."""
     import torch
 
     out: list[Any] = [None] * len(jobs)
@@ -83,11 +85,13 @@ def render_images(pipe: Any, jobs: list[ImageJob]) -> list[Any]:
     device = getattr(pipe, "device", torch.device("cpu"))
     gen_device = "cpu" if torch.device(device).type == "mps" else device
     for (width, height, steps, guidance), idx in groups.items():
-        gens = [torch.Generator(device=gen_device).manual_seed(jobs[i].seed) for i in idx]
+        fits = [b for b in batch_sizes or () if b >= len(idx)]
+        idx_padded = idx + [idx[-1]] * (min(fits) - len(idx)) if fits else idx
+        gens = [torch.Generator(device=gen_device).manual_seed(jobs[i].seed) for i in idx_padded]
         with torch.inference_mode():
             images = pipe(
-                prompt=[jobs[i].prompt for i in idx],
-                negative_prompt=[jobs[i].negative_prompt for i in idx],
+                prompt=[jobs[i].prompt for i in idx_padded],
+                negative_prompt=[jobs[i].negative_prompt for i in idx_padded],
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 width=width,
@@ -98,6 +102,37 @@ def render_images(pipe: Any, jobs: list[ImageJob]) -> list[Any]:
         for i, img in zip(idx, images):
             out[i] = img
     return out
+
+
+class CompiledUNet:
+    """`pipe.unet`'s forward through torch.compile, for the input shapes seen while `capturing` only (a
+    replica's warm-up): any other shape runs the eager forward, so a request never waits minutes for a new
+    graph. With compile modes reduce-overhead and max-autotune on CUDA the graphs replay as CUDA graphs (a
+    few-step student at batch 1 is launch-bound). `eager_calls` counts the forwards that fell back."""
+
+    def __init__(self, unet: Any, mode: str = "reduce-overhead"):
+        import torch
+
+        self.eager = unet.forward
+        self.compiled = torch.compile(self.eager, mode=mode, dynamic=False)
+        self.cudagraphs = mode in ("reduce-overhead", "max-autotune") and unet.device.type == "cuda"
+        self.shapes: set[tuple[int, ...]] = set()
+        self.capturing = True
+        self.eager_calls = 0
+        unet.forward = self  # the pipeline keeps calling its own unet (config, dtype, hooks unchanged)
+
+    def __call__(self, sample: Any, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        key = tuple(sample.shape)
+        if self.capturing:
+            self.shapes.add(key)
+        elif key not in self.shapes:
+            self.eager_calls += 1
+            return self.eager(sample, *args, **kwargs)
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous call's output has been used
+        return self.compiled(sample, *args, **kwargs)
 
 
 def generate_images(pipe: Any, jobs: list[ImageJob], png_level: int = PNG_LEVEL) -> list[bytes]:

@@ -495,6 +495,13 @@ class ServeConfig(Section):
     # zlib level of the PNGs the API returns (lossless at any level; models/sampling.py PNG_LEVEL says why 1); the
     # encoding runs after the image leaves the batch, beside the next batch
     png_compress_level: int = Field(PNG_LEVEL, ge=0, le=9)
+    # torch.compile the U-Net at replica start (models.sampling.CompiledUNet), one graph per warmed-up shape: each
+    # of `sizes` x `compile_batches` images at default_guidance_scale; a smaller batch is padded up to the next of
+    # compile_batches, any other shape (a larger batch, another guidance's CFG batch) runs eager. reduce-overhead
+    # replays CUDA graphs (launch-bound few-step students). Compiling takes minutes per shape; off by default
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "reduce-overhead"
+    compile_batches: list[int] = Field(default_factory=lambda: [1])
 
     @field_validator("sizes")
     @classmethod
@@ -510,6 +517,13 @@ class ServeConfig(Section):
         if not v:
             raise ValueError("give at least one size")
         return v
+
+    @field_validator("compile_batches")
+    @classmethod
+    def _compile_batches(cls, v: list[int]) -> list[int]:
+        if not v or min(v) < 1:
+            raise ValueError("give one or more batch sizes >= 1")
+        return sorted(set(v))
 
     @model_validator(mode="after")
     def _replicas(self) -> ServeConfig:

@@ -6,12 +6,14 @@ built, so every replica serves the same version) or from a diffusers folder/URI,
 warm-up image before it reports ready. Requests are split into single images and batched across requests
 (Ray's @serve.batch; with serve.batcher "replica", serving/batching.py, where a batch forms only when the
 previous one has returned); a batch mixing sizes, steps or guidance runs one pipeline call per group
-(models/sampling.py: render_images), and every image has its own seed.
+(models/sampling.py: render_images), and every image has its own seed. With serve.compile the U-Net runs
+torch.compile graphs (CUDA graphs with reduce-overhead) for the shapes warmed up at replica start
+(models.sampling.CompiledUNet); other shapes fall back to the eager U-Net.
 
 Routes: POST /v1/images/generations (OpenAI Images API + negative_prompt, num_inference_steps,
 guidance_scale, seed), GET /v1/models, /healthz, /readyz, and / (a small web page). An answer's `timings`
 say where its time went in the replica: queue_ms (waiting for a batch), render_ms and batch_size (the
-pipeline call), encode_ms (PNGs).
+pipeline call), encode_ms (PNGs), compiled (serve.compile: whether the batch ran compiled graphs only).
 Metrics: Ray Serve's own (ray_serve_*, including HTTP latency per route) on the Ray metrics port, plus
 distillery_request_latency_ms by route and status, distillery_images_total, distillery_batch_size and
 distillery_batch_ms (per pipeline batch).
@@ -220,7 +222,7 @@ class ImageServer:
     def __init__(self, serve_cfg: dict[str, Any], model: dict[str, Any]):
         import torch
 
-        from models.sampling import generate_images, load_pipeline, render_images
+        from models.sampling import CompiledUNet, generate_images, load_pipeline, render_images
 
         self.cfg = ServeConfig.model_validate(serve_cfg)
         self.model = {**model, "created": int(time.time())}
@@ -241,6 +243,19 @@ class ImageServer:
         w, h = parse_size(self.cfg.sizes[0])
         generate_images(self.pipe, [ImageJob("warm up", num_inference_steps=1, width=w, height=h)],
                         self.cfg.png_compress_level)
+        self.compiled = None
+        if self.cfg.compile:
+            self.compiled = CompiledUNet(self.pipe.unet, self.cfg.compile_mode)
+            t0 = time.perf_counter()
+            for size in self.cfg.sizes:  # 3 steps: CUDA graph trees record on a shape's second or third call
+                w, h = parse_size(size)
+                for n in self.cfg.compile_batches:
+                    render_images(self.pipe, [ImageJob("warm up", num_inference_steps=3, width=w, height=h,
+                                                       guidance_scale=self.cfg.default_guidance_scale)] * n)
+            self.compiled.capturing = False
+            self._render = functools.partial(render_images, batch_sizes=self.cfg.compile_batches)
+            log.info("compiled the U-Net for %d shapes in %.0f s", len(self.compiled.shapes),
+                     time.perf_counter() - t0)
         self.page = (STATIC / "index.html").read_text().replace("__LIMITS__", json.dumps(self._limits()))
         self.ready = True
         log.info("replica ready: %s on %s", model["uri"], device)
@@ -265,23 +280,25 @@ class ImageServer:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._key.encode()):
             raise ApiError(401, "invalid API key", code="invalid_api_key")
 
-    async def generate_batch(self, jobs: list[ImageJob]) -> list[tuple[Any, float, float, int]]:
+    async def generate_batch(self, jobs: list[ImageJob]) -> list[tuple[Any, float, float, int, bool | None]]:
         # called by the batcher (serve.batcher), one batch at a time; the pipeline runs in a thread so health
         # checks and new requests are answered meanwhile. PIL images out: each request encodes its own PNGs
         # after the batch, so the next batch starts on the GPU while they are encoded.
-        # Per image: (image, batch start, batch seconds, batch size)
+        # Per image: (image, batch start, batch seconds, batch size, compiled: None without serve.compile)
         t0 = time.perf_counter()
+        eager_before = self.compiled.eager_calls if self.compiled else 0
         images = await asyncio.to_thread(self._render, self.pipe, jobs)
         seconds = time.perf_counter() - t0
+        compiled = self.compiled.eager_calls == eager_before if self.compiled else None
         try:
             _metrics()["batch_size"].observe(len(jobs))
             _metrics()["batch_ms"].observe(seconds * 1000)
         except Exception:
             pass
-        return [(img, t0, seconds, len(jobs)) for img in images]
+        return [(img, t0, seconds, len(jobs), compiled) for img in images]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _serve_batch(self, jobs: list[ImageJob]) -> list[tuple[Any, float, float, int]]:
+    async def _serve_batch(self, jobs: list[ImageJob]) -> list[tuple[Any, float, float, int, bool | None]]:
         return await self.generate_batch(jobs)  # serve.batcher "serve" (the default)
 
     async def _pngs(self, jobs: list[ImageJob]) -> tuple[list[bytes], Timings]:
@@ -290,10 +307,12 @@ class ImageServer:
         t1 = time.perf_counter()
         level = self.cfg.png_compress_level
         pngs = await asyncio.gather(*[asyncio.to_thread(encode_png, img, level) for img, *_ in done])
-        timings = Timings(queue_ms=round(1000 * max(start - t0 for _, start, _, _ in done), 2),
-                          render_ms=round(1000 * max(s for _, _, s, _ in done), 2),
+        compiled = [c for *_, c in done]
+        timings = Timings(queue_ms=round(1000 * max(start - t0 for _, start, *_ in done), 2),
+                          render_ms=round(1000 * max(s for _, _, s, *_ in done), 2),
                           encode_ms=round(1000 * (time.perf_counter() - t1), 2),
-                          batch_size=max(n for *_, n in done))
+                          batch_size=max(n for *_, n, _ in done),
+                          compiled=None if compiled[0] is None else all(compiled))
         return pngs, timings
 
     @api.post("/v1/images/generations")

@@ -64,6 +64,7 @@ class Timings(BaseModel):
     render_ms: float  # the pipeline call of the batch (all its images)
     encode_ms: float  # PNG encoding of this request's images, after the batch
     batch_size: int  # images in the pipeline batch
+    compiled: bool | None = None  # serve.compile: every U-Net call of its batches ran a compiled graph
 
 
 class ImageResponse(BaseModel):

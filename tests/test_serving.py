@@ -131,6 +131,37 @@ def test_replica_batcher_serves_batches(server, tiny_sd1_dir, tmp_path):
         serve.delete("replica-batcher")
 
 
+def test_compiled_unet_serves_the_eager_images(server, tiny_sd1_dir, tmp_path):
+    """serve.compile: the replica compiles the U-Net for the shapes it warms up (2 images at the default
+    guidance: a CFG batch of 4) and pads a one-image batch up to them; a request whose U-Net batch was not
+    warmed up (guidance 1: no CFG) runs the eager U-Net instead of failing. Both answer with the image the
+    eager pipeline draws for the seed."""
+    from ray import serve
+
+    from models.sampling import ImageJob, generate_images, load_pipeline
+    from serving.app import build_app
+
+    cfg = parse_config({"work_dir": str(tmp_path / "work"), "serve": {
+        "model": str(tiny_sd1_dir), "num_cpus": 0.2, "sizes": ["64x64"], "default_steps": 2,
+        "default_guidance_scale": 7.5, "compile": True, "compile_mode": "default", "compile_batches": [2]}})
+    serve.run(build_app(cfg), name="compiled", route_prefix="/compiled")
+    try:
+        url = server["url"] + "compiled/v1/images/generations"
+        eager = load_pipeline(str(tiny_sd1_dir))
+        for guidance, compiled in ((7.5, True), (1.0, False)):
+            r = requests.post(url, json={"prompt": "a red circle", "seed": 7, "guidance_scale": guidance},
+                              timeout=120)
+            served = np.asarray(Image.open(io.BytesIO(images(r)[0])), np.int16)
+            assert r.json()["timings"]["compiled"] is compiled and r.json()["timings"]["batch_size"] == 1
+            job = ImageJob("a red circle", num_inference_steps=2, seed=7, guidance_scale=guidance)
+            local = np.asarray(Image.open(io.BytesIO(generate_images(eager, [job])[0])), np.int16)
+            assert np.abs(served - local).max() <= 2, guidance
+        with pytest.raises(ConfigError, match="compile_batches"):
+            parse_config({"serve": {"compile_batches": [0]}})
+    finally:
+        serve.delete("compiled")
+
+
 def test_served_images_come_from_the_decoder(server, tiny_sd1_dir):
     """serve.decoder: the replica decodes with the lighter decoder, not the model's own VAE."""
     from models.sampling import ImageJob, generate_images, load_pipeline
