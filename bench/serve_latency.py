@@ -16,6 +16,10 @@ requests for at least --warmup-s seconds (GPU clocks). A second table says what 
 from each answer's `timings`: images per pipeline batch, pipeline time per batch, queue wait, PNG time, and
 how much of the level's wall time the pipeline was running. `--batchers serve,replica` adds batching rows with
 serving/batching.py (serve.batcher "replica") next to Ray's @serve.batch, measured in the same run.
+`--repeats 3` runs each level (and the in-process batch) 3 times and reports the median, with every run's
+images/s kept. `--fewstep-steps 4` adds the TAESD student as a few-step student (4 steps, guidance 1: no CFG;
+random weights, so only its timing means anything), served eager and with serve.compile (the U-Net compiled
+for batch 1 at replica start, CUDA graphs on the GPU), against the teacher's p50 at 1 client.
 
   python bench/serve_latency.py --tiny --requests-per-client 2,1,1       # CPU smoke run: tiny-sd1 and bk-small
   python bench/serve_latency.py --device cuda --append-results bench/RESULTS.md   # SD 1.5 vs bk-small, 512 px
@@ -108,8 +112,9 @@ def build_models(tiny: bool, root: Path) -> dict[str, tuple[Path, Path | None]]:
 
 
 def reference(folder: Path, decoder: Path | None, device: str, size: int, steps: int, images: int, batch: int,
-              warmup_s: float) -> dict:
-    """Plain diffusers, in-process: images/s one image per call, and one call of `batch` images."""
+              warmup_s: float, guidance: float = 7.5, repeats: int = 1) -> dict:
+    """Plain diffusers, in-process: images/s one image per call, and one call of `batch` images (the median of
+    `repeats` calls)."""
     import torch
 
     from models.sampling import ImageJob, encode_png, generate_images, load_pipeline, render_images
@@ -117,8 +122,8 @@ def reference(folder: Path, decoder: Path | None, device: str, size: int, steps:
     if device == "cpu":
         torch.set_num_threads(1)  # as in a replica with num_cpus=1 (Ray sets OMP_NUM_THREADS=1)
     pipe = load_pipeline(str(folder), device, str(decoder) if decoder else None)
-    job = ImageJob("a photo of a cat", num_inference_steps=steps, width=size, height=size)
-    short = ImageJob("a photo of a cat", num_inference_steps=2, width=size, height=size)
+    job = ImageJob("a photo of a cat", num_inference_steps=steps, width=size, height=size, guidance_scale=guidance)
+    short = ImageJob("a photo of a cat", num_inference_steps=2, width=size, height=size, guidance_scale=guidance)
     t0 = time.perf_counter()
     generate_images(pipe, [job])
     while time.perf_counter() - t0 < warmup_s:  # clocks up
@@ -130,17 +135,20 @@ def reference(folder: Path, decoder: Path | None, device: str, size: int, steps:
         times.append(time.perf_counter() - t1)
     out = {"ips_1": 1 / statistics.median(times), "ms_1": 1000 * statistics.median(times)}
     if batch > 1:
-        jobs = [ImageJob("a photo of a cat", num_inference_steps=steps, width=size, height=size, seed=i)
-                for i in range(batch)]
+        jobs = [ImageJob("a photo of a cat", num_inference_steps=steps, width=size, height=size, seed=i,
+                         guidance_scale=guidance) for i in range(batch)]
         generate_images(pipe, [ImageJob("a photo of a cat", num_inference_steps=2, width=size, height=size,
-                                        seed=i) for i in range(batch)])  # batch shapes warm
-        t1 = time.perf_counter()
-        generate_images(pipe, jobs)
-        dt = time.perf_counter() - t1
-        out.update(ips_batch=batch / dt, ms_batch=1000 * dt)
+                                        seed=i, guidance_scale=guidance) for i in range(batch)])  # shapes warm
+        runs = []
+        for _ in range(repeats):
+            t1 = time.perf_counter()
+            generate_images(pipe, jobs)
+            runs.append(time.perf_counter() - t1)
+        dt = statistics.median(runs)
+        out.update(ips_batch=batch / dt, ms_batch=1000 * dt, ips_batch_runs=[batch / r for r in runs])
     # PNG encoding of this model's images, one thread: PIL's default level 6 against the served level
     images = render_images(pipe, [ImageJob("a photo of a cat", num_inference_steps=steps, width=size, height=size,
-                                           seed=i) for i in range(min(4, max(batch, 1)))])
+                                           seed=i, guidance_scale=guidance) for i in range(min(4, max(batch, 1)))])
     for level in (6, PNG_LEVEL):
         t1 = time.perf_counter()
         sizes = [len(encode_png(img, level)) for img in images]
@@ -228,7 +236,8 @@ def main() -> int:
     p.add_argument("--size", type=int, default=None, help="image side (default 512; --tiny 64)")
     p.add_argument("--clients", default="1,8,32", help="concurrent clients per level")
     p.add_argument("--requests-per-client", default="4,2,1",
-                   help="requests each client sends, per level (one number for all levels, or one per level)")
+                   help="requests each client sends, per level (one number for all levels, or one per level; "
+                        "0 leaves the level out)")
     p.add_argument("--batched-requests-per-client", default="4,2,2",
                    help="the same with batching on (at 32 clients, 2 each gives 4 full batches of 16, so the "
                         "rate depends less on how the first arrivals split into batches)")
@@ -241,6 +250,12 @@ def main() -> int:
     p.add_argument("--warmup-s", type=float, default=2.0, help="full-step warm-up per deployment, seconds")
     p.add_argument("--models", default="teacher,student,student-taesd",
                    help="teacher, student (its teacher's VAE), student-taesd (decoding with a TAESD-size decoder)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each level and in-process batch; the median")
+    p.add_argument("--fewstep-steps", type=int, default=0,
+                   help="add the TAESD student at this many steps without CFG, eager and compiled (0: off)")
+    p.add_argument("--fewstep-requests", type=int, default=10, help="requests of the few-step 1-client level")
+    p.add_argument("--compile-mode", default=None, help="serve.compile_mode (default: reduce-overhead on cuda, "
+                                                         "default on cpu)")
     p.add_argument("--work-dir", default=None)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--append-results", type=Path, default=None, metavar="RESULTS.md",
@@ -276,17 +291,29 @@ def main() -> int:
     root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DISTILLERY_CACHE", str(root / "cache"))
     print(f"building models in {root} ...", flush=True)
-    models = build_models(tiny, root)
-    models = {k: v for k, v in models.items() if k in names}
+    built = build_models(tiny, root)
+    base = {k: v for k, v in built.items() if k in names}
+    # name -> (folder, decoder, serving variant: steps, guidance, serve.compile, batching-on rows)
+    models = {k: (*v, {"steps": steps, "guidance": 7.5, "compile": False, "batched": True}) for k, v in base.items()}
+    if args.fewstep_steps:
+        k = args.fewstep_steps
+        for compiled in (False, True):
+            models[f"student-taesd-{k}step{'-compiled' if compiled else ''}"] = (
+                *built["student-taesd"], {"steps": k, "guidance": 1.0, "compile": compiled,
+                                                  "batched": not compiled})
+    args.compile_mode = args.compile_mode or ("reduce-overhead" if gpu else "default")
     print(f"built in {time.perf_counter() - t_start:.0f}s", flush=True)
 
     results: dict = {"steps": steps, "size": size, "device": args.device, "reference": {}, "serve": [],
                      "notes": [], "stopped": False}
-    for name, (folder, decoder) in models.items():
+    for name, (folder, decoder, var) in models.items():
+        if var["compile"]:
+            continue  # the in-process reference is the eager pipeline's, measured for the eager row
         t0 = time.perf_counter()
         try:
-            results["reference"][name] = reference(folder, decoder, args.device, size, steps, args.ref_images,
-                                                   args.max_batch, args.warmup_s)
+            results["reference"][name] = reference(folder, decoder, args.device, size, var["steps"],
+                                                   args.ref_images, args.max_batch, args.warmup_s,
+                                                   var["guidance"], args.repeats)
         except KeyboardInterrupt:  # SIGINT (e.g. `timeout -s INT`): report what was measured
             results["stopped"] = True
             results["notes"].append(f"stopped early (SIGINT) during the {name} reference")
@@ -313,11 +340,16 @@ def write_results(results: dict, args, models: dict, clients: list[int], rpc: di
                   t_start: float) -> None:
     """Ratios, hardware and the table: printed, to --out as JSON and appended to --append-results."""
     top = max(clients)
-    results["student_speedup"] = {  # per student model: images/s over the teacher's, by batching@clients
+    equal = [m for m, (*_, var) in models.items() if var["steps"] == results["steps"] and var["guidance"] == 7.5]
+    results["student_speedup"] = {  # per student model at the teacher's steps: images/s over the teacher's
         m: {f"{'on' if b else 'off'}@{c}": _ratio(ips(results, m, b, c), ips(results, "teacher", b, c))
             for b in (True, False) for c in clients}
-        for m in models if m != "teacher" and "teacher" in models}
-    results["batching_gain"] = {m: _ratio(ips(results, m, True, top), ips(results, m, False, top)) for m in models}
+        for m in equal if m != "teacher" and "teacher" in models}
+    teacher_runs = runs_of(results, "teacher", True, top)
+    results["student_speedup_runs"] = {  # run i of the student over run i of the teacher, batching on, top clients
+        m: [a / b for a, b in zip(runs_of(results, m, True, top), teacher_runs)] for m in results["student_speedup"]}
+    results["batching_gain"] = {m: _ratio(ips(results, m, True, top), ips(results, m, False, top))
+                                for m, (*_, var) in models.items() if var["batched"]}
     if gpu:
         import torch
 
@@ -353,8 +385,8 @@ def serve_levels(args, models: dict, results: dict, root: Path, steps: int, size
         body = {"prompt": "a photo of a cat", "n": 1, "size": f"{size}x{size}", "num_inference_steps": steps,
                 "guidance_scale": 7.5, "seed": 0}
         modes = [(False, "serve")] + [(True, b) for b in args.batchers]  # (batching on, serve.batcher)
-        plan = [(n, m, on, b) for n, m in models.items() for on, b in modes]
-        for name, (folder, decoder), batched, batcher in plan:
+        plan = [(n, m, on, b) for n, m in models.items() for on, b in modes if m[2]["batched"] or not on]
+        for name, (folder, decoder, var), batched, batcher in plan:
             t0 = time.perf_counter()
             mb = args.max_batch if batched else 1
             what = f"{name} batching {batching_label(batched, batcher)}"
@@ -363,12 +395,24 @@ def serve_levels(args, models: dict, results: dict, root: Path, steps: int, size
                 "num_gpus": 1 if gpu else 0, "num_cpus": 1, "batcher": batcher,
                 "max_batch_size": mb, "batch_wait_timeout_s": args.batch_wait,
                 "max_ongoing_requests": max(2 * max(clients), 2 * mb), "sizes": [f"{size}x{size}"],
-                "max_steps": max(steps, 100), "request_timeout_s": 900}})
+                "max_steps": max(steps, 100), "request_timeout_s": 900, "default_guidance_scale": var["guidance"],
+                "compile": var["compile"], "compile_mode": args.compile_mode, "compile_batches": [1]}})
+            vbody = {**body, "num_inference_steps": var["steps"], "guidance_scale": var["guidance"]}
+            # a compiled few-step replica is measured at 1 client, the others at every level
+            levels = [(1, args.fewstep_requests)] if var["compile"] else (
+                [(1, args.fewstep_requests)] + [(c, r) for c, r in zip(clients, rpc[batched]) if c > 1]
+                if var["steps"] != steps and not batched else list(zip(clients, rpc[batched])))
+            levels = [(c, r) for c, r in levels if r > 0]  # 0 requests per client: the level is left out
+            if not levels:
+                continue
             try:
                 serve.run(build_app(cfg), name="bench", route_prefix="/")
-                warm_up(url, body, mb, args.warmup_s)
-                for c, r in zip(clients, rpc[batched]):
-                    row = {"model": name, "batching": batched, "batcher": batcher, **load_test(url, c, r, body)}
+                warm_up(url, vbody, mb, args.warmup_s)
+                for c, r in levels:
+                    runs = [load_test(url, c, r, vbody) for _ in range(args.repeats)]
+                    mid = sorted(runs, key=lambda x: x["images_per_s"])[len(runs) // 2]
+                    row = {"model": name, "batching": batched, "batcher": batcher, **mid,
+                           "runs_ips": [x["images_per_s"] for x in runs], "runs_p50_ms": [x["p50_ms"] for x in runs]}
                     results["serve"].append(row)
                     print(json.dumps(row), flush=True)
             except KeyboardInterrupt:  # SIGINT (e.g. `timeout -s INT`): report what was measured
@@ -414,6 +458,17 @@ def ips(res: dict, model: str, batched: bool, c: int, batcher: str = "serve") ->
                  and r.get("batcher", "serve") == batcher), None)
 
 
+def runs_of(res: dict, model: str, batched: bool, c: int, batcher: str = "serve") -> list[float]:
+    return next((r.get("runs_ips", [r["images_per_s"]]) for r in res["serve"]
+                 if r["model"] == model and r["batching"] == batched and r["clients"] == c
+                 and r.get("batcher", "serve") == batcher), [])
+
+
+def p50_of(res: dict, model: str, c: int = 1) -> float | None:
+    return next((r["p50_ms"] for r in res["serve"] if r["model"] == model and not r["batching"]
+                 and r["clients"] == c), None)
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
@@ -429,7 +484,8 @@ def markdown(res: dict, args, clients: list[int], rpc: dict[bool, list[int]]) ->
         f"### serve_latency: {what}, {res['size']} px, {res['steps']} steps, {res['device']} ({res['hardware']})",
         "",
         f"{datetime.date.today().isoformat()}; `python bench/serve_latency.py {' '.join(sys.argv[1:])}`; one replica; "
-        f"max_batch_size {args.max_batch} (wait {args.batch_wait:g}s) when batching; guidance 7.5 (CFG); requests "
+        f"max_batch_size {args.max_batch} (wait {args.batch_wait:g}s) when batching; guidance 7.5 (CFG; few-step "
+        f"rows 1: none); medians of {args.repeats} run(s) of each level; requests "
         f"per level = clients × {'/'.join(map(str, rpc[False]))} (batching off), × {'/'.join(map(str, rpc[True]))} "
         f"(on); PNG zlib level {PNG_LEVEL}; whole run {res['wall_s']:.0f}s.",
         "",
@@ -470,6 +526,18 @@ def markdown(res: dict, args, clients: list[int], rpc: dict[bool, list[int]]) ->
                      f"{_x(sp.get(f'on@{top}'))}, off {_x(sp.get(f'off@{top}'))}; 1 client (off) "
                      f"{_x(sp.get(f'off@{clients[0]}'))} (goal >= 1.6x: "
                      f"{'met' if (sp.get(f'on@{top}') or 0) >= 1.6 else 'not met'} with batching on)")
+        each = res["student_speedup_runs"].get(m, [])
+        if len(each) > 1:
+            lines.append(f"- {m} / teacher, batching on, {top} clients, run by run: "
+                         f"{', '.join(_x(v) for v in each)} (goal >= 1.6x in each: "
+                         f"{'met' if min(each) >= 1.6 else 'not met'})")
+    teacher_p50 = p50_of(res, "teacher")
+    for m in res["reference"].keys() | {r["model"] for r in res["serve"]}:
+        if "step" in m and teacher_p50 and p50_of(res, m):
+            v = p50_of(res, m) / teacher_p50
+            lines.append(f"- {m}: p50 at 1 client {p50_of(res, m):.0f} ms = {v:.3f} of the teacher's "
+                         f"{teacher_p50:.0f} ms at {res['steps']} steps with CFG (goal <= 0.1: "
+                         f"{'met' if v <= 0.1 else 'not met'})")
     for m, g in res["batching_gain"].items():
         verdict = "met" if (g or 0) >= 2 else "not met"
         ref = res["reference"].get(m, {})
