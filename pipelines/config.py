@@ -473,10 +473,11 @@ class ServeConfig(Section):
     num_cpus: float = Field(1, gt=0)
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.05, ge=0)
-    # "serve": Ray's @serve.batch, which forms the next batches while one runs (each closes batch_wait_timeout_s
-    # after its first request, so load arriving during a batch can split into small ones); "replica":
-    # serving/batching.py, which forms a batch when the previous one has returned (fuller batches)
-    batcher: Literal["serve", "replica"] = "serve"
+    # "replica": serving/batching.py, which forms a batch when the previous one has returned (fuller batches:
+    # 1.2-1.4x the images/s of "serve" at 32 clients on an H200, bench/RESULTS.md); "serve": Ray's @serve.batch,
+    # which forms the next batches while one runs (each closes batch_wait_timeout_s after its first request, so
+    # load arriving during a batch can split into small ones)
+    batcher: Literal["serve", "replica"] = "replica"
     max_ongoing_requests: int | None = Field(None, ge=1)  # per replica; default 2 * max_batch_size
     # The API key is read by each replica from its own environment or filesystem (a Kubernetes secret as
     # an env var or a mounted file), so it never travels through Ray or the Serve config, and is never logged.

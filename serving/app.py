@@ -4,8 +4,8 @@ One deployment, `ImageServer`, with a FastAPI ingress. Each replica holds one pi
 CPU), loaded from `models:/NAME@ALIAS` in MLflow (the alias is resolved to a version once, when the app is
 built, so every replica serves the same version) or from a diffusers folder/URI, and generates one
 warm-up image before it reports ready. Requests are split into single images and batched across requests
-(Ray's @serve.batch; with serve.batcher "replica", serving/batching.py, where a batch forms only when the
-previous one has returned); a batch mixing sizes, steps or guidance runs one pipeline call per group
+(serve.batcher "replica", the default: serving/batching.py, where a batch forms only when the previous one has
+returned; "serve": Ray's @serve.batch); a batch mixing sizes, steps or guidance runs one pipeline call per group
 (models/sampling.py: render_images), and every image has its own seed. With serve.compile the U-Net runs
 torch.compile graphs (CUDA graphs with reduce-overhead) for the shapes warmed up at replica start
 (models.sampling.CompiledUNet); other shapes fall back to the eager U-Net.
@@ -299,7 +299,7 @@ class ImageServer:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def _serve_batch(self, jobs: list[ImageJob]) -> list[tuple[Any, float, float, int, bool | None]]:
-        return await self.generate_batch(jobs)  # serve.batcher "serve" (the default)
+        return await self.generate_batch(jobs)  # serve.batcher "serve"
 
     async def _pngs(self, jobs: list[ImageJob]) -> tuple[list[bytes], Timings]:
         t0 = time.perf_counter()

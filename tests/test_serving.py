@@ -107,17 +107,18 @@ def test_batcher_setting_is_checked():
         parse_config({"serve": {"batcher": "fastest"}})
 
 
-def test_replica_batcher_serves_batches(server, tiny_sd1_dir, tmp_path):
-    """serve.batcher "replica" (serving/batching.py) in a second app next to the module's (@serve.batch):
+def test_serve_batch_batcher_serves_batches(server, tiny_sd1_dir, tmp_path):
+    """serve.batcher "serve" (Ray's @serve.batch) in a second app next to the module's (the default "replica",
+    serving/batching.py):
     concurrent requests are answered, in batches, with the same image for a seed."""
     from ray import serve
 
     from serving.app import build_app
 
     cfg = parse_config({"work_dir": str(tmp_path / "work"), "serve": {
-        "model": str(tiny_sd1_dir), "num_cpus": 0.2, "batcher": "replica", "max_batch_size": 4,
+        "model": str(tiny_sd1_dir), "num_cpus": 0.2, "batcher": "serve", "max_batch_size": 4,
         "batch_wait_timeout_s": 0.05, "max_ongoing_requests": 16, "sizes": ["64x64"], "default_steps": 2}})
-    serve.run(build_app(cfg), name="replica-batcher", route_prefix="/rb")
+    serve.run(build_app(cfg), name="serve-batcher", route_prefix="/rb")
     try:
         url = server["url"] + "rb/v1/images/generations"
         body = {"prompt": "a red circle", "num_inference_steps": 2, "seed": 7}
@@ -128,7 +129,7 @@ def test_replica_batcher_serves_batches(server, tiny_sd1_dir, tmp_path):
         imgs = [np.asarray(Image.open(io.BytesIO(images(r)[0])), np.int16) for r in answers]
         assert max(np.abs(i - imgs[0]).max() for i in imgs) <= 2  # one seed: one image (up to batched rounding)
     finally:
-        serve.delete("replica-batcher")
+        serve.delete("serve-batcher")
 
 
 def test_compiled_unet_serves_the_eager_images(server, tiny_sd1_dir, tmp_path):
