@@ -14,8 +14,8 @@ guidance 7.5); images/s = requests / (first post -> last answer). Before a level
 warmed up: a full batch of short (2-step) requests when batching is on (the batch shapes), then full-step
 requests for at least --warmup-s seconds (GPU clocks). A second table says what happened inside the replica,
 from each answer's `timings`: images per pipeline batch, pipeline time per batch, queue wait, PNG time, and
-how much of the level's wall time the pipeline was running. `--batchers serve,replica` adds batching rows with
-serving/batching.py (serve.batcher "replica") next to Ray's @serve.batch, measured in the same run.
+how much of the level's wall time the pipeline was running. `--batchers replica,serve` adds batching rows with
+Ray's @serve.batch (serve.batcher "serve") next to serving/batching.py (the default), measured in the same run.
 `--repeats 3` runs each level (and the in-process batch) 3 times and reports the median, with every run's
 images/s kept. `--fewstep-steps 4` adds the TAESD student as a few-step student (4 steps, guidance 1: no CFG;
 random weights, so only its timing means anything), served eager and with serve.compile (the U-Net compiled
@@ -52,9 +52,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import append_to_section, interrupt_once  # noqa: E402
 from models.sampling import PNG_LEVEL  # noqa: E402
 from pipelines import local  # noqa: E402
-from pipelines.config import parse_config  # noqa: E402
+from pipelines.config import ServeConfig, parse_config  # noqa: E402
 
 SECTION = "## Serving"
+DEFAULT_BATCHER = ServeConfig.model_fields["batcher"].default  # the ratios' batching rows
 
 
 def build_models(tiny: bool, root: Path) -> dict[str, tuple[Path, Path | None]]:
@@ -243,9 +244,9 @@ def main() -> int:
                         "rate depends less on how the first arrivals split into batches)")
     p.add_argument("--max-batch", type=int, default=16, help="max_batch_size when batching is on")
     p.add_argument("--batch-wait", type=float, default=0.05, help="batch_wait_timeout_s when batching is on")
-    p.add_argument("--batchers", default="serve",
-                   help="serve.batcher values for the batching-on rows: serve (Ray's @serve.batch, the default, "
-                        "the one the ratios use), replica (serving/batching.py; compare: 'serve,replica')")
+    p.add_argument("--batchers", default=DEFAULT_BATCHER,
+                   help="serve.batcher values for the batching-on rows: replica (serving/batching.py, the default, "
+                        "the one the ratios use), serve (Ray's @serve.batch; compare: 'replica,serve')")
     p.add_argument("--ref-images", type=int, default=3, help="in-process reference: timed single images")
     p.add_argument("--warmup-s", type=float, default=2.0, help="full-step warm-up per deployment, seconds")
     p.add_argument("--models", default="teacher,student,student-taesd",
@@ -274,8 +275,9 @@ def main() -> int:
             p.error(f"--{opt.replace('_', '-')} has {len(r)} values for {len(clients)} client levels")
         rpc[batched] = r
     batchers = [b for b in args.batchers.split(",") if b]
-    if "serve" not in batchers or not set(batchers) <= {"replica", "serve"}:
-        p.error(f"--batchers: serve, optionally with replica (got {args.batchers})")
+    if DEFAULT_BATCHER not in batchers or not set(batchers) <= {"replica", "serve"}:
+        p.error(f"--batchers: {DEFAULT_BATCHER} (serve.batcher's default), optionally with the other (got "
+                f"{args.batchers})")
     args.batchers = batchers
     gpu = args.device == "cuda"
     names = [m for m in args.models.split(",") if m]
@@ -384,7 +386,7 @@ def serve_levels(args, models: dict, results: dict, root: Path, steps: int, size
         url = f"http://127.0.0.1:{port}/v1/images/generations"
         body = {"prompt": "a photo of a cat", "n": 1, "size": f"{size}x{size}", "num_inference_steps": steps,
                 "guidance_scale": 7.5, "seed": 0}
-        modes = [(False, "serve")] + [(True, b) for b in args.batchers]  # (batching on, serve.batcher)
+        modes = [(False, DEFAULT_BATCHER)] + [(True, b) for b in args.batchers]  # (batching on, serve.batcher)
         plan = [(n, m, on, b) for n, m in models.items() for on, b in modes if m[2]["batched"] or not on]
         for name, (folder, decoder, var), batched, batcher in plan:
             t0 = time.perf_counter()
@@ -444,24 +446,26 @@ def stop_ray() -> None:
                 fn()
 
 
-def batching_label(batched: bool, batcher: str = "serve") -> str:
-    return ("on" if batcher == "serve" else "on, replica batcher") if batched else "off"
+def batching_label(batched: bool, batcher: str = DEFAULT_BATCHER) -> str:
+    if not batched:
+        return "off"
+    return "on" if batcher == DEFAULT_BATCHER else f"on, {'@serve.batch' if batcher == 'serve' else batcher}"
 
 
 def row_label(row: dict) -> str:
-    return batching_label(row["batching"], row.get("batcher", "serve"))
+    return batching_label(row["batching"], row.get("batcher", DEFAULT_BATCHER))
 
 
-def ips(res: dict, model: str, batched: bool, c: int, batcher: str = "serve") -> float | None:
+def ips(res: dict, model: str, batched: bool, c: int, batcher: str = DEFAULT_BATCHER) -> float | None:
     return next((r["images_per_s"] for r in res["serve"]
                  if r["model"] == model and r["batching"] == batched and r["clients"] == c
-                 and r.get("batcher", "serve") == batcher), None)
+                 and r.get("batcher", DEFAULT_BATCHER) == batcher), None)
 
 
-def runs_of(res: dict, model: str, batched: bool, c: int, batcher: str = "serve") -> list[float]:
+def runs_of(res: dict, model: str, batched: bool, c: int, batcher: str = DEFAULT_BATCHER) -> list[float]:
     return next((r.get("runs_ips", [r["images_per_s"]]) for r in res["serve"]
                  if r["model"] == model and r["batching"] == batched and r["clients"] == c
-                 and r.get("batcher", "serve") == batcher), [])
+                 and r.get("batcher", DEFAULT_BATCHER) == batcher), [])
 
 
 def p50_of(res: dict, model: str, c: int = 1) -> float | None:
@@ -544,10 +548,12 @@ def markdown(res: dict, args, clients: list[int], rpc: dict[bool, list[int]]) ->
         served = ips(res, m, True, top)
         eff = f"; served/in-process batch of {args.max_batch}: {_x(_ratio(served, ref.get('ips_batch')))}" \
             if ref.get("ips_batch") and served else ""
-        lines.append(f"- {m}: batching on / off at {top} clients: {_x(g)} (goal >= 2x: {verdict}){eff}")
-        if "replica" in args.batchers:
+        gain = f"batching on / off at {top} clients: {_x(g)} (goal >= 2x: {verdict})" if g else \
+            f"batching on at {top} clients"  # the batching-off level at top clients was left out
+        lines.append(f"- {m}: {gain}{eff}")
+        if set(args.batchers) == {"replica", "serve"}:
             lines.append(f"- {m}: replica batcher / @serve.batch images/s at {top} clients: "
-                         f"{_x(_ratio(ips(res, m, True, top, 'replica'), served))}")
+                         f"{_x(_ratio(ips(res, m, True, top, 'replica'), ips(res, m, True, top, 'serve')))}")
     for r in res["serve"]:
         if r.get("first_error"):
             lines.append(f"- errors: {r['model']} batching {row_label(r)} "
