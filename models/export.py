@@ -87,9 +87,17 @@ def _usage(meta: StudentMeta, where: str, fp16: bool, prompt: str) -> str:
     scale = meta.guidance_scale or 7.5
     load = (f'pipe = DiffusionPipeline.from_pretrained("{where}", variant="fp16", dtype=torch.float16).to("cuda")'
             if fp16 else f'pipe = DiffusionPipeline.from_pretrained("{where}")')
-    return "\n".join(["import torch", "from diffusers import DiffusionPipeline", "", load,
-                      f"image = pipe({prompt!r}, num_inference_steps={steps}, "
-                      f"guidance_scale={scale:g}).images[0]"])
+    call = f"image = pipe({prompt!r}, num_inference_steps={steps}, guidance_scale={scale:g}).images[0]"
+    lines = ["import torch", "from diffusers import DiffusionPipeline", "", load, call]
+    sd = meta.steps_distillation
+    if sd and sd.lora_adapter:  # the adapter alone, for the source student or another U-Net of its architecture
+        sched = sd.scheduler or "DDIMScheduler"
+        lines[1] += f", {sched}"
+        lines += ["", "# or its LoRA adapter, on the model it was distilled from (or another of that architecture):",
+                  f'pipe = DiffusionPipeline.from_pretrained("{sd.source or meta.teacher}")',
+                  f'pipe.scheduler = {sched}.from_pretrained("{where}", subfolder="scheduler")',
+                  f'pipe.load_lora_weights("{where}/{sd.lora_adapter}")', call]
+    return "\n".join(lines)
 
 
 def scores_markdown(metrics: dict[str, float], goal: float) -> str:

@@ -213,10 +213,8 @@ def guided_loss(student: torch.nn.Module, teacher: torch.nn.Module, schedule: Sc
                 cond: dict[str, Any], uncond: dict[str, Any], w: torch.Tensor,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Guided distillation, stage 1: MSE between the student's output given w and the teacher's CFG output
-    at w, at a random timestep. Outputs (eps or v) are linear in (x0, eps), so matching them matches the
-    guided x̂0 of the paper, weighted by the SNR."""
-    if w_dim(student) is None:
-        raise ValueError("guided_loss: the student takes no w input; use add_guidance_embedding first")
+    at w, at a random timestep (a student without a w input learns the guidance range in its weights). Outputs
+    (eps or v) are linear in (x0, eps), so matching them matches the guided x̂0 of the paper, weighted by the SNR."""
     x0 = latents.float()
     t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
     z = schedule.add_noise(x0, _randn(x0, generator), t)
@@ -306,66 +304,55 @@ def frozen_copy(unet: torch.nn.Module) -> UNet2DConditionModel:
     return m.requires_grad_(False).eval()
 
 
-# --- LoRA (LCM-LoRA style: train a small adapter, merge it for export) ---------------------------------------
+# --- LoRA (LCM-LoRA style): PEFT adapters, merged for export and written as a portable adapter ---------------
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
-
-
-class LoRALinear(torch.nn.Module):
-    """y = base(x) + (alpha/rank)·B(A(x)) with the base frozen; B starts at zero (y = base(x) at first)."""
-
-    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float | None = None):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.lora_A = torch.nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)
-        self.lora_B = torch.nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
-        torch.nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        torch.nn.init.zeros_(self.lora_B.weight)
-        self.scale = (alpha or rank) / rank
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.scale * self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))).to(x.dtype)
-
-    def merged(self) -> torch.nn.Linear:
-        delta = self.scale * (self.lora_B.weight.float() @ self.lora_A.weight.float())
-        out = copy.deepcopy(self.base)
-        out.weight.data += delta.to(out.weight.dtype)
-        return out.requires_grad_(True)
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # the file diffusers' load_lora_weights(folder) reads
 
 
 def add_lora(unet: UNet2DConditionModel, rank: int) -> list[torch.nn.Parameter]:
-    """Freeze `unet` and wrap its attention/feed-forward projections with LoRA adapters, in place.
-    Returns the parameters to train: the adapters, and the w-embedding projection when the U-Net has one."""
+    """Freeze `unet` and add a PEFT LoRA adapter (alpha = rank, B starts at zero: the U-Net computes what it did)
+    to its attention and feed-forward projections, in place. Returns the adapter's parameters."""
+    from peft import LoraConfig
+
     unet.requires_grad_(False)
-    names = [n for n, m in unet.named_modules()
-             if isinstance(m, torch.nn.Linear) and any(n.endswith("." + s) for s in LORA_TARGETS)]
-    if not names:
+    if not any(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and any(n.endswith("." + s) for s in LORA_TARGETS)
+               for n, m in unet.named_modules()):
         raise ValueError("add_lora: no attention or feed-forward projections found in the U-Net")
-    for name in names:
-        parent, _, child = name.rpartition(".")
-        owner = unet.get_submodule(parent)
-        setattr(owner, child, LoRALinear(owner.get_submodule(child), rank))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS)))
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
-    if unet.time_embedding.cond_proj is not None:
-        params += list(unet.time_embedding.cond_proj.parameters())
     for p in params:
         p.requires_grad_(True)
     return params
 
 
 def merge_lora(unet: UNet2DConditionModel) -> UNet2DConditionModel:
-    """Fold every adapter into its base weight, in place: a plain U-Net again (plain diffusers loads it)."""
-    for name, m in list(unet.named_modules()):
-        if isinstance(m, LoRALinear):
-            parent, _, child = name.rpartition(".")
-            setattr(unet.get_submodule(parent), child, m.merged())
+    """Fold the adapter into the base weights, in place: a plain U-Net again (plain diffusers loads it)."""
+    if getattr(unet, "peft_config", None):
+        unet.fuse_lora()
+        unet.unload_lora()
     return unet
 
 
 def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights alone (the small artifact LCM-LoRA ships)."""
-    return {k: v.detach().cpu() for k, v in _unwrap(unet).state_dict().items()
-            if "lora_" in k or "time_embedding.cond_proj" in k}
+    """The adapter's weights alone, PEFT's keys (`<module>.lora_A.weight`, `<module>.lora_B.weight`)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(_unwrap(unet)).items()}
+
+
+def save_lora_adapter(unet: torch.nn.Module, folder: Any) -> Any:
+    """Write the adapter as diffusers' `pipe.load_lora_weights(folder)` reads it: ADAPTER_FILE with PEFT's keys
+    under "unet." and the LoRA config in its metadata. It loads onto any U-Net of the architecture it was trained
+    on (LCM-LoRA's portability). PEFT's keys as they are: diffusers' convert_state_dict_to_diffusers turns them
+    into the old format, whose attention layers load_lora_weights (0.42) then leaves out."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    unet = _unwrap(unet)
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        folder, unet_lora_layers=lora_state_dict(unet), weight_name=ADAPTER_FILE,
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    return folder
 
 
 # --- export --------------------------------------------------------------------------------------------------
@@ -434,7 +421,8 @@ class StepDistiller:
     def __init__(self, objective: str, student: UNet2DConditionModel, teacher: UNet2DConditionModel | None,
                  schedule: Schedule, *, uncond: dict[str, Any] | None, teacher_steps: int = 32, rounds: int = 2,
                  guidance_range: tuple[float, float] = (1.0, 8.0), lcm_skip: int = 20, lcm_steps: int = 4,
-                 ema_decay: float = 0.95, lora_rank: int | None = None, huber_c: float | None = 0.001):
+                 ema_decay: float = 0.95, lora_rank: int | None = None, huber_c: float | None = 0.001,
+                 w_embedding: bool = True):
         self.phases = plan(objective, teacher_steps, rounds, lcm_steps)
         self.objective, self.schedule, self.uncond = objective, schedule, uncond
         self.guidance_range, self.lcm_skip, self.ema_decay = guidance_range, lcm_skip, ema_decay
@@ -446,11 +434,20 @@ class StepDistiller:
                 raise ValueError(
                     f"teacher cross_attention_dim {teacher.config.cross_attention_dim} != student's "
                     f"{student.config.cross_attention_dim}: the student must come from this teacher")
+        # without a w-embedding (w_embedding=False) the student learns the teacher's guidance over guidance_range
+        # in its weights and samples at guidance 1, as LCM-LoRA: its change is then the adapter alone
+        new_w = objective in ("guided", "consistency") and w_embedding and w_dim(student) is None
+        if new_w:
             student = add_guidance_embedding(student)
-        self.guided = w_dim(student) is not None  # progressive on an unguided student: no w anywhere
+        # w is drawn when the student takes it or the guiding teacher's CFG needs it
+        self.guided = w_dim(student) is not None or objective in ("guided", "consistency")
         self.lora = lora_rank is not None
+        # the adapter is the whole change (it loads onto another U-Net) unless a new w-embedding trains beside it
+        self.portable_adapter = self.lora and not new_w
         if self.lora:
             self.params = add_lora(student, lora_rank)
+            if new_w:  # zero at first, so it must train with the adapter
+                self.params += [p.requires_grad_(True) for p in student.time_embedding.cond_proj.parameters()]
         else:
             self.params = [p for p in student.requires_grad_(True).parameters()]
         self.student: torch.nn.Module = student.train()  # the training loop may swap in its engine

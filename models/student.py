@@ -358,6 +358,7 @@ class StepsMeta(BaseModel):
     teacher: str | None = None
     source: str | None = None  # the student folder it was distilled from
     lora_rank: int | None = None
+    lora_adapter: str | None = None  # the adapter's folder, relative to the student's (pipe.load_lora_weights)
     job_key: str | None = None
     step: int | None = None  # training steps done
     loss: float | None = None

@@ -268,7 +268,14 @@ class StepsConfig(Section):
     lcm_steps: int = Field(4, ge=1)  # consistency: the sampling steps recorded for the exported student
     huber_c: float | None = Field(0.001, gt=0)  # consistency: pseudo-Huber constant; None: MSE
     ema_decay: float = Field(0.95, gt=0, lt=1)  # consistency: the target network
-    lora_rank: int | None = Field(None, ge=1)  # train LoRA adapters (merged into the exported U-Net)
+    # train a LoRA adapter (PEFT) instead of the whole U-Net: merged into the exported U-Net and also written
+    # alone to {output}/lora, where diffusers' pipe.load_lora_weights() reads it
+    lora_rank: int | None = Field(None, ge=1)
+    # guided, consistency: the student takes w as an input (a new w-embedding; sampled at any guidance without
+    # CFG). false: it learns the teacher's guidance over guidance_range in its weights and samples at guidance 1,
+    # as LCM-LoRA. None: true, false with lora_rank, so that the adapter is the student's whole change and loads
+    # onto another U-Net of the architecture (an adapter cannot add an embedding)
+    w_embedding: bool | None = None
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(8, ge=1)
     # empty prompts in training: 0 by default, since a guided or consistency student takes w as an input and is
@@ -279,12 +286,18 @@ class StepsConfig(Section):
 
     _run_name = field_validator("run_name")(classmethod(lambda cls, v: path_safe(v)))
 
+    @property
+    def adds_w_embedding(self) -> bool:
+        """Whether the student gets a w-embedding (guided, consistency; see w_embedding)."""
+        wanted = self.lora_rank is None if self.w_embedding is None else self.w_embedding
+        return self.objective in ("guided", "consistency") and wanted
+
     @model_validator(mode="after")
     def _check(self) -> StepsConfig:
         lo, hi = self.guidance_range
         if not 1.0 <= lo <= hi:
             raise ValueError(f"guidance_range {list(self.guidance_range)}: need 1 <= low <= high")
-        if self.objective != "progressive" and not lo <= self.guidance_scale <= hi:
+        if self.adds_w_embedding and not lo <= self.guidance_scale <= hi:
             raise ValueError(f"guidance_scale {self.guidance_scale} is outside guidance_range "
                              f"{list(self.guidance_range)}, where the student was trained")
         if self.objective != "consistency" and self.teacher_steps % 2**self.rounds:

