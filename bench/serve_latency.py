@@ -19,7 +19,9 @@ Ray's @serve.batch (serve.batcher "serve") next to serving/batching.py (the defa
 `--repeats 3` runs each level (and the in-process batch) 3 times and reports the median, with every run's
 images/s kept. `--fewstep-steps 4` adds the TAESD student as a few-step student (4 steps, guidance 1: no CFG;
 random weights, so only its timing means anything), served eager and with serve.compile (the U-Net compiled
-for batch 1 at replica start, CUDA graphs on the GPU), against the teacher's p50 at 1 client.
+for batch 1 at replica start, CUDA graphs on the GPU), against the teacher's p50 at 1 client. `--variant
+num_cpus=8` (repeatable) deploys each batched model once more with those serve settings, its rows and its
+served/in-process ratio next to the default deployment's.
 
   python bench/serve_latency.py --tiny --requests-per-client 2,1,1       # CPU smoke run: tiny-sd1 and bk-small
   python bench/serve_latency.py --device cuda --append-results bench/RESULTS.md   # SD 1.5 vs bk-small, 512 px
@@ -46,6 +48,7 @@ import traceback
 from pathlib import Path
 
 import requests
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -257,6 +260,9 @@ def main() -> int:
     p.add_argument("--fewstep-requests", type=int, default=10, help="requests of the few-step 1-client level")
     p.add_argument("--compile-mode", default=None, help="serve.compile_mode (default: reduce-overhead on cuda, "
                                                          "default on cpu)")
+    p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="serve settings for a further deployment of each batched model (default batcher), e.g. "
+                        "num_cpus=8 or switch_interval_s=0.0005; repeatable, each measured at every level")
     p.add_argument("--work-dir", default=None)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--append-results", type=Path, default=None, metavar="RESULTS.md",
@@ -279,6 +285,10 @@ def main() -> int:
         p.error(f"--batchers: {DEFAULT_BATCHER} (serve.batcher's default), optionally with the other (got "
                 f"{args.batchers})")
     args.batchers = batchers
+    try:
+        args.variants = [parse_variant(v) for v in args.variant]
+    except ValueError as err:
+        p.error(f"--variant: {err}")
     gpu = args.device == "cuda"
     names = [m for m in args.models.split(",") if m]
     if not set(names) <= {"teacher", "student", "student-taesd"}:
@@ -387,18 +397,22 @@ def serve_levels(args, models: dict, results: dict, root: Path, steps: int, size
         body = {"prompt": "a photo of a cat", "n": 1, "size": f"{size}x{size}", "num_inference_steps": steps,
                 "guidance_scale": 7.5, "seed": 0}
         modes = [(False, DEFAULT_BATCHER)] + [(True, b) for b in args.batchers]  # (batching on, serve.batcher)
-        plan = [(n, m, on, b) for n, m in models.items() for on, b in modes if m[2]["batched"] or not on]
-        for name, (folder, decoder, var), batched, batcher in plan:
+        plan = [(n, m, on, b, None) for n, m in models.items() for on, b in modes if m[2]["batched"] or not on]
+        plan += [(n, m, True, DEFAULT_BATCHER, v) for v in args.variants for n, m in models.items()
+                 if m[2]["batched"]]
+        for name, (folder, decoder, var), batched, batcher, variant in plan:
             t0 = time.perf_counter()
             mb = args.max_batch if batched else 1
-            what = f"{name} batching {batching_label(batched, batcher)}"
+            what = f"{name} batching {batching_label(batched, batcher)}" + (f" {variant_label(variant)}"
+                                                                             if variant else "")
             cfg = parse_config({"work_dir": str(root / "work"), "serve": {
                 "model": str(folder), "decoder": str(decoder) if decoder else None,
                 "num_gpus": 1 if gpu else 0, "num_cpus": 1, "batcher": batcher,
                 "max_batch_size": mb, "batch_wait_timeout_s": args.batch_wait,
                 "max_ongoing_requests": max(2 * max(clients), 2 * mb), "sizes": [f"{size}x{size}"],
                 "max_steps": max(steps, 100), "request_timeout_s": 900, "default_guidance_scale": var["guidance"],
-                "compile": var["compile"], "compile_mode": args.compile_mode, "compile_batches": [1]}})
+                "compile": var["compile"], "compile_mode": args.compile_mode, "compile_batches": [1],
+                **(variant or {})}})
             vbody = {**body, "num_inference_steps": var["steps"], "guidance_scale": var["guidance"]}
             # a compiled few-step replica is measured at 1 client, the others at every level
             levels = [(1, args.fewstep_requests)] if var["compile"] else (
@@ -414,6 +428,7 @@ def serve_levels(args, models: dict, results: dict, root: Path, steps: int, size
                     runs = [load_test(url, c, r, vbody) for _ in range(args.repeats)]
                     mid = sorted(runs, key=lambda x: x["images_per_s"])[len(runs) // 2]
                     row = {"model": name, "batching": batched, "batcher": batcher, **mid,
+                           **({"variant": variant_label(variant)} if variant else {}),
                            "runs_ips": [x["images_per_s"] for x in runs], "runs_p50_ms": [x["p50_ms"] for x in runs]}
                     results["serve"].append(row)
                     print(json.dumps(row), flush=True)
@@ -452,20 +467,41 @@ def batching_label(batched: bool, batcher: str = DEFAULT_BATCHER) -> str:
     return "on" if batcher == DEFAULT_BATCHER else f"on, {'@serve.batch' if batcher == 'serve' else batcher}"
 
 
+def parse_variant(text: str) -> dict:
+    """'num_cpus=8,switch_interval_s=0.0005' -> serve settings (values read as YAML), checked by ServeConfig."""
+    pairs = [kv.partition("=") for kv in text.split(",") if kv]
+    if not pairs or any(not k or not eq for k, eq, _ in pairs):
+        raise ValueError(f"{text!r}: expected KEY=VALUE[,KEY=VALUE]")
+    out = {k.strip(): yaml.safe_load(v) for k, _, v in pairs}
+    unknown = set(out) - set(ServeConfig.model_fields)
+    if unknown:
+        raise ValueError(f"{text!r}: no serve setting {sorted(unknown)}")
+    return out
+
+
+def variant_label(variant: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in variant.items())
+
+
 def row_label(row: dict) -> str:
-    return batching_label(row["batching"], row.get("batcher", DEFAULT_BATCHER))
+    label = batching_label(row["batching"], row.get("batcher", DEFAULT_BATCHER))
+    return f"{label}, {row['variant']}" if row.get("variant") else label
 
 
-def ips(res: dict, model: str, batched: bool, c: int, batcher: str = DEFAULT_BATCHER) -> float | None:
-    return next((r["images_per_s"] for r in res["serve"]
-                 if r["model"] == model and r["batching"] == batched and r["clients"] == c
-                 and r.get("batcher", DEFAULT_BATCHER) == batcher), None)
+def _row(res: dict, model: str, batched: bool, c: int, batcher: str, variant: str | None) -> dict | None:
+    return next((r for r in res["serve"] if r["model"] == model and r["batching"] == batched and r["clients"] == c
+                 and r.get("batcher", DEFAULT_BATCHER) == batcher and r.get("variant") == variant), None)
+
+
+def ips(res: dict, model: str, batched: bool, c: int, batcher: str = DEFAULT_BATCHER,
+        variant: str | None = None) -> float | None:
+    r = _row(res, model, batched, c, batcher, variant)
+    return r["images_per_s"] if r else None
 
 
 def runs_of(res: dict, model: str, batched: bool, c: int, batcher: str = DEFAULT_BATCHER) -> list[float]:
-    return next((r.get("runs_ips", [r["images_per_s"]]) for r in res["serve"]
-                 if r["model"] == model and r["batching"] == batched and r["clients"] == c
-                 and r.get("batcher", DEFAULT_BATCHER) == batcher), [])
+    r = _row(res, model, batched, c, batcher, None)
+    return r.get("runs_ips", [r["images_per_s"]]) if r else []
 
 
 def p50_of(res: dict, model: str, c: int = 1) -> float | None:
@@ -551,6 +587,10 @@ def markdown(res: dict, args, clients: list[int], rpc: dict[bool, list[int]]) ->
         gain = f"batching on / off at {top} clients: {_x(g)} (goal >= 2x: {verdict})" if g else \
             f"batching on at {top} clients"  # the batching-off level at top clients was left out
         lines.append(f"- {m}: {gain}{eff}")
+        for v in map(variant_label, args.variants):
+            lines.append(f"- {m}, {v}: served/in-process batch of {args.max_batch}: "
+                         f"{_x(_ratio(ips(res, m, True, top, variant=v), ref.get('ips_batch')))}; over the row "
+                         f"without it: {_x(_ratio(ips(res, m, True, top, variant=v), served))}")
         if set(args.batchers) == {"replica", "serve"}:
             lines.append(f"- {m}: replica batcher / @serve.batch images/s at {top} clients: "
                          f"{_x(_ratio(ips(res, m, True, top, 'replica'), ips(res, m, True, top, 'serve')))}")

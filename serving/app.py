@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import secrets
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -225,6 +226,8 @@ class ImageServer:
         from models.sampling import CompiledUNet, generate_images, load_pipeline, render_images
 
         self.cfg = ServeConfig.model_validate(serve_cfg)
+        if self.cfg.switch_interval_s is not None:
+            sys.setswitchinterval(self.cfg.switch_interval_s)
         self.model = {**model, "created": int(time.time())}
         self._key = read_api_key(self.cfg)
         self._render = render_images
