@@ -262,7 +262,7 @@ def main() -> int:
                                                          "default on cpu)")
     p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                    help="serve settings for a further deployment of each batched model (default batcher), e.g. "
-                        "num_cpus=8 or switch_interval_s=0.0005; repeatable, each measured at every level")
+                        "num_cpus=8 or batch_wait_timeout_s=0.1; repeatable, each measured at every level")
     p.add_argument("--work-dir", default=None)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--append-results", type=Path, default=None, metavar="RESULTS.md",
@@ -468,7 +468,7 @@ def batching_label(batched: bool, batcher: str = DEFAULT_BATCHER) -> str:
 
 
 def parse_variant(text: str) -> dict:
-    """'num_cpus=8,switch_interval_s=0.0005' -> serve settings (values read as YAML), checked by ServeConfig."""
+    """'num_cpus=8,batch_wait_timeout_s=0.1' -> serve settings (values read as YAML), checked by ServeConfig."""
     pairs = [kv.partition("=") for kv in text.split(",") if kv]
     if not pairs or any(not k or not eq for k, eq, _ in pairs):
         raise ValueError(f"{text!r}: expected KEY=VALUE[,KEY=VALUE]")

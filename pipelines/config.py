@@ -491,10 +491,6 @@ class ServeConfig(Section):
     # which forms the next batches while one runs (each closes batch_wait_timeout_s after its first request, so
     # load arriving during a batch can split into small ones)
     batcher: Literal["serve", "replica"] = "replica"
-    # the replica's Python thread switch interval (sys.setswitchinterval; None: Python's 0.005 s). The pipeline
-    # thread launches GPU work between host syncs; when the event loop or a PNG thread holds the GIL, it waits
-    # for it up to this long
-    switch_interval_s: float | None = Field(None, gt=0)
     max_ongoing_requests: int | None = Field(None, ge=1)  # per replica; default 2 * max_batch_size
     # The API key is read by each replica from its own environment or filesystem (a Kubernetes secret as
     # an env var or a mounted file), so it never travels through Ray or the Serve config, and is never logged.

@@ -31,8 +31,8 @@ import json
 import logging
 import os
 import secrets
-import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -226,8 +226,6 @@ class ImageServer:
         from models.sampling import CompiledUNet, generate_images, load_pipeline, render_images
 
         self.cfg = ServeConfig.model_validate(serve_cfg)
-        if self.cfg.switch_interval_s is not None:
-            sys.setswitchinterval(self.cfg.switch_interval_s)
         self.model = {**model, "created": int(time.time())}
         self._key = read_api_key(self.cfg)
         self._render = render_images
@@ -243,9 +241,14 @@ class ImageServer:
         else:
             self._submit = DynamicBatcher(self.generate_batch, self.cfg.max_batch_size,
                                           self.cfg.batch_wait_timeout_s).submit
+        # every pipeline call runs on this one thread: a call on a thread new to the pipeline took ~3x as long
+        # (a 4-step batch of 16 on an H200: ~610-760 ms against ~230 ms; asyncio.to_thread's pool hands calls to
+        # any of its threads), and CUDA graphs recorded by serve.compile stay on the thread that replays them
+        self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         w, h = parse_size(self.cfg.sizes[0])
-        generate_images(self.pipe, [ImageJob("warm up", num_inference_steps=1, width=w, height=h)],
-                        self.cfg.png_compress_level)
+        self._pipeline_thread.submit(
+            generate_images, self.pipe, [ImageJob("warm up", num_inference_steps=1, width=w, height=h)],
+            self.cfg.png_compress_level).result()
         self.compiled = None
         if self.cfg.compile:
             self.compiled = CompiledUNet(self.pipe.unet, self.cfg.compile_mode)
@@ -253,8 +256,10 @@ class ImageServer:
             for size in self.cfg.sizes:  # 3 steps: CUDA graph trees record on a shape's second or third call
                 w, h = parse_size(size)
                 for n in self.cfg.compile_batches:
-                    render_images(self.pipe, [ImageJob("warm up", num_inference_steps=3, width=w, height=h,
-                                                       guidance_scale=self.cfg.default_guidance_scale)] * n)
+                    self._pipeline_thread.submit(
+                        render_images, self.pipe, [ImageJob("warm up", num_inference_steps=3, width=w, height=h,
+                                                            guidance_scale=self.cfg.default_guidance_scale)] * n
+                    ).result()
             self.compiled.capturing = False
             self._render = functools.partial(render_images, batch_sizes=self.cfg.compile_batches)
             log.info("compiled the U-Net for %d shapes in %.0f s", len(self.compiled.shapes),
@@ -284,13 +289,14 @@ class ImageServer:
             raise ApiError(401, "invalid API key", code="invalid_api_key")
 
     async def generate_batch(self, jobs: list[ImageJob]) -> list[tuple[Any, float, float, int, bool | None]]:
-        # called by the batcher (serve.batcher), one batch at a time; the pipeline runs in a thread so health
-        # checks and new requests are answered meanwhile. PIL images out: each request encodes its own PNGs
+        # called by the batcher (serve.batcher), one batch at a time; the pipeline runs on its own thread so
+        # health checks and new requests are answered meanwhile. PIL images out: each request encodes its own PNGs
         # after the batch, so the next batch starts on the GPU while they are encoded.
         # Per image: (image, batch start, batch seconds, batch size, compiled: None without serve.compile)
         t0 = time.perf_counter()
         eager_before = self.compiled.eager_calls if self.compiled else 0
-        images = await asyncio.to_thread(self._render, self.pipe, jobs)
+        images = await asyncio.get_running_loop().run_in_executor(self._pipeline_thread, self._render, self.pipe,
+                                                                   jobs)
         seconds = time.perf_counter() - t0
         compiled = self.compiled.eager_calls == eager_before if self.compiled else None
         try:
