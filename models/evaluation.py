@@ -154,18 +154,67 @@ def cfg_batch(pipe: Any, guidance_scale: float) -> int:
     return 2 if guidance_scale > 1 and w_dim(pipe.unet) is None else 1
 
 
+Size = tuple[int, int]  # (width, height) in pixels
+
+
+def _wh(size: int | Size) -> Size:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 @torch.no_grad()
-def generate(pipe: Any, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float, size: int,
-             batch_size: int) -> torch.Tensor:
-    """Scaled latents (N, 4, h, w), one per (prompt, seed). One CPU generator per image, so an image
-    depends only on its prompt and seed, not on the batching or the device."""
+def generate(pipe: Any, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float,
+             size: int | Size, batch_size: int) -> torch.Tensor:
+    """Scaled latents (N, 4, h, w), one per (prompt, seed), at `size` (a side, or (width, height)). One CPU
+    generator per image, so an image depends only on its prompt and seed, not on the batching or the device."""
+    width, height = _wh(size)
     out = []
     for i in range(0, len(prompts), batch_size):
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i : i + batch_size]]
         res = pipe(prompt=prompts[i : i + batch_size], generator=gens, num_inference_steps=steps,
-                   guidance_scale=guidance_scale, height=size, width=size, output_type="latent")
+                   guidance_scale=guidance_scale, height=height, width=width, output_type="latent")
         out.append(res.images.float().cpu())
     return torch.cat(out)
+
+
+@dataclass
+class Samples:
+    """One pipeline's images for a list of (prompt, seed, size): latents per size group (in `groups`' order of
+    indices) and every image in [0, 1], center-cropped and resized to size x size where its own size is not that
+    square (M.fit_image, as reference images are), in the prompts' order: (N, 3, size, size)."""
+
+    latents: dict[Size, torch.Tensor]
+    images: torch.Tensor
+
+
+def size_groups(sizes: list[Size]) -> dict[Size, list[int]]:
+    """Indices of the prompts at each size, sizes in order of first appearance."""
+    groups: dict[Size, list[int]] = {}
+    for i, sz in enumerate(sizes):
+        groups.setdefault(sz, []).append(i)
+    return groups
+
+
+def sample(pipe: Any, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float,
+           groups: dict[Size, list[int]], size: int, batch_size: int) -> Samples:
+    """Generate and decode each size group in its own pipeline calls (an aspect-ratio bucket's images at that
+    bucket's size), then bring every image to the common size x size the image metrics compare."""
+    latents, images = {}, [None] * len(prompts)
+    for sz, idx in groups.items():
+        lat = generate(pipe, [prompts[i] for i in idx], [seeds[i] for i in idx], steps, guidance_scale, sz,
+                       batch_size)
+        img = decode(pipe, lat, batch_size)
+        if sz != (size, size):
+            img = M.to_tensor([M.fit_image(im, size) for im in to_pil(img)])
+        latents[sz] = lat
+        for j, i in enumerate(idx):
+            images[i] = img[j]
+    return Samples(latents, torch.stack(images))
+
+
+def latent_mse(a: Samples, b: Samples) -> float:
+    """The MSE between two pipelines' latents, over every size group (weighted by its images)."""
+    n = sum(len(v) for v in a.latents.values())
+    return sum(M.mse(a.latents[k], b.latents[k]) * len(a.latents[k]) for k in a.latents) / n
 
 
 def decode(pipe: Any, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
@@ -182,12 +231,13 @@ def as_teacher(pipe: Any) -> Teacher:
                    scheduler=pipe.scheduler, text_encoder_2=c.get("text_encoder_2"), tokenizer_2=c.get("tokenizer_2"))
 
 
-def _conditioning(teacher: Teacher, prompts: list[str], size: int) -> dict[str, Any]:
+def _conditioning(teacher: Teacher, prompts: list[str], size: int | Size) -> dict[str, Any]:
     enc = encode_prompts(teacher, prompts)
     dtype = teacher.unet.dtype
     kw: dict[str, Any] = {"encoder_hidden_states": enc["prompt_embeds"].to(dtype)}
     if teacher.family == "sdxl":
-        ids = torch.tensor([sdxl_time_ids((size, size), (0, 0), (size, size))] * len(prompts),
+        w, h = _wh(size)
+        ids = torch.tensor([sdxl_time_ids((h, w), (0, 0), (h, w))] * len(prompts),
                            device=enc["pooled"].device, dtype=dtype)
         kw["added_cond_kwargs"] = {"text_embeds": enc["pooled"].to(dtype), "time_ids": ids}
     return kw
@@ -195,7 +245,7 @@ def _conditioning(teacher: Teacher, prompts: list[str], size: int) -> dict[str, 
 
 @torch.no_grad()
 def feature_analysis(teacher_pipe: Any, student_pipe: Any, spec: RemovalSpec | None, prompts: list[str],
-                     latents: torch.Tensor, samples: int, batch_size: int, size: int, seed: int = 0,
+                     latents: torch.Tensor, samples: int, batch_size: int, size: int | Size, seed: int = 0,
                      guidance_scale: float | None = None,
                      ) -> tuple[dict[str, float], dict[str, dict[str, np.ndarray]]]:
     """Both U-Nets on the same noisy inputs (the teacher's own latents, noised at random timesteps, with
@@ -341,6 +391,7 @@ def evaluate_pipelines(
     student_guidance_scale: float | None = None,
     steps_sweep: list[int] | tuple[int, ...] = (),
     size: int | None = None,
+    sizes: list[Size] | None = None,
     batch_size: int = 4,
     reference: list[Image.Image] | None = None,
     feature_extractor: str | None = None,
@@ -356,7 +407,12 @@ def evaluate_pipelines(
 
     The teacher samples at `steps` with classifier-free guidance at `guidance_scale`; the student, with its
     pipeline's scheduler, at `student_steps` and `student_guidance_scale` (default: the teacher's), and again
-    at each step count of `steps_sweep`, whose metrics are named with a suffix (`sweep_key`)."""
+    at each step count of `steps_sweep`, whose metrics are named with a suffix (`sweep_key`).
+
+    `sizes`: each prompt's (width, height), e.g. the aspect-ratio bucket of a validation caption (None: all
+    size x size). Each size's images are generated at that size; the image metrics (FID/KID/IS, CLIP, PSNR, SSIM,
+    caption accuracy) compare every image center-cropped and resized to size x size, as the reference's; the
+    feature comparison uses the largest size group; latency and memory are measured at size x size."""
     if not prompts:
         raise ValueError("no prompts to evaluate")
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
@@ -372,29 +428,33 @@ def evaluate_pipelines(
     if steps < 1 or student_steps < 1:
         raise ValueError(f"steps {steps}, student_steps {student_steps}: each must be >= 1")
     size = size or image_size(teacher_pipe)
+    if sizes is not None and len(sizes) != len(prompts):
+        raise ValueError(f"{len(sizes)} sizes for {len(prompts)} prompts: give one size per prompt")
+    groups = size_groups([_wh(sz) for sz in sizes] if sizes else [(size, size)] * len(prompts))
     device = teacher_pipe.unet.device
     extractor = M.resolve_feature_extractor(feature_extractor)
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    t_lat = generate(teacher_pipe, prompts, seeds, steps, guidance_scale, size, batch_size)
-    s_lat = generate(student_pipe, prompts, seeds, student_steps, s_scale, size, batch_size)
-    t_img, s_img = decode(teacher_pipe, t_lat, batch_size), decode(student_pipe, s_lat, batch_size)
-    sweep_lat, sweep_img = {}, {}
+    t_run = sample(teacher_pipe, prompts, seeds, steps, guidance_scale, groups, size, batch_size)
+    s_run = sample(student_pipe, prompts, seeds, student_steps, s_scale, groups, size, batch_size)
+    t_img, s_img = t_run.images, s_run.images
+    sweep_run = {}
     for k in sweep:  # the same prompts and seeds; the student's own steps are already there
-        sweep_lat[k] = s_lat if k == student_steps else generate(student_pipe, prompts, seeds, k, s_scale, size,
-                                                                 batch_size)
-        sweep_img[k] = s_img if k == student_steps else decode(student_pipe, sweep_lat[k], batch_size)
+        sweep_run[k] = s_run if k == student_steps else sample(student_pipe, prompts, seeds, k, s_scale, groups,
+                                                               size, batch_size)
+    sweep_img = {k: r.images for k, r in sweep_run.items()}
     timings["generate"] = time.perf_counter() - t0
 
     metrics: dict[str, float] = {"num_images": len(prompts), "steps": steps, "guidance_scale": guidance_scale,
                                  "resolution": size, "steps_teacher": steps, "steps_student": student_steps,
-                                 "guidance_scale_teacher": guidance_scale, "guidance_scale_student": s_scale}
-    metrics["latent_mse"] = M.mse(s_lat, t_lat)
+                                 "guidance_scale_teacher": guidance_scale, "guidance_scale_student": s_scale,
+                                 "num_sizes": len(groups)}
+    metrics["latent_mse"] = latent_mse(s_run, t_run)
     metrics["psnr"] = M.psnr(s_img, t_img)
     metrics["ssim"] = M.ssim(s_img, t_img)
     for k in sweep:
-        metrics[sweep_key("latent_mse", k)] = M.mse(sweep_lat[k], t_lat)
+        metrics[sweep_key("latent_mse", k)] = latent_mse(sweep_run[k], t_run)
         metrics[sweep_key("psnr", k)] = M.psnr(sweep_img[k], t_img)
         metrics[sweep_key("ssim", k)] = M.ssim(sweep_img[k], t_img)
 
@@ -437,8 +497,10 @@ def evaluate_pipelines(
             metrics[sweep_key("caption_accuracy", k)] = acc
 
     t0 = time.perf_counter()
-    feat_metrics, embeddings = feature_analysis(teacher_pipe, student_pipe, spec, prompts, t_lat,
-                                                embedding_samples, batch_size, size, seed, s_scale)
+    top, idx = max(groups.items(), key=lambda g: len(g[1]))  # the features of one latent shape
+    feat_metrics, embeddings = feature_analysis(teacher_pipe, student_pipe, spec, [prompts[i] for i in idx],
+                                                t_run.latents[top], embedding_samples, batch_size, top, seed,
+                                                s_scale)
     metrics.update(feat_metrics)
     timings["features"] = time.perf_counter() - t0
 

@@ -1,5 +1,6 @@
 """`distillery evaluate CONFIG`: the evaluate stage. It reads the prompts (a file, or the cache's validation
-captions) and the reference images (a folder, or the cache's validation latents decoded with the teacher's VAE),
+captions, each at its aspect-ratio bucket's size on a bucketed cache) and the reference images (a folder, or the
+cache's validation latents decoded with the teacher's VAE),
 runs the evaluation core (models/evaluation.py) on the teacher and the student, as a Ray task with the GPUs it
 asks for when the driver is on a cluster (evaluate.run_on), and writes
 
@@ -26,6 +27,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -92,12 +94,26 @@ def _require_cache(cache: str, what: str) -> CacheManifest:
     return manifest
 
 
-def val_captions(cache: str, limit: int) -> list[str]:
-    _require_cache(cache, "validation captions")
-    captions = [c for c in read_split_columns(cache, "val", ["caption"], limit)["caption"] if c and c.strip()]
-    if not captions:
+def _latent_column(manifest: CacheManifest) -> str:
+    return "latent" if manifest.latents == "sample" else "latent_mean"
+
+
+def val_prompts(cache: str, limit: int) -> tuple[list[str], list[tuple[int, int]] | None]:
+    """The cache's non-empty validation captions and, for an aspect-bucketed cache, each one's image size
+    (width, height) from its latent's shape (None for square crops)."""
+    manifest = _require_cache(cache, "validation captions")
+    if not manifest.buckets:
+        rows = {"caption": read_split_columns(cache, "val", ["caption"], limit)["caption"]}
+        sizes = None
+    else:
+        col = _latent_column(manifest)
+        rows = read_split_columns(cache, "val", ["caption", col], limit)
+        scale = manifest.resolution // manifest.latent_shape[-1]  # pixels per latent
+        sizes = [(int(a.shape[-1]) * scale, int(a.shape[-2]) * scale) for a in rows[col]]
+    keep = [i for i, c in enumerate(rows["caption"]) if c and c.strip()]
+    if not keep:
         raise ValueError(f"no validation captions: the cache {cache} has only empty captions")
-    return captions
+    return [rows["caption"][i] for i in keep], sizes and [sizes[i] for i in keep]
 
 
 def read_reference_folder(uri: str, size: int, limit: int | None = None) -> list[Image.Image]:
@@ -120,17 +136,25 @@ def read_reference_folder(uri: str, size: int, limit: int | None = None) -> list
 
 
 def cache_reference(cache: str, vae: Any, limit: int | None, batch_size: int) -> list[Image.Image]:
-    """The validation images as the cache holds them: latents decoded with the teacher's VAE."""
+    """The validation images as the cache holds them: latents decoded with the teacher's VAE (an aspect-bucketed
+    cache's at their buckets' sizes, each shape decoded together)."""
     manifest = _require_cache(cache, "reference images")
-    if manifest.latents == "sample":
-        lat = torch.from_numpy(read_split_columns(cache, "val", ["latent"], limit)["latent"]).float()
-        lat = lat / manifest.vae_scaling_factor
-    else:  # "dist": the mean of the latent distribution, unscaled
-        lat = torch.from_numpy(read_split_columns(cache, "val", ["latent_mean"], limit)["latent_mean"]).float()
-    images = decode_latents(vae, lat, batch_size)
+    col = _latent_column(manifest)
+    values = read_split_columns(cache, "val", [col], limit)[col]
+    rows = list(values)  # one array per row (an (N, ...) array iterates as its rows)
+    # "sample": scaled draws; "dist": the mean of the latent distribution, unscaled
+    scale = manifest.vae_scaling_factor if manifest.latents == "sample" else 1.0
+    images: list[Image.Image | None] = [None] * len(rows)
+    shapes: dict[tuple, list[int]] = {}
+    for i, a in enumerate(rows):
+        shapes.setdefault(tuple(a.shape), []).append(i)
+    for idx in shapes.values():
+        lat = torch.from_numpy(np.stack([rows[i] for i in idx])).float() / scale
+        for i, im in zip(idx, to_pil(decode_latents(vae, lat, batch_size))):
+            images[i] = im
     if len(images) < 2:
         raise ValueError(f"the cache {cache} has {len(images)} validation image(s); FID needs at least 2")
-    return to_pil(images)
+    return images
 
 
 # --------------------------------------------------------------------------------- scores for tune trials
@@ -185,12 +209,14 @@ def _weights_stamp(student: str) -> list:
     return sorted((i.path[len(root):], i.size, str(i.mtime)) for i in infos if i.type == pafs.FileType.File)
 
 
-def _digest(cfg: Config, meta: StudentMeta, prompts: list[str], reference: str) -> str:
+def _digest(cfg: Config, meta: StudentMeta, prompts: list[str], reference: str,
+            sizes: list[tuple[int, int]] | None = None) -> str:
     where = {"run_on", "num_gpus", "num_cpus"}  # where the stage runs does not change what it measures
     blob = json.dumps({"evaluate": cfg.evaluate.model_dump(mode="json", exclude=where),
                        "teacher": cfg.teacher.model_dump(mode="json"),
                        "student": meta.model_dump(mode="json", exclude_none=True),
-                       "weights": _weights_stamp(cfg.evaluate.student), "prompts": prompts, "reference": reference},
+                       "weights": _weights_stamp(cfg.evaluate.student), "prompts": prompts, "reference": reference,
+                       **({"sizes": sizes} if sizes else {})},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -278,27 +304,27 @@ def evaluate_here(cfg: Config) -> dict[str, float]:
     # inputs first, so a bad one fails before any model loads
     meta = _student_meta(ev.student)
     student_steps, student_scale = student_sampling(ev, meta)
+    sizes = None  # each prompt's (width, height): a bucketed cache's captions at their buckets' sizes
     if ev.prompts:
         prompts = read_prompts(ev.prompts)[: ev.num_prompts]
     else:
-        prompts = val_captions(cfg.data.output, ev.num_prompts)
+        prompts, sizes = val_prompts(cfg.data.output, ev.num_prompts)
     if ev.reference:
         if not exists(ev.reference):
             raise FileNotFoundError(f"evaluate.reference {ev.reference}: no such folder")
         ref_source = ev.reference
     else:
-        if _require_cache(cfg.data.output, "reference images").buckets:
-            raise ValueError(f"evaluate.reference: the cache {cfg.data.output} is aspect-bucketed "
-                             "(data.aspect_buckets), its validation images of several sizes; the evaluate stage "
-                             "does not yet take them as FID references: set evaluate.reference to a folder of images")
-        ref_source = f"{cfg.data.output} (validation latents)"
+        buckets = _require_cache(cfg.data.output, "reference images").buckets
+        at = ", at their buckets' sizes" if buckets else ""
+        ref_source = f"{cfg.data.output} (validation latents{at})"
     image_prompts = [p for p in prompts for _ in range(ev.images_per_prompt)]
+    image_sizes = sizes and [sz for sz in sizes for _ in range(ev.images_per_prompt)]
     seeds = [ev.seed + i for i in range(len(image_prompts))]
     if len(image_prompts) < 2:
         raise ValueError(f"{len(image_prompts)} image to evaluate; FID needs at least 2: raise evaluate.num_prompts "
                          "or evaluate.images_per_prompt")
 
-    digest = _digest(cfg, meta, image_prompts, ref_source)
+    digest = _digest(cfg, meta, image_prompts, ref_source, image_sizes)
     done = join(out_uri, EVAL_MANIFEST)
     if exists(done) and json.loads(read_bytes(done)).get("digest") == digest:
         log.info("evaluate: %s already has the metrics of these inputs; skipping", out_uri)
@@ -316,7 +342,7 @@ def evaluate_here(cfg: Config) -> dict[str, float]:
     result = evaluate_pipelines(
         teacher_pipe, student_pipe, image_prompts, seeds, spec=spec, steps=ev.steps,
         guidance_scale=ev.guidance_scale, student_steps=student_steps, student_guidance_scale=student_scale,
-        steps_sweep=ev.steps_sweep, size=size, batch_size=ev.batch_size, reference=reference,
+        steps_sweep=ev.steps_sweep, size=size, sizes=image_sizes, batch_size=ev.batch_size, reference=reference,
         feature_extractor=ev.feature_extractor and local_copy(ev.feature_extractor),
         clip_model=ev.clip_model and model_dir(ev.clip_model), latency_repeats=ev.latency_repeats,
         embedding_samples=ev.embedding_samples, seed=ev.seed,
@@ -328,6 +354,8 @@ def evaluate_here(cfg: Config) -> dict[str, float]:
             "steps sweep": ", ".join(map(str, ev.steps_sweep)) or "none",
             "student decoder": ev.student_decoder or "the teacher's VAE",
             "reference": ref_source, "device": device_name(device), "dtype": str(teacher_pipe.unet.dtype),
+            "sizes": ", ".join(f"{w}x{h}" for w, h in dict.fromkeys(image_sizes or [(size, size)])) + (
+                f" (images compared at {size}x{size}, center-cropped)" if image_sizes else ""),
             "feature extractor": ev.feature_extractor or "inception-v3-compat (torch-fidelity download)",
             "clip model": ev.clip_model}
     with tempfile.TemporaryDirectory() as tmp:

@@ -160,26 +160,58 @@ def test_bucketed_distill_and_steps_train_checkpoint_resume_and_export(bucketed,
     assert isinstance(fast, StableDiffusionXLPipeline) and fast.unet.config.time_cond_proj_dim
     (png,) = generate_images(fast, [ImageJob("a wide picture", num_inference_steps=2, width=w, height=h, seed=0)])
     assert Image.open(io.BytesIO(png)).size == (w, h)
-    # evaluating against the bucketed validation images is not built yet: the stage says so before loading a model
-    from pipelines import evaluate
-
-    ev = {"student": out, "run_on": "driver", "num_prompts": 2, "feature_extractor": "builtin:tiny", "steps": 2,
-          "latency_repeats": 1, "embedding_samples": 2, "batch_size": 2, "guidance_scale": 5.0}
-    with pytest.raises(ValueError, match="evaluate.reference: the cache .* is aspect-bucketed"):
-        evaluate.run(parse_config({**more, "evaluate": ev}))
-    # with the source images as the reference (center-cropped to the cache's 64 px), the SDXL student is evaluated
-    # on its validation captions and registered; the registered model generates through MLflow's pyfunc
+    # the evaluate stage on the bucketed cache: each validation caption generated at its bucket's size (by both
+    # models), against the validation images decoded at their sizes; every image center-cropped to 64 px to compare
     import mlflow
     import pandas as pd
+    import pyarrow.parquet as pq
 
-    from pipelines import register
+    from pipelines import evaluate, register
 
-    scored = {**more, "evaluate": {**ev, "reference": more["data"]["source"]},
-              "registry": {"model_name": "sdxl-buckets-student"}}
+    val_shapes = {tuple(pq.read_table(f, columns=["latent_mean"]).column("latent_mean").type.shape)
+                  for f in (Path(parse_config(more).data.output) / "val").glob("*.parquet")}
+    assert len(val_shapes) >= 2  # the data's validation split holds several buckets
+    ev = {"student": out, "run_on": "driver", "num_prompts": 6, "feature_extractor": "builtin:tiny", "steps": 2,
+          "latency_repeats": 1, "embedding_samples": 2, "batch_size": 2, "guidance_scale": 5.0}
+    scored = {**more, "evaluate": ev, "registry": {"model_name": "sdxl-buckets-student"}}
     metrics = evaluate.run(parse_config(scored))
+    assert metrics["num_sizes"] == len(val_shapes) and metrics["num_reference"] == metrics["num_images"]
     assert metrics["params_student"] < metrics["params_teacher"] and np.isfinite(metrics["fid_student_vs_teacher"])
+    assert np.isfinite(metrics["fid"]) and np.isfinite(metrics["psnr"])
+    import html
+
+    report = html.unescape((Path(parse_config(scored).evaluate.output) / "report.html").read_text())
+    assert "at their buckets' sizes" in report  # and it says which sizes it generated at
+    m = read_manifest(parse_config(more).data.output)
+    px = m.resolution // m.latent_shape[-1]  # pixels per latent (the tiny VAE's 4)
+    assert all(f"{px * shape[-1]}x{px * shape[-2]}" in report for shape in val_shapes), (val_shapes, px)
+    # the registered model generates through MLflow's pyfunc
     done = register.run(parse_config(scored))
     model = mlflow.pyfunc.load_model(f"models:/{parse_config(scored).registry.model_name}@champion")
     got = model.predict(pd.DataFrame([{"prompt": "a wide picture", "num_inference_steps": 2, "seed": 0, "width": w,
                                        "height": h}]))
     assert done["version"] >= 1 and Image.open(io.BytesIO(list(got["image"])[0])).size == (w, h)
+    # and Ray Serve, over real HTTP, at the sizes it was trained at (serve.sizes unset): a wide bucket's image, and
+    # a size it was not trained at refused by name
+    import base64
+
+    import requests
+    from ray import serve
+
+    from pipelines import local
+    from serving.app import build_app
+
+    port = local.free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(parse_config({**more, "serve": {"model": out, "num_cpus": 0.2, "max_batch_size": 2,
+                                                             "default_steps": 1}})),
+                  name="buckets", route_prefix="/")
+        url = f"http://127.0.0.1:{port}/v1/images/generations"
+        r = requests.post(url, json={"prompt": "a wide picture", "size": wide, "seed": 0}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).size == (w, h)
+        bad = requests.post(url, json={"prompt": "a wide picture", "size": "40x40"}, timeout=120)
+        assert bad.status_code == 400 and "size" in bad.text and wide in bad.text, bad.text
+    finally:
+        serve.shutdown()
