@@ -215,3 +215,29 @@ def test_bucketed_distill_and_steps_train_checkpoint_resume_and_export(bucketed,
         assert bad.status_code == 400 and "size" in bad.text and wide in bad.text, bad.text
     finally:
         serve.shutdown()
+
+
+def test_vega_on_buckets_with_zero3(bucketed):
+    """The other SDXL preset on the bucketed cache, parameters sharded (ZeRO-3): it trains, checkpoints, exports a
+    consolidated student that plain diffusers loads, and draws a wide bucket's image."""
+    from diffusers import UNet2DConditionModel
+
+    from models.sampling import ImageJob, generate_images, load_pipeline
+    from pipelines import distill
+
+    tree, _ = bucketed
+    tree = {**tree, "student": {"preset": "vega"},
+            "distill": {**tree["distill"], "zero_stage": 3, "run_name": "b-vega",
+                        "output": str(Path(tree["work_dir"]) / "student-vega")}}
+    cfg = parse_config(tree)
+    result = distill.run(cfg)
+    assert result["step"] == 2 and np.isfinite(result["losses"]["loss"])
+    meta = json.loads((Path(cfg.distill.output) / "distillery.json").read_text())
+    assert meta["preset"] == "vega" and len(meta["sizes"]) > 1
+    unet = UNet2DConditionModel.from_pretrained(cfg.distill.output, subfolder="unet")
+    assert unet.config.addition_embed_type == "text_time"
+    wide = max(meta["sizes"], key=lambda s: int(s.split("x")[0]) / int(s.split("x")[1]))
+    w, h = (int(v) for v in wide.split("x"))
+    (png,) = generate_images(load_pipeline(cfg.distill.output, "cpu"),
+                             [ImageJob("a wide picture", num_inference_steps=1, width=w, height=h, seed=0)])
+    assert Image.open(io.BytesIO(png)).size == (w, h)
