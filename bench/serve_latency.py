@@ -48,7 +48,6 @@ import traceback
 from pathlib import Path
 
 import requests
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -411,8 +410,8 @@ def serve_levels(args, models: dict, results: dict, root: Path, steps: int, size
                 "max_batch_size": mb, "batch_wait_timeout_s": args.batch_wait,
                 "max_ongoing_requests": max(2 * max(clients), 2 * mb), "sizes": [f"{size}x{size}"],
                 "max_steps": max(steps, 100), "request_timeout_s": 900, "default_guidance_scale": var["guidance"],
-                "compile": var["compile"], "compile_mode": args.compile_mode, "compile_batches": [1],
-                **(variant or {})}})
+                "compile": var["compile"], "compile_mode": args.compile_mode, "compile_batches": [1]}},
+                variant)
             vbody = {**body, "num_inference_steps": var["steps"], "guidance_scale": var["guidance"]}
             # a compiled few-step replica is measured at 1 client, the others at every level
             levels = [(1, args.fewstep_requests)] if var["compile"] else (
@@ -467,20 +466,18 @@ def batching_label(batched: bool, batcher: str = DEFAULT_BATCHER) -> str:
     return "on" if batcher == DEFAULT_BATCHER else f"on, {'@serve.batch' if batcher == 'serve' else batcher}"
 
 
-def parse_variant(text: str) -> dict:
-    """'num_cpus=8,batch_wait_timeout_s=0.1' -> serve settings (values read as YAML), checked by ServeConfig."""
-    pairs = [kv.partition("=") for kv in text.split(",") if kv]
-    if not pairs or any(not k or not eq for k, eq, _ in pairs):
+def parse_variant(text: str) -> list[str]:
+    """'num_cpus=8,batch_wait_timeout_s=0.1' -> parse_config's overrides serve.num_cpus=8, ... (values read as
+    YAML), checked against the serve section here, before anything runs."""
+    overrides = [f"serve.{kv.strip()}" for kv in text.split(",") if kv.strip()]
+    if not overrides:
         raise ValueError(f"{text!r}: expected KEY=VALUE[,KEY=VALUE]")
-    out = {k.strip(): yaml.safe_load(v) for k, _, v in pairs}
-    unknown = set(out) - set(ServeConfig.model_fields)
-    if unknown:
-        raise ValueError(f"{text!r}: no serve setting {sorted(unknown)}")
-    return out
+    parse_config({}, overrides)  # a ConfigError (a ValueError) names the setting
+    return overrides
 
 
-def variant_label(variant: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in variant.items())
+def variant_label(variant: list[str]) -> str:
+    return ", ".join(o.removeprefix("serve.") for o in variant)
 
 
 def row_label(row: dict) -> str:

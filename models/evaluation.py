@@ -186,9 +186,10 @@ class Samples:
     images: torch.Tensor
 
 
-def size_groups(sizes: list[Size]) -> dict[Size, list[int]]:
-    """Indices of the prompts at each size, sizes in order of first appearance."""
-    groups: dict[Size, list[int]] = {}
+def size_groups(sizes: list[Any]) -> dict[Any, list[int]]:
+    """Indices of the items of each size (any hashable: (width, height), a latent's shape), sizes in order of
+    first appearance."""
+    groups: dict[Any, list[int]] = {}
     for i, sz in enumerate(sizes):
         groups.setdefault(sz, []).append(i)
     return groups

@@ -440,7 +440,7 @@ class StepDistiller:
         if new_w:
             student = add_guidance_embedding(student)
         # w is drawn when the student takes it or the guiding teacher's CFG needs it
-        self.guided = w_dim(student) is not None or objective in ("guided", "consistency")
+        self.draws_w = w_dim(student) is not None or objective in ("guided", "consistency")
         self.lora = lora_rank is not None
         # the adapter is the whole change (it loads onto another U-Net) unless a new w-embedding trains beside it
         self.portable_adapter = self.lora and not new_w
@@ -473,7 +473,7 @@ class StepDistiller:
     def loss(self, latents: torch.Tensor, cond: dict[str, Any],
              generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         ph = self.phases[self.phase]
-        w = sample_w(latents.shape[0], self.guidance_range, latents.device, generator) if self.guided else None
+        w = sample_w(latents.shape[0], self.guidance_range, latents.device, generator) if self.draws_w else None
         key = str(latents.device)
         if key not in self._uncond_on:
             self._uncond_on[key] = map_tensors(self.uncond, lambda v: v.to(latents.device))

@@ -42,6 +42,7 @@ from models.evaluation import (
     load_pipelines,
     load_teacher_pipeline,
     sampling_description,
+    size_groups,
     student_sampling,
     student_spec,
     to_pil,
@@ -145,10 +146,7 @@ def cache_reference(cache: str, vae: Any, limit: int | None, batch_size: int) ->
     # "sample": scaled draws; "dist": the mean of the latent distribution, unscaled
     scale = manifest.vae_scaling_factor if manifest.latents == "sample" else 1.0
     images: list[Image.Image | None] = [None] * len(rows)
-    shapes: dict[tuple, list[int]] = {}
-    for i, a in enumerate(rows):
-        shapes.setdefault(tuple(a.shape), []).append(i)
-    for idx in shapes.values():
+    for idx in size_groups([a.shape for a in rows]).values():
         lat = torch.from_numpy(np.stack([rows[i] for i in idx])).float() / scale
         for i, im in zip(idx, to_pil(decode_latents(vae, lat, batch_size))):
             images[i] = im

@@ -281,12 +281,11 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         unet = UNet2DConditionModel.from_pretrained(Path(d) / FINAL, dtype=torch.float32)
         scheduler = student_scheduler(sc.objective, _scheduler(src), meta.steps, sc.lcm_skip)
         meta.scheduler = type(scheduler).__name__
-        adapter = Path(d) / ADAPTER
-        meta.lora_adapter = ADAPTER if adapter.is_dir() else None
+        meta.lora_adapter = ADAPTER if (Path(d) / ADAPTER).is_dir() else None  # the workers wrote one
         with tempfile.TemporaryDirectory() as tmp:
             folder = save_steps_student(unet, src, Path(tmp) / "student", scheduler, meta)
-            if adapter.is_dir():
-                shutil.copytree(adapter, folder / ADAPTER)
+            if meta.lora_adapter:
+                shutil.copytree(Path(d) / ADAPTER, folder / ADAPTER)
             finish_export(folder, cfg, f"{cfg.name}-steps")
             tracking.log_artifact(uri, run_id, folder / META_FILE, "student")
             upload_folder(folder, sc.output)
