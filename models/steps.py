@@ -1,6 +1,7 @@
 """Step distillation: students that sample in 1-8 steps instead of 25-50 (pure PyTorch + diffusers, no Ray).
 
-Three objectives, each a function returning {"loss": ...} for one batch of clean latents:
+Three objectives here, each a function returning {"loss": ...} for one batch of clean latents (two more, trained
+against a critic, adversarial and dmd, are in models/critics.py):
 
   guided_loss       Meng et al., "On Distillation of Guided Diffusion Models", stage 1: the student, given
                     the guidance weight w as an input (a w-embedding added to its time embedding), matches
@@ -38,6 +39,9 @@ from models.student import META_FILE, StepsMeta, read_meta_file
 from models.teacher import cast_floats, map_tensors
 
 GUIDANCE_EMBED_DIM = 256  # as the published LCM U-Nets (time_cond_proj_dim)
+OBJECTIVES = ("guided", "progressive", "consistency", "adversarial", "dmd")
+# students sampled with LCMScheduler; adversarial and dmd are trained against a critic (models/critics.py)
+LCM_OBJECTIVES = ("consistency", "adversarial", "dmd")
 
 
 # --- noise schedule and DDIM -------------------------------------------------------------------------------
@@ -163,10 +167,10 @@ def add_guidance_embedding(unet: UNet2DConditionModel, dim: int = GUIDANCE_EMBED
     return new.to(device=unet.device, dtype=unet.dtype)
 
 
-def _cat(a: Any, b: Any) -> Any:
+def cat_trees(a: Any, b: Any) -> Any:
     """Concatenate two U-Net keyword-argument trees along the batch."""
     if isinstance(a, dict):
-        return {k: _cat(a[k], b[k]) for k in a}
+        return {k: cat_trees(a[k], b[k]) for k in a}
     if isinstance(a, torch.Tensor):
         return torch.cat([a, b])
     return a
@@ -192,7 +196,7 @@ def predict(unet: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, cond: dict[
     if w is None or uncond is None:
         return unet(z.to(dtype), t, **cond).sample.float()
     u = cast_floats(_expand(uncond, z.shape[0]), dtype)
-    both = unet(torch.cat([z, z]).to(dtype), torch.cat([t, t]), **_cat(u, cond)).sample.float()
+    both = unet(torch.cat([z, z]).to(dtype), torch.cat([t, t]), **cat_trees(u, cond)).sample.float()
     out_u, out_c = both.chunk(2)
     return out_u + w.view(-1, 1, 1, 1).float() * (out_c - out_u)
 
@@ -360,15 +364,21 @@ def save_lora_adapter(unet: torch.nn.Module, folder: Any) -> Any:
 
 def student_scheduler(objective: str, base_scheduler: Any, steps: int, skip: int = 20) -> Any:
     """The scheduler an exported student samples with: DDIM (trailing spacing) for guided and progressive
-    students, LCMScheduler with the solver's grid for consistency students."""
+    students, LCMScheduler on the grid of every `skip` timesteps for consistency, adversarial and dmd students."""
     cfg = {k: v for k, v in dict(base_scheduler.config).items() if not k.startswith("_")}
-    if objective == "consistency":
+    if objective in LCM_OBJECTIVES:
         T = cfg.get("num_train_timesteps", 1000)
         return LCMScheduler.from_config(cfg, original_inference_steps=T // skip)
     if objective in ("guided", "progressive"):
         # trailing spacing ignores steps_offset; keeping SD's 1 spares the pipelines' deprecation warning
         return DDIMScheduler.from_config(cfg, timestep_spacing="trailing")
-    raise ValueError(f"objective {objective!r}: choose guided, progressive or consistency")
+    raise ValueError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+
+
+def sampling_timesteps(scheduler: Any, steps: int) -> list[int]:
+    """The timesteps `scheduler` samples `steps` steps at, highest first (what the exported pipeline runs)."""
+    scheduler.set_timesteps(steps)
+    return [int(t) for t in scheduler.timesteps]
 
 
 def save_steps_student(unet: UNet2DConditionModel, source_dir: str, out_dir: Any, scheduler: Any,
@@ -394,18 +404,18 @@ def save_steps_student(unet: UNet2DConditionModel, source_dir: str, out_dir: Any
 
 @dataclass
 class Phase:
-    objective: str  # guided | progressive | consistency
+    objective: str  # one of OBJECTIVES
     steps: int  # DDIM steps the student samples with after this phase (progressive), or the solver's grid
 
 
 def plan(objective: str, teacher_steps: int, rounds: int, lcm_steps: int = 4) -> list[Phase]:
     """The phases of a step distillation. guided: stage 1 (w-conditioned, at the teacher's steps), then
-    `rounds` progressive halvings; progressive: `rounds` halvings; consistency: one phase (sampled in
-    `lcm_steps` steps, any number works)."""
-    if objective == "consistency":
-        return [Phase("consistency", lcm_steps)]
-    if objective not in ("guided", "progressive"):
-        raise ValueError(f"objective {objective!r}: choose guided, progressive or consistency")
+    `rounds` progressive halvings; progressive: `rounds` halvings; consistency, adversarial, dmd: one phase
+    (sampled in `lcm_steps` steps)."""
+    if objective in LCM_OBJECTIVES:
+        return [Phase(objective, lcm_steps)]
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
     if teacher_steps % (2**rounds):
         raise ValueError(f"teacher_steps={teacher_steps} cannot be halved {rounds} times")
     halvings = [Phase("progressive", teacher_steps // 2 ** (r + 1)) for r in range(rounds)]
@@ -427,7 +437,7 @@ class StepDistiller:
         self.objective, self.schedule, self.uncond = objective, schedule, uncond
         self.guidance_range, self.lcm_skip, self.ema_decay = guidance_range, lcm_skip, ema_decay
         self.huber_c = huber_c
-        if objective in ("guided", "consistency"):
+        if objective != "progressive":
             if teacher is None or uncond is None:
                 raise ValueError(f"{objective}: needs the guiding teacher and the empty prompt's conditioning")
             if teacher.config.cross_attention_dim != student.config.cross_attention_dim:
@@ -454,6 +464,7 @@ class StepDistiller:
         self.guide = teacher.requires_grad_(False).eval() if teacher is not None else None
         self.teacher: torch.nn.Module | None = None
         self.target: torch.nn.Module | None = None
+        self.critic: torch.nn.Module | None = None  # adversarial, dmd: models/critics.py's CriticDistiller
         self.phase = -1
         # the empty prompt's conditioning on each device, copied once: a host-to-device copy per step would stall
         # the step and keep it from being captured as a CUDA graph
@@ -474,10 +485,7 @@ class StepDistiller:
              generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         ph = self.phases[self.phase]
         w = sample_w(latents.shape[0], self.guidance_range, latents.device, generator) if self.draws_w else None
-        key = str(latents.device)
-        if key not in self._uncond_on:
-            self._uncond_on[key] = map_tensors(self.uncond, lambda v: v.to(latents.device))
-        uncond = self._uncond_on[key]
+        uncond = self.uncond_on(latents.device)
         if ph.objective == "guided":
             return guided_loss(self.student, self.teacher, self.schedule, latents, cond, uncond, w, generator)
         if ph.objective == "progressive":
@@ -485,6 +493,14 @@ class StepDistiller:
                                     None, generator)
         return consistency_loss(self.student, self.target, self.teacher, self.schedule, latents, cond, uncond, w,
                                 self.lcm_skip, self.huber_c, generator)
+
+    def uncond_on(self, device: Any) -> dict[str, Any] | None:
+        """The empty prompt's conditioning on `device`, copied there once."""
+        key = str(device)
+        if key not in self._uncond_on:
+            self._uncond_on[key] = (None if self.uncond is None
+                                    else map_tensors(self.uncond, lambda v: v.to(device)))
+        return self._uncond_on[key]
 
     def after_step(self) -> None:
         if self.target is not None:

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in [
         ("prepare", "read images+captions, preprocess, cache the teacher's embeddings"),
         ("distill", "distill the student with Ray Train + DeepSpeed"),
-        ("steps", "step-distill a few-step student (guided, progressive, consistency)"),
+        ("steps", "step-distill a few-step student (guided, progressive, consistency, adversarial, dmd)"),
         ("tune", "search removal specs and loss weights with Ray Tune"),
         ("evaluate", "quality, fidelity, speed and size of the student against the teacher"),
         ("register", "register the student in MLflow, alias champion if it wins"),

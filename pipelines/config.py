@@ -254,18 +254,33 @@ class StepsConfig(Section):
 
     guided: stage 1 (w input, matches the teacher's CFG output) then `rounds` progressive halvings from
     teacher_steps; progressive: `rounds` halvings of the student's own steps; consistency: LCM with a
-    skipping-step DDIM solver on the teacher's guided ODE. Each phase runs steps_per_round optimizer steps.
+    skipping-step DDIM solver on the teacher's guided ODE; adversarial: LADD (a discriminator of heads on the frozen
+    teacher's features) with ADD's distillation term; dmd: DMD2 (the teacher's CFG score against a fake score trained
+    on the student's samples). adversarial and dmd train the student at its lcm_steps sampling steps by backward
+    simulation, step their critic critic_updates times per student step, and export an LCMScheduler student
+    sampled without CFG. Each phase runs steps_per_round (student) optimizer steps.
     Workers, precision, ZeRO stage, checkpoints and the data cache are the distill section's."""
 
-    objective: Literal["guided", "progressive", "consistency"] = "consistency"
+    objective: Literal["guided", "progressive", "consistency", "adversarial", "dmd"] = "consistency"
     student: str | None = None  # the model to step-distill (a pipeline folder/URI); default distill.output
     guidance_range: tuple[float, float] = (1.0, 8.0)  # w (diffusers guidance_scale) sampled in training
-    guidance_scale: float = Field(7.5, ge=1.0)  # the w recorded for sampling the exported student
+    # the w recorded for sampling the exported student; adversarial, dmd: the teacher's CFG weight (the real score
+    # and the distillation target), the student is sampled at 1
+    guidance_scale: float = Field(7.5, ge=1.0)
     teacher_steps: int = Field(32, ge=2)  # DDIM steps of the first progressive teacher
     rounds: int = Field(2, ge=1)  # progressive: each round halves the steps
     steps_per_round: int = Field(50, ge=1)
     lcm_skip: int = Field(20, ge=1)  # consistency: skipping-step of the DDIM solver (timesteps)
-    lcm_steps: int = Field(4, ge=1)  # consistency: the sampling steps recorded for the exported student
+    # consistency, adversarial, dmd: the sampling steps recorded for the exported student (adversarial and dmd
+    # train at these steps)
+    lcm_steps: int = Field(4, ge=1)
+    # adversarial, dmd: the critic (discriminator heads; fake score U-Net) and its updates per student step
+    # (None: dmd 5, DMD2's two time-scale rule; adversarial 1)
+    critic_lr: float | None = Field(None, gt=0)  # None: lr
+    critic_updates: int | None = Field(None, ge=1)
+    gan_loss: Literal["hinge", "non_saturating"] = "hinge"
+    gan_weight: float | None = Field(None, ge=0)  # None: adversarial 1, dmd 0 (DMD2's optional GAN term off)
+    distill_weight: float = Field(2.5, ge=0)  # adversarial: ADD's distillation term (0: adversarial loss alone)
     huber_c: float | None = Field(0.001, gt=0)  # consistency: pseudo-Huber constant; None: MSE
     ema_decay: float = Field(0.95, gt=0, lt=1)  # consistency: the target network
     # train a LoRA adapter (PEFT) instead of the whole U-Net: merged into the exported U-Net and also written
@@ -287,6 +302,13 @@ class StepsConfig(Section):
     _run_name = field_validator("run_name")(classmethod(lambda cls, v: path_safe(v)))
 
     @property
+    def critic_steps(self) -> int:
+        """Critic updates per student step (adversarial, dmd; 0 for the others)."""
+        if self.objective not in ("adversarial", "dmd"):
+            return 0
+        return self.critic_updates or (5 if self.objective == "dmd" else 1)
+
+    @property
     def adds_w_embedding(self) -> bool:
         """Whether the student gets a w-embedding (guided, consistency; see w_embedding)."""
         wanted = self.lora_rank is None if self.w_embedding is None else self.w_embedding
@@ -300,7 +322,9 @@ class StepsConfig(Section):
         if self.adds_w_embedding and not lo <= self.guidance_scale <= hi:
             raise ValueError(f"guidance_scale {self.guidance_scale} is outside guidance_range "
                              f"{list(self.guidance_range)}, where the student was trained")
-        if self.objective != "consistency" and self.teacher_steps % 2**self.rounds:
+        if self.objective == "adversarial" and self.gan_weight == 0 and self.distill_weight == 0:
+            raise ValueError("objective adversarial with gan_weight 0 and distill_weight 0 has nothing to train")
+        if self.objective in ("guided", "progressive") and self.teacher_steps % 2**self.rounds:
             raise ValueError(f"teacher_steps {self.teacher_steps} cannot be halved rounds={self.rounds} times")
         return self
 

@@ -8,11 +8,15 @@ differs is the loss, from models/steps.py, and that training runs in phases (`St
     guided       stage 1 (w input, teacher's CFG output) | round 1: 2N -> N steps | round 2 ... (DDIM)
     progressive  round 1: 2N -> N | round 2: N -> N/2 | ...                           (DDIM)
     consistency  one LCM phase: the teacher's guided ODE, an EMA target               (LCMScheduler)
+    adversarial  one phase against discriminator heads on the teacher's features      (LCMScheduler)
+    dmd          one phase: the teacher's CFG score against a trained fake score      (LCMScheduler)
 
-Each phase runs steps.steps_per_round optimizer steps. Checkpoints carry the DeepSpeed state plus the
-phase's frozen teacher or EMA target, so a stopped run resumes mid-phase; a run whose output already
-records this job at its last step is skipped. The driver saves a pipeline folder (steps.output) with the
-student U-Net (LoRA adapter merged, w-embedding in its config), the matching scheduler and
+Each phase runs steps.steps_per_round optimizer steps. adversarial and dmd also train their critic
+(models/critics.py) as a second engine of the same kind (DeepSpeed or DDP, its own optimizer and LR),
+steps.critic_steps updates of it before each student step. Checkpoints carry the DeepSpeed state (the
+critic's in critic/) plus the phase's frozen teacher or EMA target, so a stopped run resumes mid-phase; a
+run whose output already records this job at its last step is skipped. The driver saves a pipeline folder
+(steps.output) with the student U-Net (LoRA adapter merged, w-embedding in its config), the matching scheduler and
 distillery.json (objective, steps, guidance_scale), which plain diffusers loads and samples in one
 forward per step. With steps.lora_rank, lora/ in it holds the adapter alone, for `pipe.load_lora_weights()`
 on the source student or another U-Net of its architecture.
@@ -30,10 +34,12 @@ from typing import Any
 
 import torch
 
+from models.critics import CRITIC_OBJECTIVES, CriticDistiller
 from models.steps import (
     Schedule,
     StepDistiller,
     plan,
+    sampling_timesteps,
     save_lora_adapter,
     save_steps_student,
     student_scheduler,
@@ -67,6 +73,7 @@ STATE = "state.json"  # step, phase, MLflow run id (rank 0, in every checkpoint)
 AUX = "aux.pt"  # the phase's frozen teacher (progressive) or EMA target (consistency)
 FINAL = "student_unet"  # the exported U-Net, in the last checkpoint
 ADAPTER = "lora"  # the LoRA adapter alone (steps.lora_rank), in the last checkpoint and in the output folder
+CRITIC = "critic"  # adversarial, dmd: the critic engine's checkpoint, in every checkpoint
 
 
 def job_name(cfg: Config) -> str:
@@ -75,12 +82,21 @@ def job_name(cfg: Config) -> str:
 
 def train_config(cfg: Config) -> DistillConfig:
     """The distill section with this stage's learning rate, batch size and length (the LR schedule and
-    the DeepSpeed config read these)."""
+    the DeepSpeed config read these). A student trained against a critic is not captured as a CUDA graph (two
+    engines step in turn)."""
     sc = cfg.steps
     total = len(plan(sc.objective, sc.teacher_steps, sc.rounds, sc.lcm_steps)) * sc.steps_per_round
-    return cfg.distill.model_copy(update={"lr": sc.lr, "batch_size": sc.batch_size, "max_steps": total,
-                                          "grad_accum": 1, "ema_decay": None,
-                                          "caption_dropout": sc.caption_dropout})
+    update = {"lr": sc.lr, "batch_size": sc.batch_size, "max_steps": total, "grad_accum": 1, "ema_decay": None,
+              "caption_dropout": sc.caption_dropout}
+    if sc.objective in CRITIC_OBJECTIVES:
+        update["cuda_graph"] = False
+    return cfg.distill.model_copy(update=update)
+
+
+def critic_config(cfg: Config) -> DistillConfig:
+    """The critic engine's: train_config with steps.critic_lr and steps.critic_steps updates per student step."""
+    sc, dc = cfg.steps, train_config(cfg)
+    return dc.model_copy(update={"lr": sc.critic_lr or sc.lr, "max_steps": dc.max_steps * sc.critic_steps})
 
 
 def _load_student(uri: str) -> tuple[str, Any]:
@@ -113,20 +129,31 @@ def train_loop_per_worker(config: dict) -> None:
     src, student = _load_student(sc.student)
     schedule = Schedule.from_scheduler(_scheduler(src))
     guide = None
-    # the empty prompt: the teacher's CFG (guided, consistency) and caption dropout
+    # the empty prompt: the teacher's CFG (every objective but progressive) and caption dropout
     teacher = load_teacher(model_dir(cfg.teacher.uri), dtype="float32",
-                           components=("unet", "text") if sc.objective in ("guided", "consistency") else ("text",),
+                           components=("text",) if sc.objective == "progressive" else ("unet", "text"),
                            revision=cfg.teacher.revision, variant=cfg.teacher.variant)
     uncond = prompt_conditioning(teacher, [""], int(manifest.resolution))
-    if teacher.unet is not None:  # the teacher's CFG output guides
+    if teacher.unet is not None:  # the teacher's CFG output guides (and, adversarial, is the discriminator)
         guide = teacher.unet.to(device, teacher_dtype(cfg.teacher.dtype, dc.precision, device))
     del teacher
-    d = StepDistiller(sc.objective, student, guide, schedule, uncond=None if guide is None else uncond,
-                      teacher_steps=sc.teacher_steps, rounds=sc.rounds, guidance_range=tuple(sc.guidance_range),
-                      lcm_skip=sc.lcm_skip, lcm_steps=sc.lcm_steps, ema_decay=sc.ema_decay, lora_rank=sc.lora_rank,
-                      huber_c=sc.huber_c, w_embedding=sc.adds_w_embedding)
+    if sc.objective in CRITIC_OBJECTIVES:
+        timesteps = sampling_timesteps(student_scheduler(sc.objective, _scheduler(src), sc.lcm_steps, sc.lcm_skip),
+                                       sc.lcm_steps)
+        d = CriticDistiller(sc.objective, student, guide, schedule, uncond=uncond, sample_timesteps=timesteps,
+                            guidance_scale=sc.guidance_scale, gan_loss=sc.gan_loss, gan_weight=sc.gan_weight,
+                            distill_weight=sc.distill_weight, lora_rank=sc.lora_rank)
+    else:
+        d = StepDistiller(sc.objective, student, guide, schedule, uncond=None if guide is None else uncond,
+                          teacher_steps=sc.teacher_steps, rounds=sc.rounds, guidance_range=tuple(sc.guidance_range),
+                          lcm_skip=sc.lcm_skip, lcm_steps=sc.lcm_steps, ema_decay=sc.ema_decay,
+                          lora_rank=sc.lora_rank, huber_c=sc.huber_c, w_embedding=sc.adds_w_embedding)
     eng = StudentEngine(d.student, dc, world, device)
     d.student = eng.engine  # forwards go through the engine (DeepSpeed/DDP hooks); copies unwrap it
+    critic = None
+    if d.critic is not None:  # a second engine: the critic's own optimizer, LR schedule and ZeRO state
+        critic = StudentEngine(d.critic, critic_config(cfg), world, device)
+        d.critic = critic.engine
     total, per = dc.max_steps, sc.steps_per_round
 
     step, aux = 0, None
@@ -134,6 +161,8 @@ def train_loop_per_worker(config: dict) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as folder:
             step = eng.load(Path(folder))
+            if critic is not None:
+                critic.load(Path(folder) / CRITIC)
             if (Path(folder) / AUX).exists():
                 aux = torch.load(Path(folder) / AUX, map_location=device)
         if rank == 0:
@@ -143,6 +172,9 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             eng.save(folder, at, rank)
+            if critic is not None:
+                (folder / CRITIC).mkdir(exist_ok=True)
+                critic.save(folder / CRITIC, at, rank)
             if rank == 0:
                 (folder / STATE).write_text(json.dumps({"step": at, "phase": d.phase, "mlflow_run_id": run_id}))
                 if at < total and at % per:  # mid-phase: keep what the phase compares against
@@ -161,11 +193,24 @@ def train_loop_per_worker(config: dict) -> None:
     batches = worker_batches(manifest, manifest.family, dc, rank, world, device, uncond,
                              seed=dc.seed * 7919 + rank * 104729 + step)
     gen = torch.Generator(device=device).manual_seed(dc.seed * 7919 + rank * 104729 + step + 1)
-    window, window_n, t_log = torch.zeros(1, device=device), 0, time.perf_counter()
+    # what each logged loss term summed to since the last log line, and how many steps it was summed over
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    window_n, t_log = 0, time.perf_counter()
+
+    def add(parts: dict[str, torch.Tensor], prefix: str = "") -> None:
+        for k, v in parts.items():  # summed at once: a replayed CUDA graph overwrites its outputs
+            key = prefix + k if k == "loss" else k
+            sums[key] = sums.get(key, 0.0) + v.detach().float()
+            counts[key] = counts.get(key, 0) + 1
 
     def steps_loss(latents: torch.Tensor, cond: dict[str, Any]) -> dict[str, torch.Tensor]:
         with eng.autocast():
             return d.loss(latents, cond, gen)
+
+    def critic_loss(latents: torch.Tensor, cond: dict[str, Any]) -> dict[str, torch.Tensor]:
+        with critic.autocast():
+            return d.critic_loss(latents, cond, gen)
 
     last = float("nan")
     while step < total:
@@ -178,24 +223,31 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 log.info("[steps] phase %d/%d: %s, student samples in %d steps", d.phase + 1, len(d.phases),
                          ph.objective, ph.steps)
+        for _ in range(sc.critic_steps):  # the critic first, on batches of its own (DMD2's two time-scale rule)
+            _, latents, cond = next(batches)
+            add(critic.step(critic_loss, {"latents": latents, "cond": cond}, generators=(gen,)), "critic_")
         _, latents, cond = next(batches)
-        loss = eng.step(steps_loss, {"latents": latents, "cond": cond}, generators=(gen,))["loss"]
+        add(eng.step(steps_loss, {"latents": latents, "cond": cond}, generators=(gen,)))
         d.after_step()
         step += 1
-        window += loss.detach().float()
         window_n += 1
         end_of_phase = step % per == 0
         if step % dc.log_every == 0 or end_of_phase or step == total:
             now = time.perf_counter()
-            last = float(all_mean(window / max(1, window_n), world)[0])
+            keys = sorted(sums)  # the same on every rank: every rank runs the same loss terms
+            means = all_mean(torch.stack([sums[k] / counts[k] for k in keys]).reshape(-1), world).tolist()
+            terms = dict(zip(keys, means))
+            last = terms["loss"]
             if rank == 0:
-                log.info("[steps] step %d/%d loss %.4f %.1f samples/s", step, total, last,
+                log.info("[steps] step %d/%d %s %.1f samples/s", step, total,
+                         " ".join(f"{k} {v:.4f}" for k, v in terms.items()),
                          dc.batch_size * world * window_n / max(now - t_log, 1e-9))
                 if run_id:
-                    tracking.log_metrics(uri, run_id, {"loss": last, "phase": d.phase,
+                    tracking.log_metrics(uri, run_id, {**terms, "phase": d.phase,
                                                        "student_steps": d.phases[d.phase].steps,
                                                        "lr": eng.lr()}, step)
-            window.zero_()
+            sums.clear()
+            counts.clear()
             window_n, t_log = 0, now
         if step % dc.checkpoint_every == 0 or end_of_phase or step == total:
             checkpoint(step, {"loss": last, "phase": d.phase})
@@ -220,8 +272,11 @@ def _check(cfg: Config) -> None:
     """Errors the workers would otherwise hit minutes later, named by the fields to change."""
     dc = cfg.distill
     if dc.deepspeed and dc.zero_stage == 3:
-        raise ValueError("steps: distill.zero_stage 3 is not supported here (the progressive teacher and the "
-                         "consistency target are copies of the whole student); use zero_stage 0-2")
+        raise ValueError("steps: distill.zero_stage 3 is not supported here (the progressive teacher, the "
+                         "consistency target and the critics read whole U-Nets); use zero_stage 0-2")
+    if dc.cuda_graph and cfg.steps.objective in CRITIC_OBJECTIVES:
+        log.warning("steps.objective %s: distill.cuda_graph is not used (student and critic step in turn)",
+                    cfg.steps.objective)
 
 
 def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
@@ -271,7 +326,8 @@ def run(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         raise RuntimeError(f"steps: the run {job_key} finished without a checkpoint")
     prune_orphan_checkpoints(result, dc.storage_path, job_name(cfg))
     phases = plan(sc.objective, sc.teacher_steps, sc.rounds, sc.lcm_steps)
-    takes_w = sc.adds_w_embedding or student_w(src)  # else sampled without CFG: guidance 1
+    # else sampled without CFG: guidance 1 (a critic's student learned the guided distribution at w = 1)
+    takes_w = sc.objective not in CRITIC_OBJECTIVES and (sc.adds_w_embedding or student_w(src))
     meta = StepsMeta(objective=sc.objective, steps=phases[-1].steps,
                      guidance_scale=sc.guidance_scale if takes_w else 1.0, guidance_range=list(sc.guidance_range),
                      phases=[vars(p) for p in phases], teacher=cfg.teacher.uri, source=sc.student,

@@ -174,7 +174,7 @@ def test_losses_on_a_student_without_w(sd1, batch):
     assert torch.isfinite(c)
 
 
-def _count_unet_calls(pipe):
+def count_unet_calls(pipe):
     calls = []
     pipe.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     return calls
@@ -200,7 +200,7 @@ def test_guided_rounds_halve_steps_and_export_runs_without_cfg(sd1, batch, tiny_
 
     pipe = StableDiffusionPipeline.from_pretrained(out)  # plain diffusers, nothing of ours
     assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.unet.config.time_cond_proj_dim == 256
-    calls = _count_unet_calls(pipe)
+    calls = count_unet_calls(pipe)
     images = {}
     for w in (2.0, 8.0):
         images[w] = pipe("a red circle", num_inference_steps=2, guidance_scale=w, output_type="np", height=32, width=32,
@@ -227,7 +227,7 @@ def test_consistency_student_exports_with_lcm_scheduler(sd1, batch, tiny_sd1_dir
                              StepsMeta(objective="consistency", steps=4, guidance_scale=7.5))
     pipe = LatentConsistencyModelPipeline.from_pretrained(out, safety_checker=None, feature_extractor=None)
     assert isinstance(pipe.scheduler, LCMScheduler) and pipe.scheduler.config.original_inference_steps == 10
-    calls = _count_unet_calls(pipe)
+    calls = count_unet_calls(pipe)
     img = pipe("a blue square", num_inference_steps=4, guidance_scale=7.5, output_type="np", height=32, width=32,
                generator=torch.Generator().manual_seed(0)).images
     assert img.shape == (1, 32, 32, 3) and calls == [1, 1, 1, 1]
@@ -242,7 +242,7 @@ def test_lora_needs_projections():
 # --- the Ray stage: a real step distillation (local Ray, DeepSpeed on CPU, a real MLflow server) ------------
 
 
-def _write_cache(uri: str, teacher_uri: str, n: int = 8) -> None:
+def write_cache(uri: str, teacher_uri: str, n: int = 8) -> None:
     """A small embedding cache by the contract: colored squares encoded by the tiny teacher."""
     import numpy as np
 
@@ -269,7 +269,7 @@ def _write_cache(uri: str, teacher_uri: str, n: int = 8) -> None:
                                       format="test", config_digest="test", created="now"))
 
 
-def _latents(pipe, seed: int = 0):
+def sample_latents(pipe, seed: int = 0):
     return pipe("a red square", num_inference_steps=2, guidance_scale=1.0, output_type="latent", height=32,
                 width=32, generator=torch.Generator().manual_seed(seed)).images
 
@@ -300,7 +300,7 @@ def test_steps_stage_guided_lora_on_ray(tmp_path, ray_local, mlflow_server):
     from pipelines import fewstep
     from pipelines.config import parse_config
 
-    _write_cache(str(tmp_path / "cache"), "builtin:tiny-sd1")
+    write_cache(str(tmp_path / "cache"), "builtin:tiny-sd1")
     cfg = parse_config({
         "name": "t", "work_dir": str(tmp_path), "teacher": {"uri": "builtin:tiny-sd1"},
         "distill": {"num_workers": 1, "resources_per_worker": {"CPU": 1}, "zero_stage": 2, "log_every": 1},
@@ -321,23 +321,23 @@ def test_steps_stage_guided_lora_on_ray(tmp_path, ray_local, mlflow_server):
 
     pipe = StableDiffusionPipeline.from_pretrained(out)
     assert pipe.unet.config.time_cond_proj_dim is None and not any("lora" in k for k in pipe.unet.state_dict())
-    calls = _count_unet_calls(pipe)
+    calls = count_unet_calls(pipe)
     img = pipe("a red square", num_inference_steps=2, guidance_scale=1.0, output_type="np", height=32, width=32,
                generator=torch.Generator().manual_seed(0)).images
     assert img.shape == (1, 32, 32, 3) and calls == [1, 1]
-    student = _latents(pipe)
+    student = sample_latents(pipe)
 
     # the adapter alone, in plain diffusers, on the model it was distilled from: the exported student's samples
     source = resolve_model_dir("builtin:tiny-sd1")
     sched = DDIMScheduler.from_pretrained(out, subfolder="scheduler")
     base = StableDiffusionPipeline.from_pretrained(source, scheduler=sched)
-    plain = _latents(base)
+    plain = sample_latents(base)
     base.load_lora_weights(out / "lora")
-    adapted = _latents(base)
+    adapted = sample_latents(base)
     assert (adapted - plain).abs().max() > 1e-2  # it changes the samples ...
     assert torch.allclose(adapted, student, atol=1e-4)  # ... into the student's
     base.unload_lora_weights()
-    assert torch.equal(_latents(base), plain)
+    assert torch.equal(sample_latents(base), plain)
 
     # and on a second U-Net of the same architecture (another fine-tune): W + BA there, as the file says
     other = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
@@ -348,13 +348,13 @@ def test_steps_stage_guided_lora_on_ray(tmp_path, ray_local, mlflow_server):
     other.save_pretrained(tmp_path / "other")
     tuned = StableDiffusionPipeline.from_pretrained(
         source, unet=UNet2DConditionModel.from_pretrained(tmp_path / "other"), scheduler=sched)
-    tuned_plain = _latents(tuned, seed=3)
+    tuned_plain = sample_latents(tuned, seed=3)
     tuned.load_lora_weights(out / "lora", adapter_name="fewstep")
-    tuned_adapted = _latents(tuned, seed=3)
+    tuned_adapted = sample_latents(tuned, seed=3)
     by_hand = StableDiffusionPipeline.from_pretrained(
         source, unet=_merged_by_hand(UNet2DConditionModel.from_pretrained(tmp_path / "other"),
                                      out / "lora" / "pytorch_lora_weights.safetensors"), scheduler=sched)
     assert (tuned_adapted - tuned_plain).abs().max() > 1e-2
-    assert torch.allclose(tuned_adapted, _latents(by_hand, seed=3), atol=1e-4)
+    assert torch.allclose(tuned_adapted, sample_latents(by_hand, seed=3), atol=1e-4)
     assert "load_lora_weights" in (out / "README.md").read_text()  # the card says how
     assert fewstep.run(cfg)["skipped"] is True  # the same job again: nothing to do
