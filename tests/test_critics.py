@@ -267,3 +267,19 @@ def test_steps_stage_adversarial_with_lora_adapter(tmp_path, ray_local, mlflow_s
     base.load_lora_weights(out / "lora")
     adapted = sample_latents(base)
     assert (adapted - plain).abs().max() > 1e-3 and torch.allclose(adapted, student, atol=1e-4)
+
+
+def test_config_critic_fields(tmp_path):
+    from pipelines.config import ConfigError, parse_config
+
+    def steps(**kw):
+        return parse_config(_stage_config(tmp_path, kw.pop("objective"), 2, **kw)).steps
+
+    assert steps(objective="dmd").critic_steps == 5 and steps(objective="adversarial").critic_steps == 1
+    assert steps(objective="dmd", critic_updates=3).critic_steps == 3
+    assert steps(objective="consistency").critic_steps == 0
+    assert not steps(objective="dmd").adds_w_embedding  # sampled at guidance 1, no w input
+    with pytest.raises(ConfigError, match="gan_weight 0 and distill_weight 0"):
+        steps(objective="adversarial", gan_weight=0, distill_weight=0)
+    with pytest.raises(ConfigError, match="gan_loss"):
+        steps(objective="adversarial", gan_loss="wasserstein")

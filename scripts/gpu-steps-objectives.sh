@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Orchestrates the product's stages for issue 26's table on one GPU (no training loop of its own): prepare
+# 10,000 shapes images once, then for each objective `distillery run` with stages [steps, evaluate] on the
+# shipped teacher, the evaluate stage sweeping the student at 1, 2, 4 and 8 steps. Usage (in a checkout):
+#   bash scripts/gpu-steps-objectives.sh OUT_DIR STEPS_PER_ROUND NUM_PROMPTS OBJECTIVE[:KEY=VALUE,...] ...
+# e.g. bash scripts/gpu-steps-objectives.sh /tmp/out 300 1000 dmd adversarial consistency:steps.lcm_skip=20
+set -euo pipefail
+out="$1"; per="$2"; prompts="$3"; shift 3
+W=${WORK:-/tmp/s26}
+C=(configs/shapes-teacher.yaml --set "work_dir=$W" --set "data.source=builtin:shapes?n=10000&seed=0"
+   --set "mlflow.tracking_uri=${TRACKING:-file:///tmp/mlruns}" --set ray.include_dashboard=false)
+t0=$(date +%s)
+python3 -m pipelines run "${C[@]}" --set 'stages=[prepare]' > "$out/prepare.log" 2>&1
+echo "prepare $(( $(date +%s) - t0 )) s"
+for spec in "$@"; do
+  obj="${spec%%:*}"; name="${obj}"; extra=()
+  if [[ "$spec" == *:* ]]; then
+    IFS=',' read -ra kv <<< "${spec#*:}"
+    for x in "${kv[@]}"; do extra+=(--set "$x"); done
+    name="${obj}-$(echo "${spec#*:}" | tr -c 'a-zA-Z0-9\n' '_')"
+  fi
+  t=$(date +%s)
+  python3 -m pipelines run "${C[@]}" --set 'stages=[steps,evaluate]' --set steps.student=builtin:shapes-sd1 \
+    --set "steps.objective=$obj" --set steps.batch_size=64 --set "steps.steps_per_round=$per" \
+    --set steps.guidance_scale=5.0 --set distill.log_every=25 --set "steps.run_name=$name" \
+    --set "steps.output=$W/$name" --set "evaluate.student=$W/$name" --set "evaluate.output=$W/eval-$name" \
+    --set 'evaluate.steps_sweep=[1,2,4,8]' --set "evaluate.num_prompts=$prompts" "${extra[@]}" \
+    > "$out/$name.log" 2>&1 || echo "$name FAILED"
+  echo "$name $(( $(date +%s) - t )) s"
+  grep -E "\[steps\] step" "$out/$name.log" | tail -3 || true
+  cp "$W/eval-$name/metrics.json" "$out/$name-metrics.json" 2>/dev/null || ls "$W/eval-$name" || true
+done
