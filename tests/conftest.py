@@ -76,6 +76,41 @@ def tiny_sd1_dir(tmp_path_factory) -> Path:
     return save_tiny("tiny-sd1", tmp_path_factory.mktemp("tiny") / "sd1")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module: tiny U-Nets are dominated by per-op overhead, and two threads on a shared
+    2-core machine thrash."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_sd1_dir):
+    """The tiny SD 1.x teacher, loaded once per module."""
+    from models.teacher import load_teacher
+
+    return load_teacher(str(tiny_sd1_dir), dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def sd1_batch(sd1):
+    """Four 32 px latents with their prompts' conditioning and the empty prompt's."""
+    import torch
+
+    from models.teacher import encode_prompts
+
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, 4, 8, 8, generator=g)
+    prompts = ["a red circle", "a blue square", "two green stars", "a yellow triangle"]
+    cond = {"encoder_hidden_states": encode_prompts(sd1, prompts)["prompt_embeds"]}
+    uncond = {"encoder_hidden_states": encode_prompts(sd1, [""])["prompt_embeds"]}
+    return latents, cond, uncond
+
+
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory) -> Path:
     from models.tiny import save_tiny

@@ -21,30 +21,9 @@ from models.critics import (
 )
 from models.steps import Schedule, sampling_timesteps, save_steps_student, student_scheduler
 from models.student import StepsMeta, build_student, preset_spec
-from models.teacher import encode_prompts, load_teacher
+from models.teacher import encode_prompts
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny U-Nets: per-op overhead; two threads on a shared 2-core machine thrash
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def sd1(tiny_sd1_dir):
-    return load_teacher(str(tiny_sd1_dir), dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def batch(sd1):
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(4, 4, 8, 8, generator=g)  # 32 px images
-    prompts = ["a red circle", "a blue square", "two green stars", "a yellow triangle"]
-    cond = {"encoder_hidden_states": encode_prompts(sd1, prompts)["prompt_embeds"]}
-    uncond = {"encoder_hidden_states": encode_prompts(sd1, [""])["prompt_embeds"]}
-    return latents, cond, uncond
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _distiller(sd1, uncond, objective: str, **kw) -> CriticDistiller:
@@ -79,8 +58,8 @@ def test_gan_losses_sign():
 
 
 @pytest.mark.parametrize("gan_loss", ["hinge", "non_saturating"])
-def test_adversarial_critic_and_student_losses_go_down(sd1, batch, gan_loss):
-    latents, cond, uncond = batch
+def test_adversarial_critic_and_student_losses_go_down(sd1, sd1_batch, gan_loss):
+    latents, cond, uncond = sd1_batch
     d = _distiller(sd1, uncond, "adversarial", gan_loss=gan_loss, distill_weight=0.0)
     before, after = _fit(d.critic.parameters(), lambda g: d.critic_loss(latents, cond, g), 10, 2e-3)
     assert after < 0.7 * before, (before, after)
@@ -89,16 +68,16 @@ def test_adversarial_critic_and_student_losses_go_down(sd1, batch, gan_loss):
     assert after < before - 0.1, (before, after)
 
 
-def test_adversarial_distillation_term_goes_down(sd1, batch):
-    latents, cond, uncond = batch
+def test_adversarial_distillation_term_goes_down(sd1, sd1_batch):
+    latents, cond, uncond = sd1_batch
     d = _distiller(sd1, uncond, "adversarial", gan_weight=0.0)
     before, after = _fit(d.params, lambda g: d.loss(latents, cond, g), 10, 1e-2)
     # the random tiny teacher's x0 at high noise is far (rms ~8) from the student's: a slow but steady descent
     assert after < 0.97 * before, (before, after)
 
 
-def test_dmd_fake_score_loss_goes_down_and_gan_term(sd1, batch):
-    latents, cond, uncond = batch
+def test_dmd_fake_score_loss_goes_down_and_gan_term(sd1, sd1_batch):
+    latents, cond, uncond = sd1_batch
     d = _distiller(sd1, uncond, "dmd", gan_weight=0.1)
     parts = d.critic_loss(latents, cond, torch.Generator().manual_seed(0))
     assert {"fake_score", "critic_gan"} <= set(parts)
@@ -107,8 +86,8 @@ def test_dmd_fake_score_loss_goes_down_and_gan_term(sd1, batch):
     assert "gan" in d.loss(latents, cond, torch.Generator().manual_seed(0))
 
 
-def test_dmd_gradient_is_the_score_difference_and_the_student_follows_it(sd1, batch):
-    latents, cond, uncond = batch
+def test_dmd_gradient_is_the_score_difference_and_the_student_follows_it(sd1, sd1_batch):
+    latents, cond, uncond = sd1_batch
     d = _distiller(sd1, uncond, "dmd")
     x0 = latents.clone().requires_grad_(True)
     w = torch.full((4,), 5.0)
@@ -136,8 +115,8 @@ def test_dmd_gradient_is_the_score_difference_and_the_student_follows_it(sd1, ba
 
 
 @pytest.mark.parametrize("objective", ["adversarial", "dmd"])
-def test_each_loss_trains_only_its_network(sd1, batch, objective):
-    latents, cond, uncond = batch
+def test_each_loss_trains_only_its_network(sd1, sd1_batch, objective):
+    latents, cond, uncond = sd1_batch
     d = _distiller(sd1, uncond, objective, gan_weight=0.1 if objective == "dmd" else None)
     teacher0 = {k: v.clone() for k, v in sd1.unet.state_dict().items()}
     student0 = {k: v.clone() for k, v in d.student.state_dict().items()}

@@ -32,11 +32,6 @@ def _cond(teacher, prompts):
 
 
 @pytest.fixture(scope="module")
-def sd1(tiny_sd1_dir):
-    return load_teacher(str(tiny_sd1_dir), dtype="float32")
-
-
-@pytest.fixture(scope="module")
 def sdxl(tiny_sdxl_dir):
     return load_teacher(str(tiny_sdxl_dir), dtype="float32")
 

@@ -29,29 +29,7 @@ from models.steps import (
 from models.student import StepsMeta, build_student, preset_spec
 from models.teacher import encode_prompts, load_teacher
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny U-Nets are dominated by per-op overhead; two threads on a shared 2-core machine thrash
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def sd1(tiny_sd1_dir):
-    return load_teacher(str(tiny_sd1_dir), dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def batch(sd1):
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(4, 4, 8, 8, generator=g)  # 32 px images
-    cond = {"encoder_hidden_states": encode_prompts(sd1, ["a red circle", "a blue square", "two green stars",
-                                                          "a yellow triangle"])["prompt_embeds"]}
-    uncond = {"encoder_hidden_states": encode_prompts(sd1, [""])["prompt_embeds"]}
-    return latents, cond, uncond
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _student(sd1):
@@ -77,12 +55,12 @@ def _train(distiller: StepDistiller, latents, cond, n: int, lr: float = 2e-3, lo
     return first, last
 
 
-def test_guidance_embedding_matches_diffusers_and_student_starts_equal(sd1, batch):
+def test_guidance_embedding_matches_diffusers_and_student_starts_equal(sd1, sd1_batch):
     w = torch.tensor([1.0, 3.5, 7.5])
     ref = StableDiffusionPipeline.get_guidance_scale_embedding(None, w - 1, embedding_dim=256)
     assert torch.allclose(guidance_embedding(w, 256), ref, atol=1e-5)
 
-    latents, cond, _ = batch
+    latents, cond, _ = sd1_batch
     unet = _student(sd1)
     with_w = add_guidance_embedding(unet)
     assert with_w.config.time_cond_proj_dim == 256 and unet.config.get("time_cond_proj_dim") is None
@@ -106,8 +84,8 @@ def test_trailing_grid_matches_ddim_and_halves():
 
 
 @pytest.mark.parametrize("objective", ["guided", "progressive", "consistency"])
-def test_each_objective_loss_goes_down(objective, sd1, batch):
-    latents, cond, uncond = batch
+def test_each_objective_loss_goes_down(objective, sd1, sd1_batch):
+    latents, cond, uncond = sd1_batch
     sched = Schedule.from_scheduler(sd1.scheduler)
     d = StepDistiller(objective, _student(sd1), sd1.unet, sched, uncond=uncond, teacher_steps=8, rounds=1,
                       lcm_skip=100)
@@ -120,8 +98,8 @@ def test_each_objective_loss_goes_down(objective, sd1, batch):
     assert after < 0.7 * before, (objective, before, after)
 
 
-def test_consistency_loss_with_lora_trains_only_the_adapter(sd1, batch):
-    latents, cond, uncond = batch
+def test_consistency_loss_with_lora_trains_only_the_adapter(sd1, sd1_batch):
+    latents, cond, uncond = sd1_batch
     d = StepDistiller("consistency", _student(sd1), sd1.unet, Schedule.from_scheduler(sd1.scheduler),
                       uncond=uncond, lcm_skip=100, lora_rank=4)
     d.start_phase(0)
@@ -144,9 +122,9 @@ def test_consistency_loss_with_lora_trains_only_the_adapter(sd1, batch):
 
 
 @pytest.mark.parametrize("objective", ["guided", "consistency"])
-def test_a_student_without_w_learns_the_guided_teacher_in_its_adapter(objective, sd1, batch):
+def test_a_student_without_w_learns_the_guided_teacher_in_its_adapter(objective, sd1, sd1_batch):
     # LCM-LoRA: no w-embedding; the teacher's CFG over guidance_range is learned in the adapter alone
-    latents, cond, uncond = batch
+    latents, cond, uncond = sd1_batch
     d = StepDistiller(objective, _student(sd1), sd1.unet, Schedule.from_scheduler(sd1.scheduler), uncond=uncond,
                       teacher_steps=8, rounds=1, lcm_skip=100, lora_rank=4, w_embedding=False,
                       guidance_range=(4.0, 6.0))
@@ -157,8 +135,8 @@ def test_a_student_without_w_learns_the_guided_teacher_in_its_adapter(objective,
     assert after < 0.9 * before, (before, after)
 
 
-def test_losses_on_a_student_without_w(sd1, batch):
-    latents, cond, uncond = batch
+def test_losses_on_a_student_without_w(sd1, sd1_batch):
+    latents, cond, uncond = sd1_batch
     sched = Schedule.from_scheduler(sd1.scheduler)
     # guided: the student without w input matches the teacher's CFG output; finite and differentiable
     g = guided_loss(_student(sd1), sd1.unet, sched, latents, cond, uncond, torch.full((4,), 4.0))["loss"]
@@ -180,8 +158,8 @@ def count_unet_calls(pipe):
     return calls
 
 
-def test_guided_rounds_halve_steps_and_export_runs_without_cfg(sd1, batch, tiny_sd1_dir, tmp_path):
-    latents, cond, uncond = batch
+def test_guided_rounds_halve_steps_and_export_runs_without_cfg(sd1, sd1_batch, tiny_sd1_dir, tmp_path):
+    latents, cond, uncond = sd1_batch
     d = StepDistiller("guided", _student(sd1), sd1.unet, Schedule.from_scheduler(sd1.scheduler), uncond=uncond,
                       teacher_steps=8, rounds=2)
     seen = []
@@ -214,10 +192,10 @@ def w_is_input(unet) -> bool:
     return unet.config.get("time_cond_proj_dim") is not None
 
 
-def test_consistency_student_exports_with_lcm_scheduler(sd1, batch, tiny_sd1_dir, tmp_path):
+def test_consistency_student_exports_with_lcm_scheduler(sd1, sd1_batch, tiny_sd1_dir, tmp_path):
     from diffusers import LatentConsistencyModelPipeline
 
-    latents, cond, uncond = batch
+    latents, cond, uncond = sd1_batch
     d = StepDistiller("consistency", _student(sd1), sd1.unet, Schedule.from_scheduler(sd1.scheduler),
                       uncond=uncond, lcm_skip=100)
     d.start_phase(0)
