@@ -21,7 +21,7 @@ from models.critics import (
 )
 from models.steps import Schedule, sampling_timesteps, save_steps_student, student_scheduler
 from models.student import StepsMeta, build_student, preset_spec
-from models.teacher import encode_prompts
+from models.teacher import encode_prompts, load_teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -262,3 +262,30 @@ def test_config_critic_fields(tmp_path):
         steps(objective="adversarial", gan_weight=0, distill_weight=0)
     with pytest.raises(ConfigError, match="gan_loss"):
         steps(objective="adversarial", gan_loss="wasserstein")
+
+
+@pytest.mark.parametrize("objective", ["adversarial", "dmd"])
+def test_sdxl_conditioning_through_both_losses(tiny_sdxl_dir, objective):
+    """SDXL's pooled embedding and time ids ride along with the text embeddings through the student's sampling, the
+    teacher's CFG, the critic's batch of real and student samples (concatenated) and its features."""
+    from models.teacher import unet_conditioning
+
+    sdxl = load_teacher(str(tiny_sdxl_dir), dtype="float32")
+
+    def cond_of(prompts):
+        emb = encode_prompts(sdxl, prompts)
+        emb["time_ids"] = torch.tensor([[64, 64, 0, 0, 64, 64]] * len(prompts), dtype=torch.float32)
+        return unet_conditioning(emb, "sdxl")
+
+    cond, uncond = cond_of(["a red circle", "a blue square"]), cond_of([""])
+    timesteps = sampling_timesteps(student_scheduler(objective, sdxl.scheduler, 2), 2)
+    d = CriticDistiller(objective, build_student(sdxl.unet, preset_spec("vega", sdxl.unet.config)), sdxl.unet,
+                        Schedule.from_scheduler(sdxl.scheduler), uncond=uncond, sample_timesteps=timesteps,
+                        guidance_scale=5.0, gan_weight=0.1)
+    d.start_phase(0)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for parts in (d.loss(latents, cond, torch.Generator().manual_seed(1)),
+                  d.critic_loss(latents, cond, torch.Generator().manual_seed(1))):
+        assert all(torch.isfinite(torch.as_tensor(v)).all() for v in parts.values()), parts
+        parts["loss"].backward()
+    assert any(p.grad is not None for p in d.params) and any(p.grad is not None for p in d.critic.parameters())
