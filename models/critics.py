@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from models.kd import Taps, unwrapped
-from models.steps import Schedule, StepDistiller, cat_trees, lcm_boundary, predict
+from models.steps import Schedule, StepDistiller, cat_trees, lcm_boundary, noise_like, predict
 
 CRITIC_OBJECTIVES = ("adversarial", "dmd")
 GAN_LOSSES = ("hinge", "non_saturating")
@@ -58,20 +58,16 @@ def simulate(student: torch.nn.Module, schedule: Schedule, timesteps: tuple[int,
     n, k = like.shape[0], len(timesteps)
     grid = schedule.on(like.device, tuple(timesteps))  # (k,) highest first
     j = torch.randint(0, k, (n,), device=like.device, generator=generator)
-    z = _randn(like, generator)
+    z = noise_like(like, generator)
     z_j = z
     if k > 1:
         with torch.no_grad():
             for i in range(k - 1):
                 t = grid[i].expand(n)
-                z = schedule.add_noise(student_x0(student, schedule, z, t, cond), _randn(like, generator),
+                z = schedule.add_noise(student_x0(student, schedule, z, t, cond), noise_like(like, generator),
                                        grid[i + 1].expand(n))
                 z_j = torch.where((j == i + 1).view(-1, *([1] * (like.dim() - 1))), z, z_j)
     return student_x0(student, schedule, z_j, grid[j], cond)
-
-
-def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
 
 
 def _timesteps(n: int, schedule: Schedule, device: Any, generator: torch.Generator | None,
@@ -175,7 +171,7 @@ def dmd_gradient(x0: torch.Tensor, teacher: torch.nn.Module, fake: torch.nn.Modu
     noised to a random t, the real x0 the teacher's CFG at w, the fake the fake score's (DMD2's normalizer)."""
     x = x0.detach().float()
     t = _timesteps(x.shape[0], schedule, x.device, generator)
-    z = schedule.add_noise(x, _randn(x, generator), t)
+    z = schedule.add_noise(x, noise_like(x, generator), t)
     real, _ = schedule.x0_eps(predict(teacher, z, t, cond, w, uncond), z, t)
     fake_x0, _ = schedule.x0_eps(predict(fake, z, t, cond), z, t)
     dims = tuple(range(1, x.dim()))
@@ -247,12 +243,12 @@ class CriticDistiller(StepDistiller):
             parts["dmd"] = dmd_loss(x0, grad)
             if self.gan_weight:
                 t = _timesteps(x0.shape[0], self.schedule, x0.device, generator)
-                z = self.schedule.add_noise(x0, _randn(x0, generator), t)
+                z = self.schedule.add_noise(x0, noise_like(x0, generator), t)
                 parts["gan"] = student_gan_loss(_frozen_call(self.critic, z, t, cond)[1], self.gan_loss)
             parts["loss"] = parts["dmd"] + self.gan_weight * parts.get("gan", 0.0)
             return parts
         t = _timesteps(x0.shape[0], self.schedule, x0.device, generator)
-        z = self.schedule.add_noise(x0, _randn(x0, generator), t)
+        z = self.schedule.add_noise(x0, noise_like(x0, generator), t)
         total = 0.0
         if self.gan_weight:
             logits = _frozen_call(self.critic, teacher_features(self.teacher, self.taps, z, t, cond))
@@ -261,7 +257,7 @@ class CriticDistiller(StepDistiller):
         if self.distill_weight:  # ADD: the teacher's guided denoising of the re-noised x̂0 is the target
             t_d = _timesteps(x0.shape[0], self.schedule, x0.device, generator)
             with torch.no_grad():
-                z_d = self.schedule.add_noise(x0.detach(), _randn(x0, generator), t_d)
+                z_d = self.schedule.add_noise(x0.detach(), noise_like(x0, generator), t_d)
                 target, _ = self.schedule.x0_eps(predict(self.teacher, z_d, t_d, cond, self._w(x0), uncond), z_d, t_d)
             parts["distill"] = F.mse_loss(x0, target)
             total = total + self.distill_weight * parts["distill"]
@@ -277,19 +273,19 @@ class CriticDistiller(StepDistiller):
         real = latents.float()
         n = fake.shape[0]
         t = _timesteps(n, self.schedule, fake.device, generator)
-        z_fake = self.schedule.add_noise(fake, _randn(fake, generator), t)
+        z_fake = self.schedule.add_noise(fake, noise_like(fake, generator), t)
         if self.objective == "dmd":
             if not self.gan_weight:
                 out, _ = self.critic(z_fake, t, cond)
                 loss = fake_score_loss(out, fake, z_fake, t, self.schedule)
                 return {"loss": loss, "fake_score": loss}
-            z_real = self.schedule.add_noise(real, _randn(real, generator), t)
+            z_real = self.schedule.add_noise(real, noise_like(real, generator), t)
             out, logits = self.critic(torch.cat([z_fake, z_real]), torch.cat([t, t]), cat_trees(cond, cond))
             score = fake_score_loss(out[:n], fake, z_fake, t, self.schedule)
             gan = critic_gan_loss(logits[n:], logits[:n], self.gan_loss)
             return {"loss": score + self.gan_weight * gan, "fake_score": score, "critic_gan": gan}
         t_r = _timesteps(n, self.schedule, fake.device, generator)
-        z_real = self.schedule.add_noise(real, _randn(real, generator), t_r)
+        z_real = self.schedule.add_noise(real, noise_like(real, generator), t_r)
         with torch.no_grad():
             feats = teacher_features(self.teacher, self.taps, torch.cat([z_fake, z_real]), torch.cat([t, t_r]),
                                      cat_trees(cond, cond))

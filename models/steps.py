@@ -206,7 +206,8 @@ def sample_w(n: int, guidance_range: tuple[float, float], device: Any, generator
     return lo + (hi - lo) * torch.rand(n, generator=generator, device=device)
 
 
-def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise (float32) of x's shape on x's device, drawn from `generator`."""
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
 
 
@@ -221,7 +222,7 @@ def guided_loss(student: torch.nn.Module, teacher: torch.nn.Module, schedule: Sc
     (eps or v) are linear in (x0, eps), so matching them matches the guided x̂0 of the paper, weighted by the SNR."""
     x0 = latents.float()
     t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
-    z = schedule.add_noise(x0, _randn(x0, generator), t)
+    z = schedule.add_noise(x0, noise_like(x0, generator), t)
     with torch.no_grad():
         target = predict(teacher, z, t, cond, w, uncond)
     out = predict(student, z, t, cond, w)
@@ -243,7 +244,7 @@ def progressive_loss(student: torch.nn.Module, teacher: torch.nn.Module, schedul
     t = grid[torch.randint(0, steps, (n,), device=x0.device, generator=generator)]
     delta = T // steps
     t_mid, t_end = t - delta // 2, t - delta
-    z = schedule.add_noise(x0, _randn(x0, generator), t)
+    z = schedule.add_noise(x0, noise_like(x0, generator), t)
     with torch.no_grad():
         z_mid = schedule.ddim_step(predict(teacher, z, t, cond, w, uncond), z, t, t_mid)
         z_end = schedule.ddim_step(predict(teacher, z_mid, t_mid, cond, w, uncond), z_mid, t_mid, t_end)
@@ -274,7 +275,7 @@ def consistency_loss(student: torch.nn.Module, target: torch.nn.Module, teacher:
     grid = schedule.on(x0.device, tuple(lcm_timesteps(skip, schedule.num_train_timesteps)))
     t = grid[torch.randint(0, len(grid), (n,), device=x0.device, generator=generator)]
     t_prev = (t - skip).clamp(min=0)
-    z = schedule.add_noise(x0, _randn(x0, generator), t)
+    z = schedule.add_noise(x0, noise_like(x0, generator), t)
     c_skip, c_out = lcm_boundary(t, z)
     x0_s, _ = schedule.x0_eps(predict(student, z, t, cond, w), z, t)
     f_student = c_skip * z + c_out * x0_s

@@ -127,7 +127,8 @@ def train_loop_per_worker(config: dict) -> None:
     manifest, run_id, uri = config["manifest"], config.get("mlflow_run_id"), config["tracking_uri"]
 
     src, student = _load_student(sc.student)
-    schedule = Schedule.from_scheduler(_scheduler(src))
+    base_scheduler = _scheduler(src)
+    schedule = Schedule.from_scheduler(base_scheduler)
     guide = None
     # the empty prompt: the teacher's CFG (every objective but progressive) and caption dropout
     teacher = load_teacher(model_dir(cfg.teacher.uri), dtype="float32",
@@ -138,7 +139,7 @@ def train_loop_per_worker(config: dict) -> None:
         guide = teacher.unet.to(device, teacher_dtype(cfg.teacher.dtype, dc.precision, device))
     del teacher
     if sc.objective in CRITIC_OBJECTIVES:
-        timesteps = sampling_timesteps(student_scheduler(sc.objective, _scheduler(src), sc.lcm_steps, sc.lcm_skip),
+        timesteps = sampling_timesteps(student_scheduler(sc.objective, base_scheduler, sc.lcm_steps, sc.lcm_skip),
                                        sc.lcm_steps)
         d = CriticDistiller(sc.objective, student, guide, schedule, uncond=uncond, sample_timesteps=timesteps,
                             guidance_scale=sc.guidance_scale, gan_loss=sc.gan_loss, gan_weight=sc.gan_weight,
