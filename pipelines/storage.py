@@ -191,6 +191,17 @@ def ensure_ray(cfg: Any) -> Any:
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, **kw)
     else:
+        if not cfg.ray.include_dashboard:
+            kw["runtime_env"] = {"worker_process_setup_hook": quiet_state_api_notices, **kw.get("runtime_env", {})}
         ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=cfg.ray.include_dashboard,
                  **kw)
     return ray
+
+
+def quiet_state_api_notices() -> None:
+    """In each worker of a local Ray started without its dashboard, which serves the State API: Ray Train's
+    placement-group cleaner (a guard against a controller that dies without removing its placement group) asks that
+    API once a second whether the controller lives and warns each time it cannot. Without the API it can never
+    act, so the warning says nothing a user can change short of the dashboard; a local Ray's placement groups end
+    with it."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
