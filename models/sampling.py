@@ -143,6 +143,18 @@ def generate_images(pipe: Any, jobs: list[ImageJob], png_level: int = PNG_LEVEL)
         return list(pool.map(lambda img: encode_png(img, png_level), images))
 
 
+def encode_image(img: Any, output_format: str = "png", png_level: int = PNG_LEVEL, quality: int | None = None) -> bytes:
+    """The image as `output_format` bytes: lossless PNG at zlib `png_level`, or JPEG/WebP at `quality` (0-100;
+    None: 100, the OpenAI images API's default)."""
+    if output_format == "png":
+        return encode_png(img, png_level)
+    if output_format not in ("jpeg", "webp"):
+        raise ValueError(f"output_format {output_format!r}: png, jpeg or webp")
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format=output_format.upper(), quality=100 if quality is None else quality)
+    return buf.getvalue()
+
+
 def encode_png(img: Any, level: int = PNG_LEVEL) -> bytes:
     """Lossless PNG at zlib `level` (PNG_LEVEL: see there)."""
     buf = io.BytesIO()

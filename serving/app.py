@@ -43,7 +43,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.sampling import ImageJob, encode_png
+from models.sampling import ImageJob, encode_image
 from pipelines.config import Config, ServeConfig, parse_config
 from pipelines.storage import model_dir
 from serving.batching import DynamicBatcher
@@ -310,12 +310,14 @@ class ImageServer:
     async def _serve_batch(self, jobs: list[ImageJob]) -> list[tuple[Any, float, float, int, bool | None]]:
         return await self.generate_batch(jobs)  # serve.batcher "serve"
 
-    async def _pngs(self, jobs: list[ImageJob]) -> tuple[list[bytes], Timings]:
+    async def _encoded_images(self, jobs: list[ImageJob], output_format: str = "png",
+                              quality: int | None = None) -> tuple[list[bytes], Timings]:
         t0 = time.perf_counter()
         done = await asyncio.gather(*[self._submit(j) for j in jobs])
         t1 = time.perf_counter()
         level = self.cfg.png_compress_level
-        pngs = await asyncio.gather(*[asyncio.to_thread(encode_png, img, level) for img, *_ in done])
+        pngs = await asyncio.gather(*[asyncio.to_thread(encode_image, img, output_format, level, quality)
+                                      for img, *_ in done])
         compiled = [c for *_, c in done]
         timings = Timings(queue_ms=round(1000 * max(start - t0 for _, start, *_ in done), 2),
                           render_ms=round(1000 * max(s for _, _, s, *_ in done), 2),
@@ -356,7 +358,9 @@ class ImageServer:
             for i in range(req.n)
         ]
         try:
-            pngs, timings = await asyncio.wait_for(self._pngs(jobs), timeout=self.cfg.request_timeout_s)
+            pngs, timings = await asyncio.wait_for(
+                self._encoded_images(jobs, req.output_format, req.output_compression),
+                timeout=self.cfg.request_timeout_s)
         except TimeoutError:
             raise ApiError(504, f"generation took longer than {self.cfg.request_timeout_s:g}s",
                            code="timeout") from None
@@ -367,6 +371,8 @@ class ImageServer:
         resp = ImageResponse(
             created=int(time.time()),
             data=[ImageData(b64_json=base64.b64encode(p).decode(), seed=j.seed) for p, j in zip(pngs, jobs)],
+            output_format=req.output_format,
+            size=f"{w}x{h}",
             model=self.model["name"],
             latency_ms=round((time.perf_counter() - t0) * 1000, 2),
             timings=timings,

@@ -1,7 +1,8 @@
 """Request and response shapes of the HTTP API: the OpenAI Images API (POST /v1/images/generations with
-prompt, n, size, response_format=b64_json) plus negative_prompt, num_inference_steps, guidance_scale and
-seed. Validation happens here, where requests enter: a bad request becomes an `ApiError` with a 4xx
-status and a message naming the field and what was wrong, in OpenAI's error shape."""
+prompt, n, size, response_format=b64_json, output_format png/jpeg/webp) plus negative_prompt,
+num_inference_steps, guidance_scale and seed. Validation happens here, where requests enter: a bad request
+becomes an `ApiError` with a 4xx status and a message naming the field and what was wrong, in OpenAI's error
+shape."""
 
 from __future__ import annotations
 
@@ -34,8 +35,11 @@ class ImageRequest(BaseModel):
 
     prompt: StrictStr
     n: StrictInt = 1
-    size: StrictStr | None = None  # "WIDTHxHEIGHT", one of serve.sizes; default the first
+    size: StrictStr | None = None  # "WIDTHxHEIGHT", one of serve.sizes; default ("auto" too) the first
     response_format: Literal["b64_json"] = "b64_json"
+    # the images' encoding (OpenAI's newer field); output_compression is the JPEG/WebP quality (0-100, default 100)
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: StrictInt | None = Field(None, ge=0, le=100)
     negative_prompt: StrictStr | None = None
     num_inference_steps: StrictInt | None = None
     guidance_scale: StrictFloat | StrictInt | None = None
@@ -45,11 +49,12 @@ class ImageRequest(BaseModel):
     user: StrictStr | None = None
     quality: StrictStr | None = None
     style: StrictStr | None = None
-    # newer fields of the OpenAI images API, accepted and ignored the same way (the images are always PNG)
-    output_format: StrictStr | None = None
-    output_compression: StrictInt | None = None
+    # newer fields of the OpenAI images API, accepted and ignored the same way
     background: StrictStr | None = None
     moderation: StrictStr | None = None
+    safety_identifier: StrictStr | None = None
+    stream: bool | None = None  # only false: an answer holds whole images
+    partial_images: StrictInt | None = None  # streaming's partial images: none without streaming
 
 
 class ImageData(BaseModel):
@@ -70,6 +75,8 @@ class Timings(BaseModel):
 class ImageResponse(BaseModel):
     created: int
     data: list[ImageData]
+    output_format: str  # png, jpeg or webp, as asked (OpenAI's response field)
+    size: str  # WIDTHxHEIGHT of every image
     model: str
     latency_ms: float
     timings: Timings
@@ -127,6 +134,10 @@ def parse_request(raw: bytes, cfg: ServeConfig) -> ImageRequest:
                             f"{cfg.max_prompt_chars}", "negative_prompt")
     if not 1 <= req.n <= cfg.max_n:
         raise ApiError(400, f"'n' must be between 1 and {cfg.max_n} (got {req.n})", "n")
+    if req.stream:
+        raise ApiError(400, "'stream': streaming is not supported; send stream false or leave it out", "stream")
+    if req.size == "auto":
+        req.size = None
     if req.size is not None and req.size not in cfg.sizes:
         raise ApiError(400, f"'size' {req.size!r} is not supported; choose one of {', '.join(cfg.sizes)}", "size")
     if req.num_inference_steps is not None and not 1 <= req.num_inference_steps <= cfg.max_steps:

@@ -227,10 +227,47 @@ def test_models_and_health(server):
 
 
 def test_newer_openai_fields_are_accepted_and_ignored(server):
-    body = {"prompt": "a red circle", "num_inference_steps": 2, "seed": 3, "output_format": "png",
-            "output_compression": 80, "background": "auto", "moderation": "low", "quality": "high", "style": "vivid"}
+    body = {"prompt": "a red circle", "num_inference_steps": 2, "seed": 3, "output_format": "png", "background": "auto",
+            "moderation": "low", "quality": "high", "style": "vivid", "safety_identifier": "u-1", "stream": False}
     assert len(images(post(server, body))) == 1
     assert requests.get(server["url"] + "readyz", timeout=30).status_code == 200
+
+
+def test_the_official_openai_client(server):
+    """The `openai` package as a user calls it: images.generate with its own arguments (our seed and steps through
+    extra_body), its response model, JPEG and WebP output, size "auto", models.list, and its exception classes for our
+    error answers."""
+    import openai
+
+    client = openai.OpenAI(base_url=server["url"] + "v1", api_key=KEY, max_retries=0, timeout=120)
+    extra = {"seed": 11, "num_inference_steps": 2}
+    got = client.images.generate(model=server["name"], prompt="two blue squares", n=2, size="32x32",
+                                 response_format="b64_json", extra_body=extra)
+    pics = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in got.data]
+    assert [(p.format, p.size) for p in pics] == [("PNG", (32, 32))] * 2 and got.output_format == "png"
+    assert pics[0].tobytes() != pics[1].tobytes()  # n images, each with its own seed
+    again = client.images.generate(prompt="two blue squares", size="32x32", extra_body=extra)
+    assert base64.b64decode(again.data[0].b64_json) == base64.b64decode(got.data[0].b64_json)
+    for fmt, pil_name in (("jpeg", "JPEG"), ("webp", "WEBP")):
+        out = client.images.generate(prompt="two blue squares", size="auto", output_format=fmt,
+                                     output_compression=80, extra_body=extra)
+        pic = Image.open(io.BytesIO(base64.b64decode(out.data[0].b64_json)))
+        assert (pic.format, pic.size, out.output_format, out.size) == (pil_name, (64, 64), fmt, "64x64")
+        # lossy, but the same picture as the PNG of the same seed and size
+        png = np.asarray(Image.open(io.BytesIO(images(post(server, {"prompt": "two blue squares", **extra}))[0])))
+        assert np.abs(np.asarray(pic.convert("RGB"), dtype=float) - png).mean() < 12
+    assert server["name"] in [m.id for m in client.models.list()]
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.images.generate(prompt="a", size="1024x1024")
+    assert bad.value.status_code == 400 and bad.value.body["param"] == "size" and "32x32" in bad.value.message
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.images.generate(prompt="a", output_format="gif")
+    assert bad.value.body["param"] == "output_format"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.images.generate(prompt="a", stream=True)
+    assert "streaming is not supported" in bad.value.message
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server["url"] + "v1", api_key="wrong", max_retries=0).images.generate(prompt="a")
 
 
 @pytest.mark.parametrize("body,key,status,words", [
