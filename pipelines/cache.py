@@ -153,6 +153,31 @@ def read_split_columns(cache: str, split: str, columns: list[str] | None = None,
     return out
 
 
+def split_row_shapes(cache: str, split: str, column: str, limit: int | None = None) -> list[tuple[int, ...]]:
+    """Each row's array shape in `column` of a cache split, rows in read_split_columns' order: from each file's
+    footer (schema and row count) where the file holds one shape, the cache's tensor type; no tensor data is read
+    then."""
+    import ray.data.extensions  # noqa: F401  (registers the Arrow tensor type, so the schema carries its shape)
+
+    from pipelines.storage import list_files
+
+    root = join(cache, split)
+    fs, base = filesystem(root)
+    out: list[tuple[int, ...]] = []
+    for f in (f for f in list_files(root) if f.endswith(".parquet")):
+        with fs.open_input_file(f"{base}/{f}") as fh:
+            pf = pq.ParquetFile(fh)
+            shape, rows = getattr(pf.schema_arrow.field(column).type, "shape", None), pf.metadata.num_rows
+        if shape is not None:
+            out += [tuple(shape)] * rows
+        else:  # a variable-shape column: the arrays themselves
+            col = pq.read_table(f"{base}/{f}", filesystem=fs, columns=[column]).column(column).combine_chunks()
+            out += [a.shape for a in _column_values(col)]
+        if limit is not None and len(out) >= limit:
+            break
+    return out[:limit]
+
+
 def _column_values(col: pa.Array) -> np.ndarray | list:
     if hasattr(col, "to_numpy_ndarray"):  # Ray's tensor extension array
         return col.to_numpy_ndarray()

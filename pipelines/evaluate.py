@@ -49,7 +49,7 @@ from models.evaluation import (
 )
 from models.sampling import decode_latents
 from models.student import META_FILE, StudentMeta, read_meta
-from pipelines.cache import CacheManifest, read_manifest, read_split_columns
+from pipelines.cache import CacheManifest, read_manifest, read_split_columns, split_row_shapes
 from pipelines.config import Config
 from pipelines.report import write_report
 from pipelines.storage import exists, is_remote, join, list_files, local_copy, model_dir, read_bytes, write_bytes
@@ -103,14 +103,12 @@ def val_prompts(cache: str, limit: int) -> tuple[list[str], list[tuple[int, int]
     """The cache's non-empty validation captions and, for an aspect-bucketed cache, each one's image size
     (width, height) from its latent's shape (None for square crops)."""
     manifest = _require_cache(cache, "validation captions")
-    if not manifest.buckets:
-        rows = {"caption": read_split_columns(cache, "val", ["caption"], limit)["caption"]}
-        sizes = None
-    else:
-        col = _latent_column(manifest)
-        rows = read_split_columns(cache, "val", ["caption", col], limit)
+    rows = {"caption": read_split_columns(cache, "val", ["caption"], limit)["caption"]}
+    sizes = None
+    if manifest.buckets:  # the latents' shapes from the files' footers: cache_reference reads the latents
         scale = manifest.resolution // manifest.latent_shape[-1]  # pixels per latent
-        sizes = [(int(a.shape[-1]) * scale, int(a.shape[-2]) * scale) for a in rows[col]]
+        sizes = [(int(s[-1]) * scale, int(s[-2]) * scale)
+                 for s in split_row_shapes(cache, "val", _latent_column(manifest), limit)]
     keep = [i for i, c in enumerate(rows["caption"]) if c and c.strip()]
     if not keep:
         raise ValueError(f"no validation captions: the cache {cache} has only empty captions")

@@ -112,6 +112,20 @@ def test_workers_shares_of_a_preloaded_cache_are_its_rows_once(bucketed):
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
+def test_row_shapes_from_the_footers_are_the_arrays_shapes(bucketed):
+    """split_row_shapes (the evaluate stage's bucket sizes, read without the latents) gives each row's shape in
+    read_split_columns' order, whole and cut at a limit that ends inside a file."""
+    from pipelines.cache import read_split_columns, split_row_shapes
+
+    _, cfg = bucketed
+    for split in ("train", "val"):
+        arrays = read_split_columns(cfg.data.output, split, ["latent_mean"])["latent_mean"]
+        shapes = [a.shape for a in arrays]
+        assert split_row_shapes(cfg.data.output, split, "latent_mean") == shapes
+        assert split_row_shapes(cfg.data.output, split, "latent_mean", limit=len(shapes) - 1) == shapes[:-1]
+    assert len(set(split_row_shapes(cfg.data.output, "train", "latent_mean"))) == 3
+
+
 def test_bucketed_distill_and_steps_train_checkpoint_resume_and_export(bucketed, mlflow_server):
     from diffusers import UNet2DConditionModel
 
