@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from models.fp8 import fp8_unsupported, use_fp8_linear
-from models.student import read_meta_file
+from models.student import META_FILE, read_meta_file
 from models.teacher import encode_prompts, map_tensors, unet_conditioning
 from pipelines.cache import CacheManifest, read_manifest, read_split_columns, sample_latents
 from pipelines.config import Config, DistillConfig, uses_cudagraphs  # noqa: F401 (part of the shell)
@@ -828,14 +828,32 @@ def finish_export(folder: Path, cfg: Config, title: str) -> None:
 
 
 def upload_folder(local: Path, uri: str) -> None:
-    """Copy a finished local folder to `uri` (local path, replaced whole; or s3://)."""
+    """Copy a finished local folder to `uri` (local path, replaced whole; or s3://). A copy killed or failing part
+    way is never taken for a finished model, which the stages recognize by its distillery.json: a local folder is
+    copied beside the destination and renamed into place; on S3 distillery.json is written last."""
+    import uuid
+
     import pyarrow.fs as pafs
 
     fs, path = filesystem(uri)
     if not is_remote(uri):
-        if Path(path).exists():
-            shutil.rmtree(path)
-        shutil.copytree(local, path)
+        dest = Path(path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(f".{dest.name}.partial-{uuid.uuid4().hex[:8]}")
+        try:
+            shutil.copytree(local, partial)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        if dest.exists():
+            dest.rename(old)  # a kill between the two renames leaves no folder, never a partial one
+        partial.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
         return
     fs.create_dir(path, recursive=True)
-    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    files = sorted((f for f in Path(local).rglob("*") if f.is_file() or f.is_symlink()),
+                   key=lambda f: f.name == META_FILE)  # distillery.json last
+    for f in files:
+        rel = f.relative_to(local).as_posix()
+        pafs.copy_files(str(f), f"{path}/{rel}", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

@@ -191,3 +191,45 @@ def test_planted_credentials_reach_no_log_mlflow_or_output(s3_bucket, s3_server,
         assert any(Path(ray_dir).rglob("*.log")), "Ray wrote no session logs where the test looked"
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def test_a_model_copy_that_fails_part_way_never_looks_finished(s3_bucket, tmp_path):
+    """upload_folder, which puts every exported model in place: a copy that breaks on one file (a dangling link,
+    read after the others) leaves a local destination's earlier model whole and no distillery.json on S3, the
+    file by which a rerun takes a model for finished; once the folder is whole, both copies complete."""
+    import json
+
+    import boto3
+
+    from pipelines.train import upload_folder
+
+    src = tmp_path / "model"
+    (src / "unet").mkdir(parents=True)
+    (src / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(os.urandom(4096))
+    (src / "distillery.json").write_text(json.dumps({"step": 2}))
+    (src / "unet" / "zz-broken.bin").symlink_to(tmp_path / "nowhere")
+    dest = tmp_path / "out"
+    (dest / "unet").mkdir(parents=True)
+    (dest / "distillery.json").write_text(json.dumps({"step": 1}))
+    (dest / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"old")
+    with pytest.raises(Exception):  # noqa: B017 - whichever error the copy raises
+        upload_folder(src, str(dest))
+    assert json.loads((dest / "distillery.json").read_text()) == {"step": 1}
+    assert (dest / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]  # no partial copy left beside it
+    s3 = boto3.client("s3")
+    bucket = s3_bucket.removeprefix("s3://")
+
+    def keys() -> list[str]:
+        objects = s3.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", [])
+        return [o["Key"] for o in objects if not o["Key"].endswith("/")]  # not pyarrow's folder markers
+
+    with pytest.raises(Exception):  # noqa: B017
+        upload_folder(src, f"{s3_bucket}/out")
+    assert "out/distillery.json" not in keys(), keys()
+    (src / "unet" / "zz-broken.bin").unlink()
+    upload_folder(src, str(dest))
+    upload_folder(src, f"{s3_bucket}/out")
+    assert json.loads((dest / "distillery.json").read_text()) == {"step": 2}
+    assert len((dest / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()) == 4096
+    assert sorted(keys()) == ["out/distillery.json", "out/unet/diffusion_pytorch_model.safetensors"]
