@@ -4,14 +4,27 @@
 # shipped teacher, the evaluate stage sweeping the student at 1, 2, 4 and 8 steps. Usage (in a checkout):
 #   bash scripts/gpu-steps-objectives.sh OUT_DIR STEPS_PER_ROUND NUM_PROMPTS OBJECTIVE[:KEY=VALUE,...] ...
 # e.g. bash scripts/gpu-steps-objectives.sh /tmp/out 300 1000 dmd adversarial consistency:steps.lcm_skip=20
+# The source of the few-step students is the shipped teacher's own weights, or with STUDENT=distill the bk-small
+# that `distillery run configs/shapes-h200.yaml` (stages prepare, distill; DISTILL_STEPS of them, default the
+# config's) distills from it first, or with STUDENT=FOLDER an existing student.
 set -euo pipefail
 out="$1"; per="$2"; prompts="$3"; shift 3
 W=${WORK:-/tmp/s26}
+TRACKING=${TRACKING:-file:///tmp/mlruns}
 C=(configs/shapes-teacher.yaml --set "work_dir=$W" --set "data.source=builtin:shapes?n=10000&seed=0"
-   --set "mlflow.tracking_uri=${TRACKING:-file:///tmp/mlruns}" --set ray.include_dashboard=false)
+   --set "mlflow.tracking_uri=$TRACKING" --set ray.include_dashboard=false)
 t0=$(date +%s)
 python3 -m pipelines run "${C[@]}" --set 'stages=[prepare]' > "$out/prepare.log" 2>&1
 echo "prepare $(( $(date +%s) - t0 )) s"
+student=${STUDENT:-builtin:shapes-sd1}
+if [[ "$student" == distill ]]; then
+  t=$(date +%s)
+  python3 -m pipelines run configs/shapes-h200.yaml --set "work_dir=$W/distill" --set 'stages=[prepare,distill]' \
+    --set "mlflow.tracking_uri=$TRACKING" --set ray.include_dashboard=false \
+    ${DISTILL_STEPS:+--set "distill.max_steps=$DISTILL_STEPS"} > "$out/distill.log" 2>&1
+  student="$W/distill/student"
+  echo "distill (bk-small) $(( $(date +%s) - t )) s"
+fi
 for spec in "$@"; do
   obj="${spec%%:*}"; name="${obj}"; extra=()
   if [[ "$spec" == *:* ]]; then
@@ -20,7 +33,7 @@ for spec in "$@"; do
     name="${obj}-$(echo "${spec#*:}" | tr -c 'a-zA-Z0-9\n' '_')"
   fi
   t=$(date +%s)
-  python3 -m pipelines run "${C[@]}" --set 'stages=[steps,evaluate]' --set steps.student=builtin:shapes-sd1 \
+  python3 -m pipelines run "${C[@]}" --set 'stages=[steps,evaluate]' --set "steps.student=$student" \
     --set "steps.objective=$obj" --set steps.batch_size=64 --set "steps.steps_per_round=$per" \
     --set steps.guidance_scale=5.0 --set distill.log_every=25 --set "steps.run_name=$name" \
     --set "steps.output=$W/$name" --set "evaluate.student=$W/$name" --set "evaluate.output=$W/eval-$name" \
