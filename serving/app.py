@@ -379,13 +379,24 @@ class ImageServer:
         )
         return JSONResponse(resp.model_dump())
 
-    @api.get("/v1/models")
-    async def models(self, request: Request) -> dict[str, Any]:
-        self._authorize(request)
+    def _card(self) -> dict[str, Any]:
         m = self.model
         card = ModelCard(id=m["name"], created=m["created"], version=m["version"], alias=m["alias"],
                          teacher=m["teacher"], preset=m["preset"], source=m["uri"], decoder=self.cfg.decoder)
-        return {"object": "list", "data": [{"name": m["name"], **card.model_dump()}]}
+        return {"name": m["name"], **card.model_dump()}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return {"object": "list", "data": [self._card()]}
+
+    @api.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str, request: Request) -> dict[str, Any]:
+        self._authorize(request)  # OpenAI's models.retrieve
+        if model_id != self.model["name"]:
+            raise ApiError(404, f"no model {model_id!r}: this server serves {self.model['name']!r}", "model",
+                           code="model_not_found")
+        return self._card()
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:

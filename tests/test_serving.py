@@ -257,6 +257,10 @@ def test_the_official_openai_client(server):
         png = np.asarray(Image.open(io.BytesIO(images(post(server, {"prompt": "two blue squares", **extra}))[0])))
         assert np.abs(np.asarray(pic.convert("RGB"), dtype=float) - png).mean() < 12
     assert server["name"] in [m.id for m in client.models.list()]
+    assert client.models.retrieve(server["name"]).id == server["name"]
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-image-1")
+    assert missing.value.body["code"] == "model_not_found" and server["name"] in missing.value.message
     with pytest.raises(openai.BadRequestError) as bad:
         client.images.generate(prompt="a", size="1024x1024")
     assert bad.value.status_code == 400 and bad.value.body["param"] == "size" and "32x32" in bad.value.message
