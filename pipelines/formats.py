@@ -279,8 +279,12 @@ def webdataset_row(key: str, parts: dict[str, bytes], cfg: DataConfig) -> dict:
             meta = json.loads(parts["json"])
         except (json.JSONDecodeError, UnicodeDecodeError):
             meta = {}
-    caption = parts["txt"].decode("utf-8-sig", errors="replace") if "txt" in parts else meta.get(cfg.caption_column)
-    score = meta.get(cfg.score_column) if cfg.score_column and isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        meta = {}
+    # a .txt member, else the json's caption column or "text" (as an imagefolder's metadata.jsonl is read)
+    caption = (parts["txt"].decode("utf-8-sig", errors="replace") if "txt" in parts
+               else meta.get(cfg.caption_column, meta.get("text")))
+    score = meta.get(cfg.score_column) if cfg.score_column else None
     return {"key": key, "image": image, "caption": _text(None if caption is None else str(caption)),
             "score": _nan(_float(score)), "error": ""}
 

@@ -403,6 +403,34 @@ def test_webdataset_damaged_and_truncated_shards(ray_local, tmp_path, tiny_sd1_d
     assert {d.split("/")[0] for d in manifest["damaged_shards"]} == {"b", "c"}
 
 
+def test_webdataset_captions_from_json_members(tmp_path):
+    """A shard written with tarfile whose captions are in KEY.json only (img2dataset's "caption", or "text"), one
+    json that is a list and one that is not JSON: the captions are read, the others are rows without a caption."""
+    import tarfile
+
+    from PIL import Image
+
+    from pipelines.formats import read_shard
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(buf, "JPEG")
+    members = {"a.jpg": buf.getvalue(), "a.json": b'{"caption": "a red square", "similarity": 0.3}',
+               "b.jpg": buf.getvalue(), "b.json": b'{"text": "a red box"}',
+               "c.jpg": buf.getvalue(), "c.json": b'["not", "a", "dict"]',
+               "d.jpg": buf.getvalue(), "d.json": b"{oops"}
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    cfg = parse_config({"data": {"source": str(tmp_path), "score_column": "similarity"}}).data
+    rows, damaged = read_shard(*filesystem(str(tmp_path / "s.tar")), "s", cfg)
+    got = {r["key"]: (r["caption"], r["score"]) for r in rows}
+    assert not damaged and set(got) == {"s/a", "s/b", "s/c", "s/d"}, got
+    assert got["s/a"] == ("a red square", pytest.approx(0.3)) and got["s/b"][0] == "a red box"
+    assert got["s/c"][0] == got["s/d"][0] == ""
+
+
 def _read_cache_train(output: str) -> dict:
     import ray
 
