@@ -198,7 +198,10 @@ def imagefolder_metadata(source: str, files: list[str], cfg: DataConfig) -> dict
         if name not in ("metadata.jsonl", "metadata.csv"):
             continue
         folder = f[: -len(name)]
-        text = read_bytes(join(source, f)).decode("utf-8-sig")
+        try:
+            text = read_bytes(join(source, f)).decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{join(source, f)}: not UTF-8 text ({err})") from None
         try:
             records = (
                 [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -208,7 +211,7 @@ def imagefolder_metadata(source: str, files: list[str], cfg: DataConfig) -> dict
         except json.JSONDecodeError as err:
             raise ValueError(f"{join(source, f)}: not JSON lines: {err}") from None
         for i, r in enumerate(records):
-            if "file_name" not in r:
+            if not isinstance(r, dict) or "file_name" not in r:
                 raise ValueError(f"{join(source, f)}: record {i + 1} has no file_name")
             caption = r.get(cfg.caption_column, r.get("text"))
             score = r.get(cfg.score_column) if cfg.score_column else None

@@ -516,6 +516,18 @@ def test_a_utf8_bom_never_reaches_the_caption(tmp_path):
     assert meta["b.png"]["caption"] == "a blue circle"
 
 
+def test_a_broken_metadata_file_is_refused_naming_it(tmp_path):
+    """metadata.jsonl in Latin-1, or with a line that is JSON but not a record: a ValueError naming the file (and the
+    record), not a decoding traceback or an AttributeError."""
+    cfg = parse_config({}).data
+    (tmp_path / "metadata.jsonl").write_bytes('{"file_name": "a.png", "text": "caf\u00e9"}\n'.encode("utf-16"))
+    with pytest.raises(ValueError, match=r"metadata.jsonl: not UTF-8 text"):
+        formats.imagefolder_metadata(str(tmp_path), ["metadata.jsonl"], cfg)
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "ok"}\n["b.png", "no"]\n')
+    with pytest.raises(ValueError, match=r"metadata.jsonl: record 2 has no file_name"):
+        formats.imagefolder_metadata(str(tmp_path), ["metadata.jsonl"], cfg)
+
+
 def test_a_manifest_the_code_did_not_write_is_refused_naming_the_file(tmp_path):
     """The cache contract is typed: a manifest.json missing a field, with a field the code does not know, or
     of another schema version is an error that names the file, not a KeyError deep in a training worker."""
