@@ -276,13 +276,13 @@ SHARD_DAMAGE = ("damaged_shard", "truncated_shard", "unreadable_shard")
 def webdataset_row(key: str, parts: dict[str, bytes], cfg: DataConfig) -> dict:
     """One webdataset sample (its members by lower-case extension) as a row."""
     image = next((parts[e] for e in WDS_IMAGE_EXTS if e in parts), b"")
-    meta = {}
+    meta: Any = {}
     if "json" in parts:
         try:
             meta = json.loads(parts["json"])
         except (json.JSONDecodeError, UnicodeDecodeError):
-            meta = {}
-    if not isinstance(meta, dict):
+            pass
+    if not isinstance(meta, dict):  # unreadable, or JSON that is not an object: no caption or score from it
         meta = {}
     # a .txt member, else the json's caption column or "text" (as an imagefolder's metadata.jsonl is read)
     caption = (parts["txt"].decode("utf-8-sig", errors="replace") if "txt" in parts

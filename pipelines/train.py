@@ -839,6 +839,8 @@ def upload_folder(local: Path, uri: str) -> None:
     if not is_remote(uri):
         dest = Path(path)
         dest.parent.mkdir(parents=True, exist_ok=True)
+        for stale in [*dest.parent.glob(f".{dest.name}.partial-*"), *dest.parent.glob(f".{dest.name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # what a copy killed part way left beside the destination
         partial = dest.with_name(f".{dest.name}.partial-{uuid.uuid4().hex[:8]}")
         try:
             shutil.copytree(local, partial)

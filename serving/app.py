@@ -310,21 +310,21 @@ class ImageServer:
     async def _serve_batch(self, jobs: list[ImageJob]) -> list[tuple[Any, float, float, int, bool | None]]:
         return await self.generate_batch(jobs)  # serve.batcher "serve"
 
-    async def _encoded_images(self, jobs: list[ImageJob], output_format: str = "png",
-                              quality: int | None = None) -> tuple[list[bytes], Timings]:
+    async def _encoded_images(self, jobs: list[ImageJob], output_format: str,
+                              quality: int | None) -> tuple[list[bytes], Timings]:
         t0 = time.perf_counter()
         done = await asyncio.gather(*[self._submit(j) for j in jobs])
         t1 = time.perf_counter()
         level = self.cfg.png_compress_level
-        pngs = await asyncio.gather(*[asyncio.to_thread(encode_image, img, output_format, level, quality)
-                                      for img, *_ in done])
+        encoded = await asyncio.gather(*[asyncio.to_thread(encode_image, img, output_format, level, quality)
+                                         for img, *_ in done])
         compiled = [c for *_, c in done]
         timings = Timings(queue_ms=round(1000 * max(start - t0 for _, start, *_ in done), 2),
                           render_ms=round(1000 * max(s for _, _, s, *_ in done), 2),
                           encode_ms=round(1000 * (time.perf_counter() - t1), 2),
                           batch_size=max(n for *_, n, _ in done),
                           compiled=None if compiled[0] is None else all(compiled))
-        return pngs, timings
+        return encoded, timings
 
     @api.post("/v1/images/generations")
     async def generations(self, request: Request) -> JSONResponse:
@@ -358,19 +358,19 @@ class ImageServer:
             for i in range(req.n)
         ]
         try:
-            pngs, timings = await asyncio.wait_for(
+            encoded, timings = await asyncio.wait_for(
                 self._encoded_images(jobs, req.output_format, req.output_compression),
                 timeout=self.cfg.request_timeout_s)
         except TimeoutError:
             raise ApiError(504, f"generation took longer than {self.cfg.request_timeout_s:g}s",
                            code="timeout") from None
         try:
-            _metrics()["images"].inc(len(pngs))
+            _metrics()["images"].inc(len(encoded))
         except Exception:
             pass
         resp = ImageResponse(
             created=int(time.time()),
-            data=[ImageData(b64_json=base64.b64encode(p).decode(), seed=j.seed) for p, j in zip(pngs, jobs)],
+            data=[ImageData(b64_json=base64.b64encode(p).decode(), seed=j.seed) for p, j in zip(encoded, jobs)],
             output_format=req.output_format,
             size=f"{w}x{h}",
             model=self.model["name"],

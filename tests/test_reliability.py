@@ -228,7 +228,9 @@ def test_a_model_copy_that_fails_part_way_never_looks_finished(s3_bucket, tmp_pa
         upload_folder(src, f"{s3_bucket}/out")
     assert "out/distillery.json" not in keys(), keys()
     (src / "unet" / "zz-broken.bin").unlink()
+    (tmp_path / ".out.partial-0badc0de" / "unet").mkdir(parents=True)  # as a copy killed part way leaves it
     upload_folder(src, str(dest))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]
     upload_folder(src, f"{s3_bucket}/out")
     assert json.loads((dest / "distillery.json").read_text()) == {"step": 2}
     assert len((dest / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()) == 4096
