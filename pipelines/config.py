@@ -36,7 +36,7 @@ class RayConfig(Section):
     address: str | None = None  # None: RAY_ADDRESS if set (ray job submit), else a local Ray
     num_cpus: int | None = Field(None, ge=1)  # only for a local Ray started by us
     num_gpus: int | None = Field(None, ge=0)
-    # a local Ray's dashboard (it also serves the State API; without it, storage.quiet_state_api_notices keeps Ray
+    # a local Ray's dashboard (it also serves the State API; without it, storage.state_api_quieter keeps Ray
     # Train's placement-group cleaner from warning once a second that it cannot reach that API)
     include_dashboard: bool = True
     runtime_env: dict[str, Any] = Field(default_factory=dict)

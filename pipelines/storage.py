@@ -192,16 +192,27 @@ def ensure_ray(cfg: Any) -> Any:
         ray.init(address=address, **kw)
     else:
         if not cfg.ray.include_dashboard:
-            kw["runtime_env"] = {"worker_process_setup_hook": quiet_state_api_notices, **kw.get("runtime_env", {})}
+            kw["runtime_env"] = {"worker_process_setup_hook": state_api_quieter(), **kw.get("runtime_env", {})}
         ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=cfg.ray.include_dashboard,
                  **kw)
     return ray
 
 
-def quiet_state_api_notices() -> None:
-    """In each worker of a local Ray started without its dashboard, which serves the State API: Ray Train's
-    placement-group cleaner (a guard against a controller that dies without removing its placement group) asks that
-    API once a second whether the controller lives and warns each time it cannot. Without the API it can never
-    act, so the warning says nothing a user can change short of the dashboard; a local Ray's placement groups end
-    with it."""
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+def state_api_quieter() -> Any:
+    """The worker_process_setup_hook of a local Ray started without its dashboard, which serves the State API: Ray
+    Train's placement-group cleaner (a guard against a controller that dies without removing its placement group)
+    asks that API once a second whether the controller lives and warns each time it cannot. Without the API it can
+    never act, so the warning says nothing a user can change short of the dashboard; a local Ray's placement
+    groups end with it.
+
+    The hook is defined in here so that cloudpickle sends it by value: a worker runs it before the driver's code
+    path is on its sys.path, so a hook that names this module kills every worker of a checkout that is not
+    installed (`python -m pipelines` from the repository)."""
+
+    def quiet_placement_group_cleaner() -> None:
+        import logging
+
+        logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
+            logging.ERROR)
+
+    return quiet_placement_group_cleaner

@@ -235,3 +235,27 @@ def test_a_model_copy_that_fails_part_way_never_looks_finished(s3_bucket, tmp_pa
     assert json.loads((dest / "distillery.json").read_text()) == {"step": 2}
     assert len((dest / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()) == 4096
     assert sorted(keys()) == ["out/distillery.json", "out/unet/diffusion_pytorch_model.safetensors"]
+
+
+def test_the_local_ray_setup_hook_runs_where_the_package_cannot_be_imported(tmp_path):
+    # A Ray worker runs its setup hook before the driver's code path is on sys.path: a hook pickled by reference
+    # to pipelines.storage killed every worker of a checkout run as `python -m pipelines` without installing it.
+    import cloudpickle
+
+    from pipelines.storage import state_api_quieter
+
+    (tmp_path / "hook.pkl").write_bytes(cloudpickle.dumps(state_api_quieter()))
+    worker = (
+        "import importlib.abc, logging, pickle, sys\n"
+        "class NoPipelines(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] == 'pipelines': raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, NoPipelines())\n"
+        "pickle.loads(open(sys.argv[1], 'rb').read())()\n"
+        "name = 'ray.train.v2._internal.execution.controller.placement_group_cleaner'\n"
+        "print(logging.getLogger(name).level)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", worker, str(tmp_path / "hook.pkl")], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["40"]  # logging.ERROR
