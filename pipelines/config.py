@@ -23,6 +23,15 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def absolute_local(uri: str | None, must_exist: bool) -> str | None:
+    """A relative local path as an absolute one (of this process's working directory); URIs with a scheme
+    (s3://, file://, builtin:, models:/) unchanged, and with must_exist a relative name that is no local file or
+    folder (a hub id) too."""
+    if not uri or ":" in uri.split("/")[0] or os.path.isabs(uri) or (must_exist and not os.path.exists(uri)):
+        return uri
+    return os.path.abspath(uri)
+
+
 def path_safe(name: str | None) -> str | None:
     """A name that becomes one folder under work_dir or storage_path: no separators, no '..', not empty."""
     if name is None:
@@ -572,6 +581,14 @@ class ServeConfig(Section):
         return self
 
 
+# (section, field) of the locations a stage writes, and of those it reads that may be local paths
+PATH_OUTPUTS = (("data", "output"), ("student", "output"), ("distill", "cache"), ("distill", "storage_path"),
+                ("distill", "output"), ("steps", "output"), ("tune", "storage_path"), ("evaluate", "output"))
+PATH_INPUTS = (("teacher", "uri"), ("data", "source"), ("student", "start_from"), ("steps", "student"),
+               ("tune", "eval_prompts"), ("evaluate", "student"), ("evaluate", "prompts"),
+               ("evaluate", "student_decoder"), ("evaluate", "reference"), ("evaluate", "feature_extractor"),
+               ("evaluate", "clip_model"), ("serve", "model"), ("serve", "decoder"), ("serve", "api_key_file"))
+
 STAGES = ("prepare", "distill", "steps", "tune", "evaluate", "register", "serve")
 
 
@@ -599,7 +616,15 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _derive_uris(self) -> Config:
-        """Fill the outputs left empty, so every stage reads what the one before it wrote."""
+        """Fill the outputs left empty, so every stage reads what the one before it wrote; local paths become
+        absolute here, in the driver: Ray workers run in folders of their own, where a relative path names nothing."""
+        object.__setattr__(self, "work_dir", absolute_local(self.work_dir, must_exist=False))
+        for section, field in PATH_OUTPUTS:
+            object.__setattr__(getattr(self, section), field,
+                               absolute_local(getattr(getattr(self, section), field), must_exist=False))
+        for section, field in PATH_INPUTS:  # a relative name that is not a local path is a hub id: left as it is
+            object.__setattr__(getattr(self, section), field,
+                               absolute_local(getattr(getattr(self, section), field), must_exist=True))
         w = self.work_dir.rstrip("/")
         defaults = [
             (self.data, "output", f"{w}/cache"),

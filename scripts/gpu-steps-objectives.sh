@@ -5,9 +5,9 @@
 #   bash scripts/gpu-steps-objectives.sh OUT_DIR STEPS_PER_ROUND NUM_PROMPTS OBJECTIVE[:KEY=VALUE,...] ...
 # e.g. bash scripts/gpu-steps-objectives.sh /tmp/out 300 1000 dmd adversarial consistency:steps.lcm_skip=20
 # The source of the few-step students is the shipped teacher's own weights, or with STUDENT=distill the bk-small
-# that `distillery run configs/shapes-h200.yaml` (stages prepare, distill, evaluate; DISTILL_STEPS of them, default
-# the config's) distills from it first (a rerun finds the finished stages and skips them), or with STUDENT=FOLDER
-# an existing student.
+# that `distillery run configs/shapes-h200.yaml` (stages prepare and distill, DISTILL_STEPS of them, default the
+# config's; DISTILL_EVAL=1 adds evaluate) distills from it first (a rerun finds the finished stages and skips
+# them), or with STUDENT=FOLDER an existing student.
 set -euo pipefail
 out="$1"; per="$2"; prompts="$3"; shift 3
 W=${WORK:-/tmp/s26}
@@ -20,7 +20,7 @@ echo "prepare $(( $(date +%s) - t0 )) s"
 student=${STUDENT:-builtin:shapes-sd1}
 if [[ "$student" == distill ]]; then
   t=$(date +%s)
-  python3 -m pipelines run configs/shapes-h200.yaml --set "work_dir=$W/distill" --set 'stages=[prepare,distill,evaluate]' \
+  python3 -m pipelines run configs/shapes-h200.yaml --set "work_dir=$W/distill" --set "stages=[prepare,distill${DISTILL_EVAL:+,evaluate}]" \
     --set "mlflow.tracking_uri=$TRACKING" --set ray.include_dashboard=false \
     ${DISTILL_STEPS:+--set "distill.max_steps=$DISTILL_STEPS"} > "$out/distill.log" 2>&1
   student="$W/distill/student"

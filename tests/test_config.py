@@ -19,6 +19,26 @@ def test_defaults_and_derived_uris():
     assert cfg.digest() == parse_config({"work_dir": "s3://bucket/run1"}).digest()
 
 
+def test_local_paths_become_absolute_and_other_uris_stay(tmp_path, monkeypatch):
+    # Ray workers run in folders of their own: a relative path must be resolved where the config is loaded
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-teacher").mkdir()
+    cfg = parse_config({"work_dir": "./runs/x", "teacher": {"uri": "my-teacher"}, "data": {"source": "photos"},
+                        "steps": {"student": "runwayml/stable-diffusion-v1-5"},
+                        "evaluate": {"prompts": "builtin:shapes?n=10&seed=1", "output": "eval-here"},
+                        "serve": {"model": "models:/distillery-student@champion"}})
+    assert cfg.work_dir == str(tmp_path / "runs" / "x")
+    assert cfg.distill.cache == str(tmp_path / "runs" / "x" / "cache")
+    assert cfg.evaluate.output == str(tmp_path / "eval-here")
+    assert cfg.teacher.uri == str(tmp_path / "my-teacher")  # a folder that is there
+    assert cfg.data.source == "photos"  # no such folder: left for the preflight to name
+    assert cfg.steps.student == "runwayml/stable-diffusion-v1-5"  # a hub id
+    assert cfg.evaluate.prompts == "builtin:shapes?n=10&seed=1"
+    assert cfg.serve.model == "models:/distillery-student@champion"
+    again = parse_config(cfg.model_dump(mode="json"))
+    assert again.model_dump() == cfg.model_dump()  # resolving twice changes nothing
+
+
 def test_top_level_seed_seeds_every_stage_that_leaves_its_own_unset():
     from pipelines.prepare import split_of
 

@@ -223,12 +223,13 @@ def job(tmp_path_factory, ray_local, mlflow_server):
     work = tmp_path_factory.mktemp("distill")
     make_cache(str(work / "cache"), "builtin:tiny-sd1")
     cfg_path = work / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump(_config(work, max_steps=12, val_every=4, checkpoint_every=4,
+    # work_dir relative, as configs/ ship it: the Ray Train workers run in folders of their own
+    cfg_path.write_text(yaml.safe_dump(_config(Path(work.name), max_steps=12, val_every=4, checkpoint_every=4,
                                                keep_checkpoints=2, zero_stage=2)))
     ckpts = work / "train" / "t-distill"
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
     with open(work / "first.log", "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines", "distill", str(cfg_path)], cwd=REPO, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines", "distill", str(cfg_path)], cwd=work.parent, env=env,
                                 stdout=out, stderr=out, start_new_session=True)
         try:
             _wait_for_checkpoint_on_disk(ckpts, 4, 480, proc)  # a busy 2-core CI: minutes
@@ -254,7 +255,13 @@ def job(tmp_path_factory, ray_local, mlflow_server):
 
     killer = threading.Thread(target=kill_one_worker, daemon=True)
     killer.start()
-    cfg = load_config(cfg_path)
+    here = os.getcwd()
+    os.chdir(work.parent)  # the config's paths are resolved where it is loaded, as the CLI does
+    try:
+        cfg = load_config(cfg_path)
+    finally:
+        os.chdir(here)
+    assert cfg.distill.cache == str(work / "cache")
     result = distill.run(cfg)
     killer.join(10)
     print(f"[test] second run finished after {time.time() - started:.0f}s", flush=True)
