@@ -21,7 +21,8 @@ images/s kept. `--fewstep-steps 4` adds the TAESD student as a few-step student 
 random weights, so only its timing means anything), served eager and with serve.compile (the U-Net compiled
 for batch 1 at replica start, CUDA graphs on the GPU), against the teacher's p50 at 1 client. `--variant
 num_cpus=8` (repeatable) deploys each batched model once more with those serve settings, its rows and its
-served/in-process ratio next to the default deployment's.
+served/in-process ratio next to the default deployment's. `--output-format jpeg` asks for JPEG answers instead
+of PNG (the encoding is the replica's per-answer CPU work; the `PNG ms` column is then the JPEG time).
 
   python bench/serve_latency.py --tiny --requests-per-client 2,1,1       # CPU smoke run: tiny-sd1 and bk-small
   python bench/serve_latency.py --device cuda --append-results bench/RESULTS.md   # SD 1.5 vs bk-small, 512 px
@@ -262,6 +263,8 @@ def main() -> int:
     p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                    help="serve settings for a further deployment of each batched model (default batcher), e.g. "
                         "num_cpus=8 or batch_wait_timeout_s=0.1; repeatable, each measured at every level")
+    p.add_argument("--output-format", default="png", choices=["png", "jpeg", "webp"],
+                   help="the requests' output_format (OpenAI's field): the encoding the replica does per answer")
     p.add_argument("--work-dir", default=None)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--append-results", type=Path, default=None, metavar="RESULTS.md",
@@ -394,7 +397,7 @@ def serve_levels(args, models: dict, results: dict, root: Path, steps: int, size
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 900})
         url = f"http://127.0.0.1:{port}/v1/images/generations"
         body = {"prompt": "a photo of a cat", "n": 1, "size": f"{size}x{size}", "num_inference_steps": steps,
-                "guidance_scale": 7.5, "seed": 0}
+                "guidance_scale": 7.5, "seed": 0, "output_format": args.output_format}
         modes = [(False, DEFAULT_BATCHER)] + [(True, b) for b in args.batchers]  # (batching on, serve.batcher)
         plan = [(n, m, on, b, None) for n, m in models.items() for on, b in modes if m[2]["batched"] or not on]
         plan += [(n, m, True, DEFAULT_BATCHER, v) for v in args.variants for n, m in models.items()
@@ -524,7 +527,8 @@ def markdown(res: dict, args, clients: list[int], rpc: dict[bool, list[int]]) ->
         f"max_batch_size {args.max_batch} (wait {args.batch_wait:g}s) when batching; guidance 7.5 (CFG; few-step "
         f"rows 1: none); medians of {args.repeats} run(s) of each level; requests "
         f"per level = clients × {'/'.join(map(str, rpc[False]))} (batching off), × {'/'.join(map(str, rpc[True]))} "
-        f"(on); PNG zlib level {PNG_LEVEL}; whole run {res['wall_s']:.0f}s.",
+        f"(on); answers {args.output_format}"
+        f"{f' (PNG zlib level {PNG_LEVEL})' if args.output_format == 'png' else ''}; whole run {res['wall_s']:.0f}s.",
         "",
         "| model | batching | clients | requests | p50 ms | p95 ms | images/s | errors |",
         "|---|---|---|---|---|---|---|---|",
