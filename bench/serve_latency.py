@@ -19,7 +19,8 @@ Ray's @serve.batch (serve.batcher "serve") next to serving/batching.py (the defa
 `--repeats 3` runs each level (and the in-process batch) 3 times and reports the median, with every run's
 images/s kept. `--fewstep-steps 4` adds the TAESD student as a few-step student (4 steps, guidance 1: no CFG;
 random weights, so only its timing means anything), served eager and with serve.compile (the U-Net compiled
-for batch 1 at replica start, CUDA graphs on the GPU), against the teacher's p50 at 1 client. `--variant
+at replica start for batch 1, and for --max-batch when batching: CUDA graphs on the GPU; its in-process reference
+is compiled the same way), against the teacher's p50 at 1 client. `--variant
 num_cpus=8` (repeatable) deploys each batched model once more with those serve settings, its rows and its
 served/in-process ratio next to the default deployment's. `--output-format jpeg` asks for JPEG answers instead
 of PNG (the encoding is the replica's per-answer CPU work; the `PNG ms` column is then the JPEG time).
@@ -116,16 +117,29 @@ def build_models(tiny: bool, root: Path) -> dict[str, tuple[Path, Path | None]]:
 
 
 def reference(folder: Path, decoder: Path | None, device: str, size: int, steps: int, images: int, batch: int,
-              warmup_s: float, guidance: float = 7.5, repeats: int = 1) -> dict:
+              warmup_s: float, guidance: float = 7.5, repeats: int = 1, compile_mode: str | None = None) -> dict:
     """Plain diffusers, in-process: images/s one image per call, and one call of `batch` images (the median of
-    `repeats` calls)."""
+    `repeats` calls). With `compile_mode` the U-Net is compiled as serve.compile does it in a replica (the
+    same CompiledUNet, warmed up at batch 1 and `batch`), so a compiled served row has a compiled reference."""
+    import functools
+
     import torch
 
-    from models.sampling import ImageJob, encode_png, generate_images, load_pipeline, render_images
+    from models.sampling import CompiledUNet, ImageJob, encode_png, load_pipeline, render_images
+    from models.sampling import generate_images as generate_eager
 
     if device == "cpu":
         torch.set_num_threads(1)  # as in a replica with num_cpus=1 (Ray sets OMP_NUM_THREADS=1)
     pipe = load_pipeline(str(folder), device, str(decoder) if decoder else None)
+    generate_images, compiled = generate_eager, None
+    if compile_mode:
+        compiled = CompiledUNet(pipe.unet, compile_mode)
+        sizes = sorted({1, batch})
+        for n in sizes:  # 3 steps: CUDA graph trees record on a shape's second or third call
+            render_images(pipe, [ImageJob("warm up", num_inference_steps=3, width=size, height=size,
+                                          guidance_scale=guidance)] * n)
+        compiled.capturing = False
+        generate_images = functools.partial(generate_eager, batch_sizes=sizes)
     job = ImageJob("a photo of a cat", num_inference_steps=steps, width=size, height=size, guidance_scale=guidance)
     short = ImageJob("a photo of a cat", num_inference_steps=2, width=size, height=size, guidance_scale=guidance)
     t0 = time.perf_counter()
@@ -158,7 +172,9 @@ def reference(folder: Path, decoder: Path | None, device: str, size: int, steps:
         sizes = [len(encode_png(img, level)) for img in images]
         out[f"png_ms_{level}"] = 1000 * (time.perf_counter() - t1) / len(images)
         out[f"png_kib_{level}"] = statistics.mean(sizes) / 1024
-    del pipe
+    if compiled:
+        out["eager_calls"] = compiled.eager_calls  # forwards that fell back: 0 when every timed call ran a graph
+    del pipe, compiled
     if device == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -313,21 +329,19 @@ def main() -> int:
         k = args.fewstep_steps
         for compiled in (False, True):
             models[f"student-taesd-{k}step{'-compiled' if compiled else ''}"] = (
-                *built["student-taesd"], {"steps": k, "guidance": 1.0, "compile": compiled,
-                                                  "batched": not compiled})
+                *built["student-taesd"], {"steps": k, "guidance": 1.0, "compile": compiled, "batched": True})
     args.compile_mode = args.compile_mode or ("reduce-overhead" if gpu else "default")
     print(f"built in {time.perf_counter() - t_start:.0f}s", flush=True)
 
     results: dict = {"steps": steps, "size": size, "device": args.device, "reference": {}, "serve": [],
                      "notes": [], "stopped": False}
     for name, (folder, decoder, var) in models.items():
-        if var["compile"]:
-            continue  # the in-process reference is the eager pipeline's, measured for the eager row
         t0 = time.perf_counter()
         try:
             results["reference"][name] = reference(folder, decoder, args.device, size, var["steps"],
                                                    args.ref_images, args.max_batch, args.warmup_s,
-                                                   var["guidance"], args.repeats)
+                                                   var["guidance"], args.repeats,
+                                                   args.compile_mode if var["compile"] else None)
         except KeyboardInterrupt:  # SIGINT (e.g. `timeout -s INT`): report what was measured
             results["stopped"] = True
             results["notes"].append(f"stopped early (SIGINT) during the {name} reference")
@@ -413,13 +427,12 @@ def serve_levels(args, models: dict, results: dict, root: Path, steps: int, size
                 "max_batch_size": mb, "batch_wait_timeout_s": args.batch_wait,
                 "max_ongoing_requests": max(2 * max(clients), 2 * mb), "sizes": [f"{size}x{size}"],
                 "max_steps": max(steps, 100), "request_timeout_s": 900, "default_guidance_scale": var["guidance"],
-                "compile": var["compile"], "compile_mode": args.compile_mode, "compile_batches": [1]}},
-                variant)
+                "compile": var["compile"], "compile_mode": args.compile_mode,
+                "compile_batches": sorted({1, mb})}}, variant)
             vbody = {**body, "num_inference_steps": var["steps"], "guidance_scale": var["guidance"]}
-            # a compiled few-step replica is measured at 1 client, the others at every level
-            levels = [(1, args.fewstep_requests)] if var["compile"] else (
-                [(1, args.fewstep_requests)] + [(c, r) for c, r in zip(clients, rpc[batched]) if c > 1]
-                if var["steps"] != steps and not batched else list(zip(clients, rpc[batched])))
+            levels = list(zip(clients, rpc[batched]))
+            if var["steps"] != steps and not batched:  # a few-step model: its own request count at 1 client
+                levels = [(1, args.fewstep_requests)] + [(c, r) for c, r in levels if c > 1]
             levels = [(c, r) for c, r in levels if r > 0]  # 0 requests per client: the level is left out
             if not levels:
                 continue

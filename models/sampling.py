@@ -135,10 +135,11 @@ class CompiledUNet:
         return self.compiled(sample, *args, **kwargs)
 
 
-def generate_images(pipe: Any, jobs: list[ImageJob], png_level: int = PNG_LEVEL) -> list[bytes]:
-    """PNG bytes for each job, in order (render_images, then encode_png on up to 8 threads: zlib releases
-    the GIL)."""
-    images = render_images(pipe, jobs)
+def generate_images(pipe: Any, jobs: list[ImageJob], png_level: int = PNG_LEVEL,
+                    batch_sizes: list[int] | None = None) -> list[bytes]:
+    """PNG bytes for each job, in order (render_images with `batch_sizes`, then encode_png on up to 8 threads:
+    zlib releases the GIL)."""
+    images = render_images(pipe, jobs, batch_sizes)
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(images)))) as pool:
         return list(pool.map(lambda img: encode_png(img, png_level), images))
 
