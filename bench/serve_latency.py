@@ -120,12 +120,12 @@ def reference(folder: Path, decoder: Path | None, device: str, size: int, steps:
               warmup_s: float, guidance: float = 7.5, repeats: int = 1, compile_mode: str | None = None) -> dict:
     """Plain diffusers, in-process: images/s one image per call, and one call of `batch` images (the median of
     `repeats` calls). With `compile_mode` the U-Net is compiled as serve.compile does it in a replica (the
-    same CompiledUNet, warmed up at batch 1 and `batch`), so a compiled served row has a compiled reference."""
+    same compile_unet, warmed up at batch 1 and `batch`), so a compiled served row has a compiled reference."""
     import functools
 
     import torch
 
-    from models.sampling import CompiledUNet, ImageJob, encode_png, load_pipeline, render_images
+    from models.sampling import ImageJob, compile_unet, encode_png, load_pipeline, render_images
     from models.sampling import generate_images as generate_eager
 
     if device == "cpu":
@@ -133,12 +133,8 @@ def reference(folder: Path, decoder: Path | None, device: str, size: int, steps:
     pipe = load_pipeline(str(folder), device, str(decoder) if decoder else None)
     generate_images, compiled = generate_eager, None
     if compile_mode:
-        compiled = CompiledUNet(pipe.unet, compile_mode)
         sizes = sorted({1, batch})
-        for n in sizes:  # 3 steps: CUDA graph trees record on a shape's second or third call
-            render_images(pipe, [ImageJob("warm up", num_inference_steps=3, width=size, height=size,
-                                          guidance_scale=guidance)] * n)
-        compiled.capturing = False
+        compiled = compile_unet(pipe, compile_mode, [(size, size)], sizes, guidance)
         generate_images = functools.partial(generate_eager, batch_sizes=sizes)
     job = ImageJob("a photo of a cat", num_inference_steps=steps, width=size, height=size, guidance_scale=guidance)
     short = ImageJob("a photo of a cat", num_inference_steps=2, width=size, height=size, guidance_scale=guidance)

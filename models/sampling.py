@@ -135,6 +135,24 @@ class CompiledUNet:
         return self.compiled(sample, *args, **kwargs)
 
 
+def compile_unet(pipe: Any, mode: str, sizes: list[tuple[int, int]], batches: list[int], guidance_scale: float,
+                 run: Any = None) -> CompiledUNet:
+    """`pipe.unet` as a CompiledUNet warmed up for every (width, height) in `sizes` at every batch size in `batches`
+    (serve.compile's replica start, and the benchmarks' compiled references); other shapes then run eager. `run(fn,
+    *args)` makes each warm-up call (a replica: on the one thread that later replays the graphs); default: here."""
+    compiled = CompiledUNet(pipe.unet, mode)
+    for width, height in sizes:
+        for n in batches:  # 3 steps: CUDA graph trees record on a shape's second or third call
+            jobs = [ImageJob("warm up", num_inference_steps=3, width=width, height=height,
+                             guidance_scale=guidance_scale)] * n
+            if run is None:
+                render_images(pipe, jobs)
+            else:
+                run(render_images, pipe, jobs)
+    compiled.capturing = False
+    return compiled
+
+
 def generate_images(pipe: Any, jobs: list[ImageJob], png_level: int = PNG_LEVEL,
                     batch_sizes: list[int] | None = None) -> list[bytes]:
     """PNG bytes for each job, in order (render_images with `batch_sizes`, then encode_png on up to 8 threads:

@@ -223,7 +223,7 @@ class ImageServer:
     def __init__(self, serve_cfg: dict[str, Any], model: dict[str, Any]):
         import torch
 
-        from models.sampling import CompiledUNet, generate_images, load_pipeline, render_images
+        from models.sampling import compile_unet, generate_images, load_pipeline, render_images
 
         self.cfg = ServeConfig.model_validate(serve_cfg)
         self.model = {**model, "created": int(time.time())}
@@ -251,16 +251,10 @@ class ImageServer:
             self.cfg.png_compress_level).result()
         self.compiled = None
         if self.cfg.compile:
-            self.compiled = CompiledUNet(self.pipe.unet, self.cfg.compile_mode)
             t0 = time.perf_counter()
-            for size in self.cfg.sizes:  # 3 steps: CUDA graph trees record on a shape's second or third call
-                w, h = parse_size(size)
-                for n in self.cfg.compile_batches:
-                    self._pipeline_thread.submit(
-                        render_images, self.pipe, [ImageJob("warm up", num_inference_steps=3, width=w, height=h,
-                                                            guidance_scale=self.cfg.default_guidance_scale)] * n
-                    ).result()
-            self.compiled.capturing = False
+            self.compiled = compile_unet(self.pipe, self.cfg.compile_mode, [parse_size(s) for s in self.cfg.sizes],
+                                         self.cfg.compile_batches, self.cfg.default_guidance_scale,
+                                         run=lambda fn, *a: self._pipeline_thread.submit(fn, *a).result())
             self._render = functools.partial(render_images, batch_sizes=self.cfg.compile_batches)
             log.info("compiled the U-Net for %d shapes in %.0f s", len(self.compiled.shapes),
                      time.perf_counter() - t0)
