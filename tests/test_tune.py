@@ -160,6 +160,23 @@ def test_ablation_arms_grid_trials_and_best_config():
                             enumerate(rows)], tc)["caption_accuracy"] == pytest.approx(0.9)
 
 
+def test_ablation_plot_cuts_the_axis_only_for_arms_that_sit_close():
+    from PIL import Image
+
+    from tuning.search import ablation_plot, ablation_xlim
+
+    # 2026-12-06's KD-terms arms (0.981-0.998, teacher 0.999): a window around them, every value inside
+    lo, hi = ablation_xlim([0.998, 0.997, 0.994, 0.981], 0.999)
+    assert 0.9 < lo < 0.981 and 0.999 < hi < 1.01
+    # the 2026-12-02 ablation had scratch at 0.448: bars from 0
+    assert ablation_xlim([0.996, 0.987, 0.448], 0.999) is None
+    assert ablation_xlim([], None) is None and ablation_xlim([0.0, 0.001], None) is None
+    cfg = parse_config({"name": "x", "tune": {"arms": [{"name": "a"}, {"name": "b"}], "metric": "caption_accuracy"}})
+    for values in ([0.998, 0.981], [0.998, 0.448]):
+        arms = [{"arm": n, "preset": "bk-small", "values": [v], "mean": v} for n, v in zip("ab", values)]
+        assert Image.open(io.BytesIO(ablation_plot(arms, cfg, 0.999))).format == "PNG"
+
+
 @pytest.mark.parametrize("tune, says", [
     ({"arms": [{"name": "a"}, {"name": "a"}]}, "a more than once"),
     ({"arms": [{"name": "a", "loss": {"feet": 1.0}}]}, "feet"),

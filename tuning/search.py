@@ -439,8 +439,23 @@ def arms_markdown(arms: list[dict[str, Any]], cfg: Config, teacher: float | None
     return "\n".join(lines) + "\n"
 
 
+def ablation_xlim(values: list[float], teacher: float | None) -> tuple[float, float] | None:
+    """The metric axis of the ablation plot: None (bars from 0) when the arms spread over more than a quarter of
+    the scale, else a window around the values and the teacher, so arms that all sit near the top (a saturated
+    benchmark: 0.981-0.998) stay apart on the plot instead of looking like equal bars."""
+    vs = [v for v in [*values, teacher] if v is not None]
+    if not vs:
+        return None
+    lo, hi = min(vs), max(vs)
+    if lo <= 0 or hi - lo > 0.25 * hi:
+        return None
+    pad = max(0.15 * (hi - lo), 0.002 * hi)
+    return lo - pad, hi + pad
+
+
 def ablation_plot(arms: list[dict[str, Any]], cfg: Config, teacher: float | None) -> bytes:
-    """PNG: the metric of each arm (bar: mean over seeds; dots: each seed), the teacher as a line."""
+    """PNG: the metric of each arm (mean over seeds, and each seed as a dot), the teacher as a line. Bars from 0
+    when the arms spread wide; a zoomed axis with a min-max line per arm when they sit close (ablation_xlim)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -448,18 +463,28 @@ def ablation_plot(arms: list[dict[str, Any]], cfg: Config, teacher: float | None
 
     tc = cfg.tune
     order = list(reversed(arms))  # barh draws upwards: the best mean on top
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(order) + 1.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(order) + 1.5), dpi=120)
     labels = [f"{a['arm']} ({a['preset']})" for a in order]
-    ax.barh(range(len(order)), [a["mean"] or 0.0 for a in order], color="tab:blue", alpha=0.5, label="mean")
+    xlim = ablation_xlim([v for a in order for v in a["values"]], teacher)
+    if xlim is None:
+        ax.barh(range(len(order)), [a["mean"] or 0.0 for a in order], color="tab:blue", alpha=0.5, label="mean")
+    else:  # a bar's length would mean nothing on a cut axis: the mean as a marker, the seeds' range as a line
+        for i, a in enumerate(order):
+            if a["values"]:
+                ax.hlines(i, min(a["values"]), max(a["values"]), color="tab:blue", lw=2, alpha=0.6)
+        ax.scatter([a["mean"] for a in order if a["mean"] is not None],
+                   [i for i, a in enumerate(order) if a["mean"] is not None],
+                   marker="D", s=40, color="tab:blue", zorder=2, label="mean")
+        ax.set_xlim(*xlim)
     for i, a in enumerate(order):
         ax.scatter(a["values"], [i] * len(a["values"]), c="k", s=14, zorder=3, label="seed" if i == 0 else None)
     if teacher is not None:
         ax.axvline(teacher, c="tab:red", ls="--", lw=1.2, label=f"teacher {teacher:.3f}")
     ax.set_yticks(range(len(order)), labels, fontsize=8)
-    ax.set_xlabel(f"{tc.metric} ({space.direction(tc.metric)})")
+    ax.set_xlabel(f"{tc.metric} ({space.direction(tc.metric)})" + ("" if xlim is None else ", axis cut"))
     ax.set_title(f"{cfg.name}: ablation, {tc.steps_per_trial} steps per trial, {len(tc.seeds)} seed(s)")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over an arm
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
