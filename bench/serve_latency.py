@@ -54,7 +54,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import append_to_section, interrupt_once  # noqa: E402
-from models.sampling import PNG_LEVEL  # noqa: E402
+from models.sampling import PHASES, PNG_LEVEL  # noqa: E402
 from pipelines import local  # noqa: E402
 from pipelines.config import ServeConfig, parse_config  # noqa: E402
 
@@ -160,6 +160,9 @@ def reference(folder: Path, decoder: Path | None, device: str, size: int, steps:
             runs.append(time.perf_counter() - t1)
         dt = statistics.median(runs)
         out.update(ips_batch=batch / dt, ms_batch=1000 * dt, ips_batch_runs=[batch / r for r in runs])
+        phases: dict[str, float] = {}  # one more call, by phase, to set beside the replica's (untimed as a whole)
+        render_images(pipe, jobs, sizes if compile_mode else None, phases=phases)
+        out["phases_batch"] = phases
     if compiled:  # before the PNG images below, whose batch of 4 runs eager by design
         out["eager_calls"] = compiled.eager_calls  # forwards that fell back: 0 when every timed call ran a graph
     # PNG encoding of this model's images, one thread: PIL's default level 6 against the served level
@@ -230,7 +233,9 @@ def server_side(timings: list[dict], wall: float) -> dict:
             "srv_render_ms": statistics.fmean(t["render_ms"] for t in timings),
             "srv_queue_ms": statistics.median(t["queue_ms"] for t in timings),
             "srv_encode_ms": statistics.fmean(t["encode_ms"] for t in timings),
-            "srv_busy": busy / wall}
+            "srv_busy": busy / wall,
+            **{f"srv_{k}": statistics.fmean(t["phases"][k] for t in timings)
+               for k in PHASES if all((t.get("phases") or {}).get(k) is not None for t in timings)}}
 
 
 def warm_up(url: str, body: dict, batched: int, seconds: float) -> None:
@@ -565,6 +570,17 @@ def markdown(res: dict, args, clients: list[int], rpc: dict[bool, list[int]]) ->
                          f"{r['clients']} | "
                          f"{r['srv_batch']:.1f} | {r['srv_render_ms']:.0f} | {r['srv_queue_ms']:.0f} | "
                          f"{r['srv_encode_ms']:.0f} | {100 * r['srv_busy']:.0f}% |")
+    phased = [(f"{r['model']} served ({row_label(r)}, {r['clients']} clients)", {k: r[f"srv_{k}"] for k in PHASES})
+              for r in inside if all(f"srv_{k}" in r for k in PHASES)]
+    phased += [(f"{name} in-process, {args.max_batch} images in one call", v["phases_batch"])
+               for name, v in res["reference"].items() if v.get("phases_batch")]
+    if phased:
+        lines += ["", "A pipeline call by phase (models.sampling.render_images; prep, denoise and decode on the "
+                  "device's timeline, to PIL on the CPU), ms per batch: served, the mean over answers; in-process, "
+                  "one call.", "", "| pipeline call | " + " | ".join(PHASES) + " |",
+                  "|---|" + "---|" * len(PHASES)]
+        lines += [f"| {what} | " + " | ".join(f"{ph.get(k, float('nan')):.0f}" for k in PHASES) + " |"
+                  for what, ph in phased]
     lines.append("")
     for name, v in res["reference"].items():
         if "png_ms_6" in v:

@@ -70,12 +70,46 @@ def decode_latents(vae: Any, latents: Any, batch_size: int = 8) -> Any:
     return torch.cat(out)
 
 
-def render_images(pipe: Any, jobs: list[ImageJob], batch_sizes: list[int] | None = None) -> list[Any]:
+PHASES = ("prep_ms", "denoise_ms", "decode_ms", "to_pil_ms")
+
+
+class _Clock:
+    """Marks on the device's timeline: CUDA events on a GPU (no sync: read once the call has synced at its end),
+    perf_counter elsewhere."""
+
+    def __init__(self, device: Any):
+        import torch
+
+        self.cuda = torch.device(device).type == "cuda"
+
+    def mark(self) -> Any:
+        import time
+
+        import torch
+
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def ms(self, a: Any, b: Any) -> float:
+        return a.elapsed_time(b) if self.cuda else 1000 * (b - a)
+
+
+def render_images(pipe: Any, jobs: list[ImageJob], batch_sizes: list[int] | None = None,
+                  phases: dict[str, float] | None = None) -> list[Any]:
     """PIL images for each job, in order. Jobs are grouped by settings (size, steps, guidance) so a
     batch mixing settings is split into one pipeline call per group; each image has its own seeded
     generator, so an image depends on its own seed only, not on what it was batched with. With
     `batch_sizes` (a compiled U-Net's warmed-up batches, CompiledUNet), a group is padded with copies of its
-    last job up to the smallest of them that holds it, and the copies are dropped."""
+    last job up to the smallest of them that holds it, and the copies are dropped. With `phases` (a dict), adds
+    where the calls' time went, in ms on the device's timeline (PHASES): prep (text encoder, latents: the call's
+    start to its first step's end, less one step), denoise (the U-Net steps), decode (the last step's end to the
+    decoded images) and to_pil (the images to PIL, on the CPU)."""
+    import inspect
+    import time
+
     import torch
 
     out: list[Any] = [None] * len(jobs)
@@ -84,12 +118,19 @@ def render_images(pipe: Any, jobs: list[ImageJob], batch_sizes: list[int] | None
         groups.setdefault(job.settings, []).append(i)
     device = getattr(pipe, "device", torch.device("cpu"))
     gen_device = "cpu" if torch.device(device).type == "mps" else device
+    clock = _Clock(device) if phases is not None else None
+    timed = clock is not None and "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
     for (width, height, steps, guidance), idx in groups.items():
         fits = [b for b in batch_sizes or () if b >= len(idx)]
         idx_padded = idx + [idx[-1]] * (min(fits) - len(idx)) if fits else idx
         gens = [torch.Generator(device=gen_device).manual_seed(jobs[i].seed) for i in idx_padded]
+        marks: list[Any] = []
+        extra = ({"callback_on_step_end": lambda _p, _i, _t, kw, marks=marks: marks.append(clock.mark()) or kw}
+                 if timed else {})
+        start = clock.mark() if timed else None
         with torch.inference_mode():
-            images = pipe(
+            # "pt" then PIL here, as the pipeline's own "pil" output does it, so the conversion can be timed
+            decoded = pipe(
                 prompt=[jobs[i].prompt for i in idx_padded],
                 negative_prompt=[jobs[i].negative_prompt for i in idx_padded],
                 num_inference_steps=steps,
@@ -97,8 +138,19 @@ def render_images(pipe: Any, jobs: list[ImageJob], batch_sizes: list[int] | None
                 width=width,
                 height=height,
                 generator=gens,
-                output_type="pil",
-            ).images
+                output_type="pt",
+                **extra,
+            ).images  # (B, 3, H, W) in [0, 1], on the device
+            end = clock.mark() if timed else None
+            t_pil = time.perf_counter()
+            images = pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(decoded))
+        if timed and marks:
+            step = clock.ms(marks[0], marks[-1]) / (len(marks) - 1) if len(marks) > 1 else 0.0
+            for key, ms in (("prep_ms", max(0.0, clock.ms(start, marks[0]) - step)),
+                            ("denoise_ms", clock.ms(marks[0], marks[-1]) + step),
+                            ("decode_ms", clock.ms(marks[-1], end)),
+                            ("to_pil_ms", 1000 * (time.perf_counter() - t_pil))):
+                phases[key] = phases.get(key, 0.0) + ms
         for i, img in zip(idx, images):
             out[i] = img
     return out

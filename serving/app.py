@@ -13,7 +13,8 @@ torch.compile graphs (CUDA graphs with reduce-overhead) for the shapes warmed up
 Routes: POST /v1/images/generations (OpenAI Images API + negative_prompt, num_inference_steps,
 guidance_scale, seed), GET /v1/models, /healthz, /readyz, and / (a small web page). An answer's `timings`
 say where its time went in the replica: queue_ms (waiting for a batch), render_ms and batch_size (the
-pipeline call), encode_ms (PNGs), compiled (serve.compile: whether the batch ran compiled graphs only).
+pipeline call), encode_ms (PNGs), compiled (serve.compile: whether the batch ran compiled graphs only), phases
+(the call's prep, denoise, decode and to-PIL ms: models.sampling.render_images).
 Metrics: Ray Serve's own (ray_serve_*, including HTTP latency per route) on the Ray metrics port, plus
 distillery_request_latency_ms by route and status, distillery_images_total, distillery_batch_size and
 distillery_batch_ms (per pipeline batch).
@@ -282,15 +283,17 @@ class ImageServer:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._key.encode()):
             raise ApiError(401, "invalid API key", code="invalid_api_key")
 
-    async def generate_batch(self, jobs: list[ImageJob]) -> list[tuple[Any, float, float, int, bool | None]]:
+    async def generate_batch(self, jobs: list[ImageJob]) -> list[tuple[Any, float, float, int, bool | None, dict]]:
         # called by the batcher (serve.batcher), one batch at a time; the pipeline runs on its own thread so
         # health checks and new requests are answered meanwhile. PIL images out: each request encodes its own PNGs
         # after the batch, so the next batch starts on the GPU while they are encoded.
-        # Per image: (image, batch start, batch seconds, batch size, compiled: None without serve.compile)
+        # Per image: (image, batch start, batch seconds, batch size, compiled: None without serve.compile, the
+        # batch's phases: models.sampling.PHASES)
         t0 = time.perf_counter()
         eager_before = self.compiled.eager_calls if self.compiled else 0
-        images = await asyncio.get_running_loop().run_in_executor(self._pipeline_thread, self._render, self.pipe,
-                                                                   jobs)
+        phases: dict[str, float] = {}
+        images = await asyncio.get_running_loop().run_in_executor(
+            self._pipeline_thread, functools.partial(self._render, phases=phases), self.pipe, jobs)
         seconds = time.perf_counter() - t0
         compiled = self.compiled.eager_calls == eager_before if self.compiled else None
         try:
@@ -298,10 +301,11 @@ class ImageServer:
             _metrics()["batch_ms"].observe(seconds * 1000)
         except Exception:
             pass
-        return [(img, t0, seconds, len(jobs), compiled) for img in images]
+        phases = {k: round(v, 2) for k, v in phases.items()}
+        return [(img, t0, seconds, len(jobs), compiled, phases) for img in images]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _serve_batch(self, jobs: list[ImageJob]) -> list[tuple[Any, float, float, int, bool | None]]:
+    async def _serve_batch(self, jobs: list[ImageJob]) -> list[tuple[Any, float, float, int, bool | None, dict]]:
         return await self.generate_batch(jobs)  # serve.batcher "serve"
 
     async def _encoded_images(self, jobs: list[ImageJob], output_format: str,
@@ -312,12 +316,14 @@ class ImageServer:
         level = self.cfg.png_compress_level
         encoded = await asyncio.gather(*[asyncio.to_thread(encode_image, img, output_format, level, quality)
                                          for img, *_ in done])
-        compiled = [c for *_, c in done]
+        compiled = [c for *_, c, _ in done]
+        slowest = max(done, key=lambda d: d[2])  # the batch whose call took longest: its phases
         timings = Timings(queue_ms=round(1000 * max(start - t0 for _, start, *_ in done), 2),
-                          render_ms=round(1000 * max(s for _, _, s, *_ in done), 2),
+                          render_ms=round(1000 * slowest[2], 2),
                           encode_ms=round(1000 * (time.perf_counter() - t1), 2),
-                          batch_size=max(n for *_, n, _ in done),
-                          compiled=None if compiled[0] is None else all(compiled))
+                          batch_size=max(n for *_, n, _, _ in done),
+                          compiled=None if compiled[0] is None else all(compiled),
+                          phases=slowest[5] or None)
         return encoded, timings
 
     @api.post("/v1/images/generations")

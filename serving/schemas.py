@@ -70,6 +70,9 @@ class Timings(BaseModel):
     encode_ms: float  # PNG encoding of this request's images, after the batch
     batch_size: int  # images in the pipeline batch
     compiled: bool | None = None  # serve.compile: every U-Net call of its batches ran a compiled graph
+    # the slowest batch's pipeline call by phase, ms (models.sampling.PHASES: prep, denoise, decode on the device's
+    # timeline; to_pil on the CPU); None where the pipeline takes no step callback
+    phases: dict[str, float] | None = None
 
 
 class ImageResponse(BaseModel):

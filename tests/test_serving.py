@@ -101,6 +101,29 @@ def test_png_level_is_lossless_and_checked():
         parse_config({"serve": {"png_compress_level": 10}})
 
 
+def test_render_phases_keep_the_pipelines_own_images():
+    """render_images with `phases`: the images are what the pipeline's own "pil" output gives for the seeds, and
+    the phases of both groups (two settings in one batch) are measured."""
+    import torch
+
+    from models.sampling import PHASES, ImageJob, render_images
+    from models.tiny import tiny_sd1_pipeline
+
+    pipe = tiny_sd1_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    jobs = [ImageJob("a red circle", num_inference_steps=3, seed=s) for s in (4, 5)]
+    jobs.append(ImageJob("a blue square", num_inference_steps=2, seed=6, guidance_scale=1.0))
+    phases: dict[str, float] = {}
+    timed = render_images(pipe, jobs, phases=phases)
+    with torch.inference_mode():
+        own = pipe(prompt=["a red circle"], negative_prompt=[""], num_inference_steps=3, guidance_scale=7.5,
+                   width=64, height=64, generator=[torch.Generator().manual_seed(5)], output_type="pil").images[0]
+    assert np.array_equal(np.asarray(timed[1]), np.asarray(own))
+    assert [np.asarray(i).tolist() for i in timed] == [np.asarray(i).tolist() for i in render_images(pipe, jobs)]
+    assert set(phases) == set(PHASES) and phases["denoise_ms"] > 0 and phases["decode_ms"] > 0
+    assert min(phases.values()) >= 0
+
+
 def test_batcher_setting_is_checked():
     assert parse_config({"serve": {"batcher": "serve"}}).serve.batcher == "serve"
     with pytest.raises(ConfigError, match="batcher"):
@@ -386,6 +409,10 @@ def test_load_and_autoscaling(server):
     for r, t in zip(answers, timings):
         assert 0 < t["render_ms"] and 0 <= t["queue_ms"] and 0 < t["encode_ms"]
         assert t["queue_ms"] + t["render_ms"] + t["encode_ms"] <= r.json()["latency_ms"] + 1
+        # the batch's call by phase: each part measured, together within the call's own time
+        ph = t["phases"]
+        assert set(ph) == {"prep_ms", "denoise_ms", "decode_ms", "to_pil_ms"} and min(ph.values()) >= 0
+        assert ph["denoise_ms"] > 0 and 0.3 * t["render_ms"] < sum(ph.values()) <= t["render_ms"] + 1
     assert max(t["queue_ms"] for t in timings) > min(t["render_ms"] for t in timings)  # later ones waited a batch
 
     # keep the load on until the autoscaler adds the second replica, then stop and watch it go again
