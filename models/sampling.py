@@ -96,6 +96,10 @@ class _Clock:
     def ms(self, a: Any, b: Any) -> float:
         return a.elapsed_time(b) if self.cuda else 1000 * (b - a)
 
+    def wait(self, mark: Any) -> None:
+        if self.cuda:
+            mark.synchronize()
+
 
 def render_images(pipe: Any, jobs: list[ImageJob], batch_sizes: list[int] | None = None,
                   phases: dict[str, float] | None = None) -> list[Any]:
@@ -104,9 +108,9 @@ def render_images(pipe: Any, jobs: list[ImageJob], batch_sizes: list[int] | None
     generator, so an image depends on its own seed only, not on what it was batched with. With
     `batch_sizes` (a compiled U-Net's warmed-up batches, CompiledUNet), a group is padded with copies of its
     last job up to the smallest of them that holds it, and the copies are dropped. With `phases` (a dict), adds
-    where the calls' time went, in ms on the device's timeline (PHASES): prep (text encoder, latents: the call's
-    start to its first step's end, less one step), denoise (the U-Net steps), decode (the last step's end to the
-    decoded images) and to_pil (the images to PIL, on the CPU)."""
+    where the calls' time went, in ms (PHASES), which together make up the calls: prep (text encoder, latents: the
+    call's start to the first U-Net forward), denoise (from there to the last step's end) and decode (to the decoded
+    images), on the device's timeline; to_pil (the images to PIL) on the CPU."""
     import inspect
     import time
 
@@ -119,36 +123,44 @@ def render_images(pipe: Any, jobs: list[ImageJob], batch_sizes: list[int] | None
     device = getattr(pipe, "device", torch.device("cpu"))
     gen_device = "cpu" if torch.device(device).type == "mps" else device
     clock = _Clock(device) if phases is not None else None
-    timed = clock is not None and "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
+    timed = (clock is not None and "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
+             and isinstance(getattr(pipe, "unet", None), torch.nn.Module))
     for (width, height, steps, guidance), idx in groups.items():
         fits = [b for b in batch_sizes or () if b >= len(idx)]
         idx_padded = idx + [idx[-1]] * (min(fits) - len(idx)) if fits else idx
         gens = [torch.Generator(device=gen_device).manual_seed(jobs[i].seed) for i in idx_padded]
-        marks: list[Any] = []
-        extra = ({"callback_on_step_end": lambda _p, _i, _t, kw, marks=marks: marks.append(clock.mark()) or kw}
+        first: list[Any] = []  # the first U-Net forward's start
+        last: list[Any] = []  # each step's end (the last one counts)
+        extra = ({"callback_on_step_end": lambda _p, _i, _t, kw, last=last: last.append(clock.mark()) or kw}
                  if timed else {})
+        hook = (pipe.unet.register_forward_pre_hook(lambda *_, first=first: None if first else
+                                                     first.append(clock.mark())) if timed else None)
         start = clock.mark() if timed else None
-        with torch.inference_mode():
-            # "pt" then PIL here, as the pipeline's own "pil" output does it, so the conversion can be timed
-            decoded = pipe(
-                prompt=[jobs[i].prompt for i in idx_padded],
-                negative_prompt=[jobs[i].negative_prompt for i in idx_padded],
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                width=width,
-                height=height,
-                generator=gens,
-                output_type="pt",
-                **extra,
-            ).images  # (B, 3, H, W) in [0, 1], on the device
-            end = clock.mark() if timed else None
-            t_pil = time.perf_counter()
-            images = pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(decoded))
-        if timed and marks:
-            step = clock.ms(marks[0], marks[-1]) / (len(marks) - 1) if len(marks) > 1 else 0.0
-            for key, ms in (("prep_ms", max(0.0, clock.ms(start, marks[0]) - step)),
-                            ("denoise_ms", clock.ms(marks[0], marks[-1]) + step),
-                            ("decode_ms", clock.ms(marks[-1], end)),
+        try:
+            with torch.inference_mode():
+                # "pt" then PIL here, as the pipeline's own "pil" output does it, so the conversion can be timed
+                decoded = pipe(
+                    prompt=[jobs[i].prompt for i in idx_padded],
+                    negative_prompt=[jobs[i].negative_prompt for i in idx_padded],
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    width=width,
+                    height=height,
+                    generator=gens,
+                    output_type="pt",
+                    **extra,
+                ).images  # (B, 3, H, W) in [0, 1], on the device
+                end = clock.mark() if timed else None
+                if timed:
+                    clock.wait(end)  # the copy to the CPU below would wait for the decoder anyway: not to_pil's time
+                t_pil = time.perf_counter()
+                images = pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(decoded))
+        finally:
+            if hook is not None:
+                hook.remove()
+        if timed and first and last:
+            for key, ms in (("prep_ms", clock.ms(start, first[0])), ("denoise_ms", clock.ms(first[0], last[-1])),
+                            ("decode_ms", clock.ms(last[-1], end)),
                             ("to_pil_ms", 1000 * (time.perf_counter() - t_pil))):
                 phases[key] = phases.get(key, 0.0) + ms
         for i, img in zip(idx, images):
