@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -83,8 +84,6 @@ class _Clock:
         self.cuda = torch.device(device).type == "cuda"
 
     def mark(self) -> Any:
-        import time
-
         import torch
 
         if not self.cuda:
@@ -112,7 +111,6 @@ def render_images(pipe: Any, jobs: list[ImageJob], batch_sizes: list[int] | None
     call's start to the first U-Net forward), denoise (from there to the last step's end) and decode (to the decoded
     images), on the device's timeline; to_pil (the images to PIL) on the CPU."""
     import inspect
-    import time
 
     import torch
 

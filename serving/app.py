@@ -35,7 +35,7 @@ import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from fastapi import FastAPI, Request
@@ -218,6 +218,17 @@ def read_api_key(cfg: ServeConfig) -> str | None:
 # the deployment
 
 
+class Rendered(NamedTuple):
+    """One image of a pipeline batch, with what its answer's `timings` say of that batch."""
+
+    image: Any  # PIL
+    start: float  # perf_counter when the batch's call began
+    seconds: float  # the batch's pipeline call
+    batch_size: int
+    compiled: bool | None  # every U-Net call ran a compiled graph; None without serve.compile
+    phases: dict[str, float]  # the call by phase (models.sampling.PHASES); empty where not measured
+
+
 @serve.deployment(name="ImageServer")
 @serve.ingress(api)
 class ImageServer:
@@ -283,12 +294,10 @@ class ImageServer:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._key.encode()):
             raise ApiError(401, "invalid API key", code="invalid_api_key")
 
-    async def generate_batch(self, jobs: list[ImageJob]) -> list[tuple[Any, float, float, int, bool | None, dict]]:
+    async def generate_batch(self, jobs: list[ImageJob]) -> list[Rendered]:
         # called by the batcher (serve.batcher), one batch at a time; the pipeline runs on its own thread so
         # health checks and new requests are answered meanwhile. PIL images out: each request encodes its own PNGs
         # after the batch, so the next batch starts on the GPU while they are encoded.
-        # Per image: (image, batch start, batch seconds, batch size, compiled: None without serve.compile, the
-        # batch's phases: models.sampling.PHASES)
         t0 = time.perf_counter()
         eager_before = self.compiled.eager_calls if self.compiled else 0
         phases: dict[str, float] = {}
@@ -302,28 +311,28 @@ class ImageServer:
         except Exception:
             pass
         phases = {k: round(v, 2) for k, v in phases.items()}
-        return [(img, t0, seconds, len(jobs), compiled, phases) for img in images]
+        return [Rendered(img, t0, seconds, len(jobs), compiled, phases) for img in images]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _serve_batch(self, jobs: list[ImageJob]) -> list[tuple[Any, float, float, int, bool | None, dict]]:
+    async def _serve_batch(self, jobs: list[ImageJob]) -> list[Rendered]:
         return await self.generate_batch(jobs)  # serve.batcher "serve"
 
     async def _encoded_images(self, jobs: list[ImageJob], output_format: str,
                               quality: int | None) -> tuple[list[bytes], Timings]:
         t0 = time.perf_counter()
-        done = await asyncio.gather(*[self._submit(j) for j in jobs])
+        done: list[Rendered] = await asyncio.gather(*[self._submit(j) for j in jobs])
         t1 = time.perf_counter()
         level = self.cfg.png_compress_level
-        encoded = await asyncio.gather(*[asyncio.to_thread(encode_image, img, output_format, level, quality)
-                                         for img, *_ in done])
-        compiled = [c for *_, c, _ in done]
-        slowest = max(done, key=lambda d: d[2])  # the batch whose call took longest: its phases
-        timings = Timings(queue_ms=round(1000 * max(start - t0 for _, start, *_ in done), 2),
-                          render_ms=round(1000 * slowest[2], 2),
+        encoded = await asyncio.gather(*[asyncio.to_thread(encode_image, d.image, output_format, level, quality)
+                                         for d in done])
+        compiled = [d.compiled for d in done]
+        slowest = max(done, key=lambda d: d.seconds)  # the batch whose call took longest: its time and phases
+        timings = Timings(queue_ms=round(1000 * max(d.start - t0 for d in done), 2),
+                          render_ms=round(1000 * slowest.seconds, 2),
                           encode_ms=round(1000 * (time.perf_counter() - t1), 2),
-                          batch_size=max(n for *_, n, _, _ in done),
+                          batch_size=max(d.batch_size for d in done),
                           compiled=None if compiled[0] is None else all(compiled),
-                          phases=slowest[5] or None)
+                          phases=slowest.phases or None)
         return encoded, timings
 
     @api.post("/v1/images/generations")
