@@ -233,6 +233,7 @@ def server_side(timings: list[dict], wall: float) -> dict:
             "srv_render_ms": statistics.fmean(t["render_ms"] for t in timings),
             "srv_queue_ms": statistics.median(t["queue_ms"] for t in timings),
             "srv_encode_ms": statistics.fmean(t["encode_ms"] for t in timings),
+            "srv_held_ms": statistics.fmean(t.get("held_ms", 0.0) for t in timings),
             "srv_busy": busy / wall,
             **{f"srv_{k}": statistics.fmean(t["phases"][k] for t in timings)
                for k in PHASES if all((t.get("phases") or {}).get(k) is not None for t in timings)}}
@@ -560,16 +561,17 @@ def markdown(res: dict, args, clients: list[int], rpc: dict[bool, list[int]]) ->
     inside = [r for r in res["serve"] if "srv_batch" in r]
     if inside:
         lines += ["", "Inside the replica (from each answer's `timings`): mean images per pipeline batch, mean "
-                  "pipeline time of a batch, median wait for a batch to start, mean PNG time of a request, and the "
-                  "share of the level's wall time the pipeline was running.", "",
-                  "| model | batching | clients | images/batch | model ms/batch | queue p50 ms | PNG ms | "
+                  "pipeline time of a batch, median wait for a batch to start, mean time an answer was held after its "
+                  "batch (serve.hold_answers_s), mean PNG time of a request, and the share of the level's wall time "
+                  "the pipeline was running.", "",
+                  "| model | batching | clients | images/batch | model ms/batch | queue p50 ms | held ms | PNG ms | "
                   "pipeline busy |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in inside:
             lines.append(f"| {r['model']} | {row_label(r)} | "
                          f"{r['clients']} | "
                          f"{r['srv_batch']:.1f} | {r['srv_render_ms']:.0f} | {r['srv_queue_ms']:.0f} | "
-                         f"{r['srv_encode_ms']:.0f} | {100 * r['srv_busy']:.0f}% |")
+                         f"{r.get('srv_held_ms', 0.0):.0f} | {r['srv_encode_ms']:.0f} | {100 * r['srv_busy']:.0f}% |")
     phased = [(f"{r['model']} served ({row_label(r)}, {r['clients']} clients)", {k: r[f"srv_{k}"] for k in PHASES})
               for r in inside if all(f"srv_{k}" in r for k in PHASES)]
     phased += [(f"{name} in-process, {args.max_batch} images in one call", v["phases_batch"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -101,7 +102,7 @@ class _Clock:
 
 
 def render_images(pipe: Any, jobs: list[ImageJob], batch_sizes: list[int] | None = None,
-                  phases: dict[str, float] | None = None) -> list[Any]:
+                  phases: dict[str, float] | None = None, on_denoise: Callable[[], None] | None = None) -> list[Any]:
     """PIL images for each job, in order. Jobs are grouped by settings (size, steps, guidance) so a
     batch mixing settings is split into one pipeline call per group; each image has its own seeded
     generator, so an image depends on its own seed only, not on what it was batched with. With
@@ -109,7 +110,8 @@ def render_images(pipe: Any, jobs: list[ImageJob], batch_sizes: list[int] | None
     last job up to the smallest of them that holds it, and the copies are dropped. With `phases` (a dict), adds
     where the calls' time went, in ms (PHASES), which together make up the calls: prep (text encoder, latents: the
     call's start to the first U-Net forward), denoise (from there to the last step's end) and decode (to the decoded
-    images), on the device's timeline; to_pil (the images to PIL) on the CPU."""
+    images), on the device's timeline; to_pil (the images to PIL) on the CPU. `on_denoise` is called, on the
+    calling thread, as the first U-Net forward is launched (the call's CPU-bound start is over)."""
     import inspect
 
     import torch
@@ -131,8 +133,16 @@ def render_images(pipe: Any, jobs: list[ImageJob], batch_sizes: list[int] | None
         last: list[Any] = []  # each step's end (the last one counts)
         extra = ({"callback_on_step_end": lambda _p, _i, _t, kw, last=last: last.append(clock.mark()) or kw}
                  if timed else {})
-        hook = (pipe.unet.register_forward_pre_hook(lambda *_, first=first: None if first else
-                                                     first.append(clock.mark())) if timed else None)
+
+        def first_forward(*_: Any, first: list[Any] = first) -> None:
+            if not first:
+                first.append(clock.mark() if timed else None)
+                if on_denoise is not None:
+                    on_denoise()
+
+        unet = getattr(pipe, "unet", None)
+        hook = (unet.register_forward_pre_hook(first_forward)
+                if (timed or on_denoise) and isinstance(unet, torch.nn.Module) else None)
         start = clock.mark() if timed else None
         try:
             with torch.inference_mode():
@@ -152,7 +162,7 @@ def render_images(pipe: Any, jobs: list[ImageJob], batch_sizes: list[int] | None
                 if timed:
                     clock.wait(end)  # the copy to the CPU below would wait for the decoder anyway: not to_pil's time
                 t_pil = time.perf_counter()
-                images = pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(decoded))
+                images = pixels_to_pil(decoded)
         finally:
             if hook is not None:
                 hook.remove()
@@ -164,6 +174,18 @@ def render_images(pipe: Any, jobs: list[ImageJob], batch_sizes: list[int] | None
         for i, img in zip(idx, images):
             out[i] = img
     return out
+
+
+def pixels_to_pil(images: Any) -> list[Any]:
+    """PIL images of a (B, C, H, W) batch in [0, 1]: the bits diffusers' numpy_to_pil gives (x 255, round half to
+    even, in float32), but made 8-bit on the tensor's device, so a batch crosses to the CPU as uint8 (a quarter of
+    the bytes) and the CPU does no float work per pixel."""
+    import torch
+    from PIL import Image
+
+    pixels = (images.float() * 255).round().to(torch.uint8)
+    pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, C)
+    return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]  # one channel: mode "L"
 
 
 class CompiledUNet:

@@ -549,6 +549,10 @@ class ServeConfig(Section):
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "reduce-overhead"
     compile_batches: list[int] = Field(default_factory=lambda: [1])
+    # batcher "replica": hold a batch's answers (their encoding, their HTTP answers, the clients' next requests)
+    # until the next batch's first U-Net step is launched, at most this long, so that CPU work overlaps the next
+    # batch's GPU-bound denoising instead of its CPU-bound start (text encoder, latents); 0: answer at once
+    hold_answers_s: float = Field(0.0, ge=0, le=10)
 
     @field_validator("sizes")
     @classmethod
@@ -578,6 +582,8 @@ class ServeConfig(Section):
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         if self.default_steps > self.max_steps:
             raise ValueError(f"default_steps ({self.default_steps}) > max_steps ({self.max_steps})")
+        if self.hold_answers_s and self.batcher != "replica":
+            raise ValueError(f"hold_answers_s needs batcher 'replica' (got {self.batcher!r})")
         return self
 
 

@@ -249,10 +249,11 @@ class ImageServer:
         if self.cfg.batcher == "serve":
             self._serve_batch.set_max_batch_size(self.cfg.max_batch_size)
             self._serve_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
-            self._submit = self._serve_batch
+            self._submit, self._batcher = self._serve_batch, None
         else:
-            self._submit = DynamicBatcher(self.generate_batch, self.cfg.max_batch_size,
-                                          self.cfg.batch_wait_timeout_s).submit
+            self._batcher = DynamicBatcher(self.generate_batch, self.cfg.max_batch_size,
+                                           self.cfg.batch_wait_timeout_s, self.cfg.hold_answers_s)
+            self._submit = self._batcher.submit
         # every pipeline call runs on this one thread: a call on a thread new to the pipeline took ~3x as long
         # (a 4-step batch of 16 on an H200: ~610-760 ms against ~230 ms; asyncio.to_thread's pool hands calls to
         # any of its threads), and CUDA graphs recorded by serve.compile stay on the thread that replays them
@@ -301,8 +302,12 @@ class ImageServer:
         t0 = time.perf_counter()
         eager_before = self.compiled.eager_calls if self.compiled else 0
         phases: dict[str, float] = {}
-        images = await asyncio.get_running_loop().run_in_executor(
-            self._pipeline_thread, functools.partial(self._render, phases=phases), self.pipe, jobs)
+        loop = asyncio.get_running_loop()
+        # serve.hold_answers_s: the previous batch's answers go out once this one's first U-Net step is launched
+        on_denoise = functools.partial(loop.call_soon_threadsafe, self._batcher.started) if self._batcher else None
+        images = await loop.run_in_executor(
+            self._pipeline_thread, functools.partial(self._render, phases=phases, on_denoise=on_denoise), self.pipe,
+            jobs)
         seconds = time.perf_counter() - t0
         compiled = self.compiled.eager_calls == eager_before if self.compiled else None
         try:
@@ -331,6 +336,7 @@ class ImageServer:
                           render_ms=round(1000 * slowest.seconds, 2),
                           encode_ms=round(1000 * (time.perf_counter() - t1), 2),
                           batch_size=max(d.batch_size for d in done),
+                          held_ms=round(1000 * max(t1 - d.start - d.seconds for d in done), 2),
                           compiled=None if compiled[0] is None else all(compiled),
                           phases=slowest.phases or None)
         return encoded, timings

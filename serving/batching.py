@@ -8,6 +8,11 @@ the next batch runs, so their requests can split into several smaller batches, e
 a batch is formed only when the previous one has returned: what arrived meanwhile goes in together, up to
 `max_batch_size`, and the wait applies from the first item's arrival (an item that already waited that long is
 not held back). bench/serve_latency.py `--batchers replica,serve` compares the two in one run.
+
+With `hold_s` > 0, a batch's results are handed out only once the next batch has started its main work (`fn`
+calls `started()`), or after `hold_s`, or at once when nothing is queued: what the submitters do with their
+results (a replica encodes and sends its answers, and their clients' next requests come in) then overlaps the
+next batch's GPU-bound part instead of its CPU-bound start, which it would slow (serve.hold_answers_s).
 """
 
 from __future__ import annotations
@@ -24,13 +29,21 @@ class DynamicBatcher:
     batch at a time; an exception from it is raised to every submitter of that batch; an item whose submitter
     was cancelled while it waited (a request timeout) is left out of its batch."""
 
-    def __init__(self, fn: Callable[[list[Any]], Awaitable[list[Any]]], max_batch_size: int, wait_s: float):
-        if max_batch_size < 1 or wait_s < 0:
-            raise ValueError(f"max_batch_size {max_batch_size} (>= 1) and wait_s {wait_s} (>= 0)")
-        self.fn, self.max_batch_size, self.wait_s = fn, max_batch_size, wait_s
+    def __init__(self, fn: Callable[[list[Any]], Awaitable[list[Any]]], max_batch_size: int, wait_s: float,
+                 hold_s: float = 0.0):
+        if max_batch_size < 1 or wait_s < 0 or hold_s < 0:
+            raise ValueError(f"max_batch_size {max_batch_size} (>= 1), wait_s {wait_s} and hold_s {hold_s} (>= 0)")
+        self.fn, self.max_batch_size, self.wait_s, self.hold_s = fn, max_batch_size, wait_s, hold_s
         self._queue: deque[tuple[Any, asyncio.Future, float]] = deque()  # (item, its future, arrival time)
         self._arrived: asyncio.Event | None = None
+        self._started: asyncio.Event | None = None  # the running batch's started()
         self._task: asyncio.Task | None = None
+
+    def started(self) -> None:
+        """Called by `fn`, on the loop's thread, once its batch has passed its CPU-bound start (with hold_s: the
+        previous batch's results go out now)."""
+        if self._started is not None:
+            self._started.set()
 
     async def submit(self, item: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -67,20 +80,42 @@ class DynamicBatcher:
                 batch.append((item, fut))
         return batch
 
+    async def _outcome(self, batch: list[tuple[Any, asyncio.Future]]) -> list[Any] | Exception:
+        try:
+            results = await self.fn([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"the batch function returned {len(results)} results for {len(batch)} items")
+            return results
+        except Exception as err:  # to the submitters; the loop goes on with the next batch
+            return err
+
+    @staticmethod
+    def _hand_out(batch: list[tuple[Any, asyncio.Future]], outcome: list[Any] | Exception) -> None:
+        for i, (_, fut) in enumerate(batch):
+            if not fut.done():
+                (fut.set_exception(outcome) if isinstance(outcome, Exception) else fut.set_result(outcome[i]))
+
     async def _run(self) -> None:
+        held: tuple[list, list[Any] | Exception] | None = None  # (batch, outcome) not handed out yet (hold_s)
         while True:
+            if held is not None:
+                self._drop_cancelled()
+                if not self._queue:  # no next batch to wait for
+                    self._hand_out(*held)
+                    held = None
             batch = await self._next_batch()
             if not batch:
                 continue
-            try:
-                results = await self.fn([item for item, _ in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"the batch function returned {len(results)} results for {len(batch)} items")
-            except Exception as err:  # to the submitters; the loop goes on with the next batch
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(err)
-                continue
-            for (_, fut), result in zip(batch, results):
-                if not fut.done():
-                    fut.set_result(result)
+            self._started = asyncio.Event()
+            running = asyncio.ensure_future(self._outcome(batch))
+            if held is not None:
+                started = asyncio.ensure_future(self._started.wait())
+                await asyncio.wait([started, running], timeout=self.hold_s, return_when=asyncio.FIRST_COMPLETED)
+                started.cancel()
+                self._hand_out(*held)
+                held = None
+            outcome = await running
+            if self.hold_s > 0:
+                held = (batch, outcome)
+            else:
+                self._hand_out(batch, outcome)

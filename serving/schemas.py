@@ -69,6 +69,7 @@ class Timings(BaseModel):
     render_ms: float  # the pipeline call of the batch (all its images)
     encode_ms: float  # PNG encoding of this request's images, after the batch
     batch_size: int  # images in the pipeline batch
+    held_ms: float = 0.0  # from the batch's end until its answers went out (serve.hold_answers_s)
     compiled: bool | None = None  # serve.compile: every U-Net call of its batches ran a compiled graph
     # the slowest batch's pipeline call by phase, ms (models.sampling.PHASES: prep, denoise, decode on the device's
     # timeline; to_pil on the CPU); None where the pipeline takes no step callback

@@ -100,3 +100,63 @@ def test_a_cancelled_item_is_left_out_and_result_counts_are_checked():
 def test_bad_settings():
     with pytest.raises(ValueError, match="max_batch_size 0"):
         DynamicBatcher(Recorder(0), max_batch_size=0, wait_s=0.1)
+    with pytest.raises(ValueError, match="hold_s -1"):
+        DynamicBatcher(Recorder(0), max_batch_size=2, wait_s=0.1, hold_s=-1)
+
+
+class Starter:
+    """A batch function whose batch takes `seconds`, calling the batcher's started() after `start_s` of it (None:
+    never), and recording what happened in order."""
+
+    def __init__(self, start_s: float | None, seconds: float):
+        self.start_s, self.seconds, self.events, self.batcher = start_s, seconds, [], None
+
+    async def __call__(self, items: list) -> list:
+        self.events.append(("run", items))
+        if self.start_s is not None:
+            await asyncio.sleep(self.start_s)
+            self.events.append(("started", items))
+            self.batcher.started()
+        await asyncio.sleep(self.seconds - (self.start_s or 0))
+        self.events.append(("done", items))
+        return [i * 10 for i in items]
+
+    async def client(self, i: int) -> int:
+        out = await self.batcher.submit(i)
+        self.events.append(("answer", i))
+        return out
+
+
+def _two_batches(fn: Starter, hold_s: float) -> tuple[list, float]:
+    async def main():
+        fn.batcher = DynamicBatcher(fn, max_batch_size=2, wait_s=0.0, hold_s=hold_s)
+        t0 = time.monotonic()
+        first = [asyncio.create_task(fn.client(i)) for i in (0, 1)]
+        await asyncio.sleep(0.05)
+        second = [asyncio.create_task(fn.client(i)) for i in (2, 3)]  # queued while [0, 1] runs
+        return await asyncio.gather(*first, *second), time.monotonic() - t0
+
+    out, took = asyncio.run(main())
+    assert out == [0, 10, 20, 30]
+    return fn.events, took
+
+
+def test_held_answers_go_out_once_the_next_batch_has_started():
+    """hold_s: [0, 1]'s answers wait until [2, 3] has called started(), not for it to end; [2, 3]'s go out as soon
+    as it ends (nothing is queued behind it), not after hold_s."""
+    events, took = _two_batches(Starter(start_s=0.2, seconds=0.5), hold_s=30.0)
+    assert events == [("run", [0, 1]), ("started", [0, 1]), ("done", [0, 1]), ("run", [2, 3]),
+                      ("started", [2, 3]), ("answer", 0), ("answer", 1), ("done", [2, 3]),
+                      ("answer", 2), ("answer", 3)]
+    assert took < 30
+
+
+def test_without_started_answers_are_held_for_hold_s_at_most():
+    """A batch function that never calls started(): the previous answers go out hold_s into the next batch (here
+    well before it ends); without hold_s they go out as their batch ends."""
+    held, _ = _two_batches(Starter(start_s=None, seconds=1.5), hold_s=0.2)
+    assert held == [("run", [0, 1]), ("done", [0, 1]), ("run", [2, 3]), ("answer", 0), ("answer", 1),
+                    ("done", [2, 3]), ("answer", 2), ("answer", 3)]
+    at_once, _ = _two_batches(Starter(start_s=None, seconds=0.3), hold_s=0.0)
+    assert at_once == [("run", [0, 1]), ("done", [0, 1]), ("answer", 0), ("answer", 1), ("run", [2, 3]),
+                       ("done", [2, 3]), ("answer", 2), ("answer", 3)]

@@ -46,6 +46,7 @@ def server(ray_local, mlflow_server, tiny_sd1_dir, tmp_path_factory):
             "port": local.free_port(), "num_cpus": 0.2, "min_replicas": 1, "max_replicas": 2,
             "target_ongoing_requests": 1, "upscale_delay_s": 0, "downscale_delay_s": 2, "look_back_period_s": 1,
             "max_batch_size": 4, "batch_wait_timeout_s": 0.05, "max_ongoing_requests": 16,
+            "hold_answers_s": 1.0,  # a batch's answers wait for the next batch's first U-Net step
             "api_key_file": str(tmp / "key"), "sizes": ["64x64", "32x32"], "default_steps": 2, "max_steps": 20,
             "max_n": 4, "max_prompt_chars": 200, "png_compress_level": 9,
             "decoder": "builtin:tiny-decoder",  # a TAESD-style lighter decoder in place of the student's VAE
@@ -114,7 +115,9 @@ def test_render_phases_keep_the_pipelines_own_images():
     jobs = [ImageJob("a red circle", num_inference_steps=3, seed=s) for s in (4, 5)]
     jobs.append(ImageJob("a blue square", num_inference_steps=2, seed=6, guidance_scale=1.0))
     phases: dict[str, float] = {}
-    timed = render_images(pipe, jobs, phases=phases)
+    denoising: list[int] = []  # on_denoise: once per pipeline call (two groups here), at its first U-Net forward
+    timed = render_images(pipe, jobs, phases=phases, on_denoise=lambda: denoising.append(len(denoising)))
+    assert denoising == [0, 1]
     with torch.inference_mode():
         own = pipe(prompt=["a red circle"], negative_prompt=[""], num_inference_steps=3, guidance_scale=7.5,
                    width=64, height=64, generator=[torch.Generator().manual_seed(5)], output_type="pil").images[0]
@@ -124,10 +127,28 @@ def test_render_phases_keep_the_pipelines_own_images():
     assert min(phases.values()) >= 0
 
 
+def test_pixels_to_pil_gives_diffusers_own_bits():
+    """The 8-bit conversion made on the tensor's device is diffusers' numpy_to_pil(pt_to_numpy(x)) bit for bit,
+    halves (x 255 = k + 0.5, rounded to even) and one-channel images included."""
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    from models.sampling import pixels_to_pil
+
+    x = torch.rand(3, 3, 16, 12, generator=torch.Generator().manual_seed(0))
+    x[0, 0, 0, :4] = torch.tensor([0.5, 1.5, 2.5, 254.5]) / 255  # round half to even, as numpy does
+    for batch in (x, x.half(), x[:, :1]):
+        ours = [np.asarray(i) for i in pixels_to_pil(batch)]
+        theirs = [np.asarray(i) for i in VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(batch))]
+        assert [i.shape for i in ours] == [i.shape for i in theirs] and all(map(np.array_equal, ours, theirs))
+
+
 def test_batcher_setting_is_checked():
     assert parse_config({"serve": {"batcher": "serve"}}).serve.batcher == "serve"
     with pytest.raises(ConfigError, match="batcher"):
         parse_config({"serve": {"batcher": "fastest"}})
+    with pytest.raises(ConfigError, match="hold_answers_s needs batcher 'replica'"):
+        parse_config({"serve": {"batcher": "serve", "hold_answers_s": 0.5}})
 
 
 def test_serve_batch_batcher_serves_batches(server, tiny_sd1_dir, tmp_path):
@@ -408,7 +429,8 @@ def test_load_and_autoscaling(server):
     assert {t["batch_size"] for t in timings} <= {1, 2, 3, 4} and max(t["batch_size"] for t in timings) == 4
     for r, t in zip(answers, timings):
         assert 0 < t["render_ms"] and 0 <= t["queue_ms"] and 0 < t["encode_ms"]
-        assert t["queue_ms"] + t["render_ms"] + t["encode_ms"] <= r.json()["latency_ms"] + 1
+        assert t["queue_ms"] + t["render_ms"] + t["held_ms"] + t["encode_ms"] <= r.json()["latency_ms"] + 1
+        assert 0 <= t["held_ms"] < 1000 + 500  # released by the next batch's start, or by hold_answers_s at most
         # the batch's call by phase: each part measured, together within the call's own time
         ph = t["phases"]
         assert set(ph) == {"prep_ms", "denoise_ms", "decode_ms", "to_pil_ms"} and min(ph.values()) >= 0
