@@ -253,6 +253,16 @@ def encode_image(img: Any, output_format: str = "png", png_level: int = PNG_LEVE
         return encode_png(img, png_level)
     if output_format not in ("jpeg", "webp"):
         raise ValueError(f"output_format {output_format!r}: png, jpeg or webp")
+    if output_format == "jpeg":
+        # simplejpeg (libjpeg-turbo) lets go of the GIL while it encodes; PIL's JPEG encoder holds it throughout, and
+        # in a replica that starved the pipeline thread, which needs the GIL back after every torch op
+        # (bench/RESULTS.md). 4:2:0 chroma as PIL's default; quality 0 is libjpeg's 1
+        import numpy as np
+        import simplejpeg
+
+        rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # (H, W, 3) uint8
+        return simplejpeg.encode_jpeg(np.ascontiguousarray(rgb), quality=max(1, 100 if quality is None else quality),
+                                      colorspace="RGB", colorsubsampling="420")
     buf = io.BytesIO()
     img.convert("RGB").save(buf, format=output_format.upper(), quality=100 if quality is None else quality)
     return buf.getvalue()

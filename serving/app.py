@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import yaml
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -48,7 +48,16 @@ from models.sampling import ImageJob, encode_image
 from pipelines.config import Config, ServeConfig, parse_config
 from pipelines.storage import model_dir
 from serving.batching import DynamicBatcher
-from serving.schemas import ApiError, ImageData, ImageResponse, ModelCard, Timings, parse_request, parse_size
+from serving.schemas import (
+    ApiError,
+    ImageData,
+    ImageResponse,
+    ModelCard,
+    Timings,
+    image_response_body,
+    parse_request,
+    parse_size,
+)
 
 log = logging.getLogger("distillery.serve")
 
@@ -342,7 +351,7 @@ class ImageServer:
         return encoded, timings
 
     @api.post("/v1/images/generations")
-    async def generations(self, request: Request) -> JSONResponse:
+    async def generations(self, request: Request) -> Response:
         t0 = time.perf_counter()
         self._authorize(request)
         declared = request.headers.get("content-length")
@@ -385,14 +394,15 @@ class ImageServer:
             pass
         resp = ImageResponse(
             created=int(time.time()),
-            data=[ImageData(b64_json=base64.b64encode(p).decode(), seed=j.seed) for p, j in zip(encoded, jobs)],
+            data=[ImageData(b64_json="", seed=j.seed) for j in jobs],  # the images are spliced into the body
             output_format=req.output_format,
             size=f"{w}x{h}",
             model=self.model["name"],
             latency_ms=round((time.perf_counter() - t0) * 1000, 2),
             timings=timings,
         )
-        return JSONResponse(resp.model_dump())
+        return Response(image_response_body(resp, [base64.b64encode(p) for p in encoded]),
+                        media_type="application/json")
 
     def _card(self) -> dict[str, Any]:
         m = self.model

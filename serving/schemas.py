@@ -86,6 +86,24 @@ class ImageResponse(BaseModel):
     timings: Timings
 
 
+def image_response_body(resp: ImageResponse, b64: list[bytes]) -> bytes:
+    """`resp` as JSON (as JSONResponse writes it) with data[i].b64_json set to the base64 `b64[i]`, spliced into
+    the text: base64 needs no JSON escaping, and json.dumps would scan each image's string (~0.3-1 MB) while holding
+    the GIL that the replica's pipeline thread needs (bench/RESULTS.md). `resp`'s own b64_json fields are left
+    empty."""
+    if len(b64) != len(resp.data) or any(d.b64_json for d in resp.data):
+        raise ValueError("give one base64 image per data entry, whose b64_json is left empty")
+    text = json.dumps(resp.model_dump(), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    # a JSON string escapes its quotes, so this exact text occurs only as the data entries' own (empty) field
+    parts = text.split(b'"b64_json":""')
+    if len(parts) != len(b64) + 1:
+        raise RuntimeError(f"{len(parts) - 1} b64_json fields in the JSON of {len(b64)} images")
+    out = [parts[0]]
+    for img, rest in zip(b64, parts[1:]):
+        out += [b'"b64_json":"', img, b'"', rest]
+    return b"".join(out)
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

@@ -143,6 +143,60 @@ def test_pixels_to_pil_gives_diffusers_own_bits():
         assert [i.shape for i in ours] == [i.shape for i in theirs] and all(map(np.array_equal, ours, theirs))
 
 
+def test_jpeg_answers_are_encoded_without_holding_the_gil():
+    """encode_image's JPEG: PIL reads it as a JPEG of the image (as close as PIL's own encoder at the same quality),
+    and while one thread encodes large images, another making small torch calls (each gives the GIL up and takes
+    it back, as the replica's pipeline thread does) keeps running: PIL's JPEG encoder, which holds the GIL, lets
+    it make a handful of calls in the same time."""
+    import torch
+
+    from models.sampling import encode_image
+
+    yy, xx = np.mgrid[0:96, 0:80]
+    pic = Image.fromarray(np.stack([xx * 3, yy * 2, (xx + yy) % 256], -1).astype(np.uint8))
+    for quality in (None, 80, 0):
+        got = Image.open(io.BytesIO(encode_image(pic, "jpeg", quality=quality)))
+        buf = io.BytesIO()
+        pic.save(buf, "JPEG", quality=100 if quality is None else max(quality, 1))
+        ref = np.asarray(Image.open(buf), dtype=float)
+        assert (got.format, got.mode, got.size) == ("JPEG", "RGB", pic.size)
+        err = np.abs(np.asarray(got, dtype=float) - np.asarray(pic, dtype=float)).mean()
+        assert err <= np.abs(ref - np.asarray(pic, dtype=float)).mean() + 0.5
+    assert Image.open(io.BytesIO(encode_image(pic.convert("RGBA"), "jpeg"))).mode == "RGB"
+
+    big = Image.fromarray(np.random.default_rng(0).integers(0, 256, (2048, 2048, 3), dtype=np.uint8))
+
+    def calls_beside(encode) -> int:
+        done, x, calls = threading.Event(), torch.zeros(4), 0
+        worker = threading.Thread(target=lambda: (encode(), done.set()))
+        worker.start()
+        while not done.is_set():
+            torch.add(x, 1)
+            calls += 1
+        worker.join()
+        return calls
+
+    ours = calls_beside(lambda: [encode_image(big, "jpeg") for _ in range(3)])
+    pils = calls_beside(lambda: [big.save(io.BytesIO(), "JPEG", quality=100) for _ in range(3)])
+    assert ours > 20 * max(pils, 10), (ours, pils)
+
+
+def test_image_response_body_is_the_json_of_the_answer():
+    """The answer's body with the images spliced in parses to what the response model dumps with them in place,
+    whatever the other fields hold (quotes and the field's own name in the model's name included)."""
+    from serving.schemas import ImageData, ImageResponse, Timings, image_response_body
+
+    imgs = [base64.b64encode(bytes(range(256)) * k) for k in (1, 3)]
+    resp = ImageResponse(created=1, data=[ImageData(b64_json="", seed=s) for s in (7, 8)], output_format="jpeg",
+                         size="64x64", model='say "b64_json":"" here', latency_ms=1.5,
+                         timings=Timings(queue_ms=0, render_ms=1, encode_ms=0, batch_size=2))
+    body = json.loads(image_response_body(resp, imgs))
+    full = resp.model_copy(update={"data": [ImageData(b64_json=i.decode(), seed=s) for i, s in zip(imgs, (7, 8))]})
+    assert body == full.model_dump()
+    with pytest.raises(ValueError, match="one base64 image per data entry"):
+        image_response_body(resp, imgs[:1])
+
+
 def test_batcher_setting_is_checked():
     assert parse_config({"serve": {"batcher": "serve"}}).serve.batcher == "serve"
     with pytest.raises(ConfigError, match="batcher"):
