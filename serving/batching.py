@@ -92,8 +92,12 @@ class DynamicBatcher:
     @staticmethod
     def _hand_out(batch: list[tuple[Any, asyncio.Future]], outcome: list[Any] | Exception) -> None:
         for i, (_, fut) in enumerate(batch):
-            if not fut.done():
-                (fut.set_exception(outcome) if isinstance(outcome, Exception) else fut.set_result(outcome[i]))
+            if fut.done():  # its submitter was cancelled
+                continue
+            if isinstance(outcome, Exception):
+                fut.set_exception(outcome)
+            else:
+                fut.set_result(outcome[i])
 
     async def _run(self) -> None:
         held: tuple[list, list[Any] | Exception] | None = None  # (batch, outcome) not handed out yet (hold_s)
