@@ -123,8 +123,9 @@ def render_images(pipe: Any, jobs: list[ImageJob], batch_sizes: list[int] | None
     device = getattr(pipe, "device", torch.device("cpu"))
     gen_device = "cpu" if torch.device(device).type == "mps" else device
     clock = _Clock(device) if phases is not None else None
-    timed = (clock is not None and "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
-             and isinstance(getattr(pipe, "unet", None), torch.nn.Module))
+    unet = getattr(pipe, "unet", None)
+    hookable = isinstance(unet, torch.nn.Module)  # its first forward marks the end of prep
+    timed = clock is not None and hookable and "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
     for (width, height, steps, guidance), idx in groups.items():
         fits = [b for b in batch_sizes or () if b >= len(idx)]
         idx_padded = idx + [idx[-1]] * (min(fits) - len(idx)) if fits else idx
@@ -140,9 +141,7 @@ def render_images(pipe: Any, jobs: list[ImageJob], batch_sizes: list[int] | None
                 if on_denoise is not None:
                     on_denoise()
 
-        unet = getattr(pipe, "unet", None)
-        hook = (unet.register_forward_pre_hook(first_forward)
-                if (timed or on_denoise) and isinstance(unet, torch.nn.Module) else None)
+        hook = unet.register_forward_pre_hook(first_forward) if hookable and (timed or on_denoise) else None
         start = clock.mark() if timed else None
         try:
             with torch.inference_mode():
@@ -253,6 +252,7 @@ def encode_image(img: Any, output_format: str = "png", png_level: int = PNG_LEVE
         return encode_png(img, png_level)
     if output_format not in ("jpeg", "webp"):
         raise ValueError(f"output_format {output_format!r}: png, jpeg or webp")
+    quality = 100 if quality is None else quality
     if output_format == "jpeg":
         # simplejpeg (libjpeg-turbo) lets go of the GIL while it encodes; PIL's JPEG encoder holds it throughout, and
         # in a replica that starved the pipeline thread, which needs the GIL back after every torch op
@@ -261,10 +261,10 @@ def encode_image(img: Any, output_format: str = "png", png_level: int = PNG_LEVE
         import simplejpeg
 
         rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # (H, W, 3) uint8
-        return simplejpeg.encode_jpeg(np.ascontiguousarray(rgb), quality=max(1, 100 if quality is None else quality),
-                                      colorspace="RGB", colorsubsampling="420")
+        return simplejpeg.encode_jpeg(np.ascontiguousarray(rgb), quality=max(1, quality), colorspace="RGB",
+                                      colorsubsampling="420")
     buf = io.BytesIO()
-    img.convert("RGB").save(buf, format=output_format.upper(), quality=100 if quality is None else quality)
+    img.convert("RGB").save(buf, format=output_format.upper(), quality=quality)
     return buf.getvalue()
 
 

@@ -313,7 +313,8 @@ class ImageServer:
         phases: dict[str, float] = {}
         loop = asyncio.get_running_loop()
         # serve.hold_answers_s: the previous batch's answers go out once this one's first U-Net step is launched
-        on_denoise = functools.partial(loop.call_soon_threadsafe, self._batcher.started) if self._batcher else None
+        on_denoise = (functools.partial(loop.call_soon_threadsafe, self._batcher.started)
+                      if self._batcher and self.cfg.hold_answers_s else None)
         images = await loop.run_in_executor(
             self._pipeline_thread, functools.partial(self._render, phases=phases, on_denoise=on_denoise), self.pipe,
             jobs)
