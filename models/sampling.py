@@ -102,16 +102,17 @@ class _Clock:
 
 
 def render_images(pipe: Any, jobs: list[ImageJob], batch_sizes: list[int] | None = None,
-                  phases: dict[str, float] | None = None, on_denoise: Callable[[], None] | None = None) -> list[Any]:
-    """PIL images for each job, in order. Jobs are grouped by settings (size, steps, guidance) so a
-    batch mixing settings is split into one pipeline call per group; each image has its own seeded
-    generator, so an image depends on its own seed only, not on what it was batched with. With
-    `batch_sizes` (a compiled U-Net's warmed-up batches, CompiledUNet), a group is padded with copies of its
-    last job up to the smallest of them that holds it, and the copies are dropped. With `phases` (a dict), adds
-    where the calls' time went, in ms (PHASES), which together make up the calls: prep (text encoder, latents: the
-    call's start to the first U-Net forward), denoise (from there to the last step's end) and decode (to the decoded
-    images), on the device's timeline; to_pil (the images to PIL) on the CPU. `on_denoise` is called, on the
-    calling thread, as the first U-Net forward is launched (the call's CPU-bound start is over)."""
+                  phases: dict[str, float] | None = None, on_denoise: Callable[[], None] | None = None,
+                  pil: bool = True) -> list[Any]:
+    """PIL images for each job, in order (with `pil` False: (H, W, C) uint8 arrays, the same pixels). Jobs are
+    grouped by settings (size, steps, guidance) so a batch mixing settings is split into one pipeline call per
+    group; each image has its own seeded generator, so an image depends on its own seed only, not on what it was
+    batched with. With `batch_sizes` (a compiled U-Net's warmed-up batches, CompiledUNet), a group is padded with
+    copies of its last job up to the smallest of them that holds it, and the copies are dropped. With `phases` (a
+    dict), adds where the calls' time went, in ms (PHASES), which together make up the calls: prep (text encoder,
+    latents: the call's start to the first U-Net forward), denoise (from there to the last step's end) and decode
+    (to the decoded images), on the device's timeline; to_pil (the images to PIL) on the CPU. `on_denoise` is
+    called, on the calling thread, as the first U-Net forward is launched (the call's CPU-bound start is over)."""
     import inspect
 
     import torch
@@ -161,7 +162,7 @@ def render_images(pipe: Any, jobs: list[ImageJob], batch_sizes: list[int] | None
                 if timed:
                     clock.wait(end)  # the copy to the CPU below would wait for the decoder anyway: not to_pil's time
                 t_pil = time.perf_counter()
-                images = pixels_to_pil(decoded)
+                images = pixels_to_pil(decoded) if pil else list(pixels_uint8(decoded))
         finally:
             if hook is not None:
                 hook.remove()
@@ -175,16 +176,26 @@ def render_images(pipe: Any, jobs: list[ImageJob], batch_sizes: list[int] | None
     return out
 
 
-def pixels_to_pil(images: Any) -> list[Any]:
-    """PIL images of a (B, C, H, W) batch in [0, 1]: the bits diffusers' numpy_to_pil gives (x 255, round half to
-    even, in float32), but made 8-bit on the tensor's device, so a batch crosses to the CPU as uint8 (a quarter of
-    the bytes) and the CPU does no float work per pixel."""
+def pixels_uint8(images: Any) -> Any:
+    """A (B, C, H, W) batch in [0, 1] as a (B, H, W, C) uint8 numpy array: the bits diffusers' numpy_to_pil gives
+    (x 255, round half to even, in float32), but made 8-bit on the tensor's device, so a batch crosses to the CPU as
+    uint8 (a quarter of the bytes) and the CPU does no float work per pixel."""
     import torch
-    from PIL import Image
 
     pixels = (images.float() * 255).round().to(torch.uint8)
-    pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, C)
-    return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]  # one channel: mode "L"
+    return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # (B, H, W, C), contiguous on the device
+
+
+def array_to_pil(pixels: Any) -> Any:
+    """A PIL image of (H, W, C) uint8 pixels (one channel: mode "L")."""
+    from PIL import Image
+
+    return Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+
+
+def pixels_to_pil(images: Any) -> list[Any]:
+    """PIL images of a (B, C, H, W) batch in [0, 1] (pixels_uint8)."""
+    return [array_to_pil(p) for p in pixels_uint8(images)]
 
 
 class CompiledUNet:

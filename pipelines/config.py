@@ -553,6 +553,13 @@ class ServeConfig(Section):
     # until the next batch's first U-Net step is launched, at most this long, so that CPU work overlaps the next
     # batch's GPU-bound denoising instead of its CPU-bound start (text encoder, latents); 0: answer at once
     hold_answers_s: float = Field(0.0, ge=0, le=10)
+    # run the pipeline in a child process of the replica, with a GIL of its own, instead of on a thread of the
+    # replica's process, where answering requests holds the GIL the pipeline thread needs after every torch op
+    # (serving/replica_pipeline.py; bench/RESULTS.md)
+    pipeline_process: bool = True
+    # how often Serve calls a replica's check_health (which fails once its pipeline process has exited); Serve
+    # replaces a replica after 3 failed checks in a row
+    health_check_period_s: float = Field(10.0, gt=0)
 
     @field_validator("sizes")
     @classmethod

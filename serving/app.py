@@ -1,14 +1,15 @@
 """The serve stage: a Ray Serve application that generates images with the registered student.
 
-One deployment, `ImageServer`, with a FastAPI ingress. Each replica holds one pipeline on its GPU (or
-CPU), loaded from `models:/NAME@ALIAS` in MLflow (the alias is resolved to a version once, when the app is
-built, so every replica serves the same version) or from a diffusers folder/URI, and generates one
-warm-up image before it reports ready. Requests are split into single images and batched across requests
-(serve.batcher "replica", the default: serving/batching.py, where a batch forms only when the previous one has
-returned; "serve": Ray's @serve.batch); a batch mixing sizes, steps or guidance runs one pipeline call per group
-(models/sampling.py: render_images), and every image has its own seed. With serve.compile the U-Net runs
-torch.compile graphs (CUDA graphs with reduce-overhead) for the shapes warmed up at replica start
-(models.sampling.CompiledUNet); other shapes fall back to the eager U-Net.
+One deployment, `ImageServer`, with a FastAPI ingress. Each replica holds one pipeline on its GPU (or CPU), in a
+child process of its own by default (serve.pipeline_process: serving/replica_pipeline.py), loaded from
+`models:/NAME@ALIAS` in MLflow (the alias is resolved to a version once, when the app is built, so every replica
+serves the same version) or from a diffusers folder/URI, and generates one warm-up image before it reports ready.
+Requests are split into single images and batched across requests (serve.batcher "replica", the default:
+serving/batching.py, where a batch forms only when the previous one has returned; "serve": Ray's @serve.batch); a
+batch mixing sizes, steps or guidance runs one pipeline call per group (models/sampling.py: render_images), and
+every image has its own seed. With serve.compile the U-Net runs torch.compile graphs (CUDA graphs with
+reduce-overhead) for the shapes warmed up at replica start (models.sampling.CompiledUNet); other shapes fall back to the
+eager U-Net.
 
 Routes: POST /v1/images/generations (OpenAI Images API + negative_prompt, num_inference_steps,
 guidance_scale, seed), GET /v1/models, /healthz, /readyz, and / (a small web page). An answer's `timings`
@@ -32,7 +33,6 @@ import logging
 import os
 import secrets
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -48,6 +48,7 @@ from models.sampling import ImageJob, encode_image
 from pipelines.config import Config, ServeConfig, parse_config
 from pipelines.storage import model_dir
 from serving.batching import DynamicBatcher
+from serving.replica_pipeline import PipelineProcessError, PipelineSpec, ProcessPipeline, ThreadPipeline
 from serving.schemas import (
     ApiError,
     ImageData,
@@ -192,18 +193,6 @@ def fetch_model(model: dict[str, Any]) -> str:
     return str(folder)
 
 
-def served_sizes(folder: str, pipe: Any) -> list[str]:
-    """serve.sizes left unset: the sizes the student was trained at (its distillery.json), else the pipeline's
-    native square size."""
-    from models.student import read_meta_file
-
-    trained = read_meta_file(Path(folder)).sizes if Path(folder).is_dir() else None
-    if trained:
-        return trained
-    side = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    return [f"{side}x{side}"]
-
-
 def read_api_key(cfg: ServeConfig) -> str | None:
     """The key from the replica's environment or a file; a configured key that is missing is an error
     (a server meant to be protected must not start open)."""
@@ -242,19 +231,9 @@ class Rendered(NamedTuple):
 @serve.ingress(api)
 class ImageServer:
     def __init__(self, serve_cfg: dict[str, Any], model: dict[str, Any]):
-        import torch
-
-        from models.sampling import compile_unet, generate_images, load_pipeline, render_images
-
         self.cfg = ServeConfig.model_validate(serve_cfg)
         self.model = {**model, "created": int(time.time())}
         self._key = read_api_key(self.cfg)
-        self._render = render_images
-        device = "cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        folder = fetch_model(model)
-        self.pipe = load_pipeline(folder, device, self.cfg.decoder and model_dir(self.cfg.decoder))
-        if self.cfg.sizes is None:
-            self.cfg = self.cfg.model_copy(update={"sizes": served_sizes(folder, self.pipe)})
         if self.cfg.batcher == "serve":
             self._serve_batch.set_max_batch_size(self.cfg.max_batch_size)
             self._serve_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
@@ -263,30 +242,26 @@ class ImageServer:
             self._batcher = DynamicBatcher(self.generate_batch, self.cfg.max_batch_size,
                                            self.cfg.batch_wait_timeout_s, self.cfg.hold_answers_s)
             self._submit = self._batcher.submit
-        # every pipeline call runs on this one thread: a call on a thread new to the pipeline took ~3x as long
-        # (a 4-step batch of 16 on an H200: ~610-760 ms against ~230 ms; asyncio.to_thread's pool hands calls to
-        # any of its threads), and CUDA graphs recorded by serve.compile stay on the thread that replays them
-        self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
-        w, h = parse_size(self.cfg.sizes[0])
-        self._pipeline_thread.submit(
-            generate_images, self.pipe, [ImageJob("warm up", num_inference_steps=1, width=w, height=h)],
-            self.cfg.png_compress_level).result()
-        self.compiled = None
-        if self.cfg.compile:
-            t0 = time.perf_counter()
-            self.compiled = compile_unet(self.pipe, self.cfg.compile_mode, [parse_size(s) for s in self.cfg.sizes],
-                                         self.cfg.compile_batches, self.cfg.default_guidance_scale,
-                                         run=lambda fn, *a: self._pipeline_thread.submit(fn, *a).result())
-            self._render = functools.partial(render_images, batch_sizes=self.cfg.compile_batches)
-            log.info("compiled the U-Net for %d shapes in %.0f s", len(self.compiled.shapes),
-                     time.perf_counter() - t0)
+        c = self.cfg
+        spec = PipelineSpec(fetch_model(model), "cuda" if c.num_gpus > 0 else "cpu",
+                            c.decoder and model_dir(c.decoder), c.sizes, c.compile, c.compile_mode, c.compile_batches,
+                            c.default_guidance_scale)
+        # loaded, warmed up and compiled before the replica says it is ready (serving/replica_pipeline.py)
+        self.pipeline = ProcessPipeline(spec) if c.pipeline_process else ThreadPipeline(spec)
+        self.cfg = c.model_copy(update={"sizes": self.pipeline.sizes})
         self.page = (STATIC / "index.html").read_text().replace("__LIMITS__", json.dumps(self._limits()))
         self.ready = True
-        log.info("replica ready: %s on %s", model["uri"], device)
+        log.info("replica ready: %s on %s", model["uri"], self.pipeline.device)
+
+    def __del__(self) -> None:  # Serve's replica shutdown: the pipeline process goes with the replica
+        if getattr(self, "pipeline", None) is not None:
+            self.pipeline.close()
 
     def check_health(self) -> None:  # Serve restarts a replica whose pipeline is gone
         if not getattr(self, "ready", False):
             raise RuntimeError("pipeline not loaded")
+        if not self.pipeline.alive():
+            raise RuntimeError("the pipeline process exited")
 
     def _limits(self) -> dict[str, Any]:
         c = self.cfg
@@ -305,28 +280,23 @@ class ImageServer:
             raise ApiError(401, "invalid API key", code="invalid_api_key")
 
     async def generate_batch(self, jobs: list[ImageJob]) -> list[Rendered]:
-        # called by the batcher (serve.batcher), one batch at a time; the pipeline runs on its own thread so
-        # health checks and new requests are answered meanwhile. PIL images out: each request encodes its own PNGs
-        # after the batch, so the next batch starts on the GPU while they are encoded.
+        # called by the batcher (serve.batcher), one batch at a time; the pipeline runs on its own thread (or in its
+        # own process) so health checks and new requests are answered meanwhile. PIL images out: each request
+        # encodes its own answers after the batch, so the next batch starts on the GPU while they are encoded.
         t0 = time.perf_counter()
-        eager_before = self.compiled.eager_calls if self.compiled else 0
-        phases: dict[str, float] = {}
         loop = asyncio.get_running_loop()
         # serve.hold_answers_s: the previous batch's answers go out once this one's first U-Net step is launched
         on_denoise = (functools.partial(loop.call_soon_threadsafe, self._batcher.started)
                       if self._batcher and self.cfg.hold_answers_s else None)
-        images = await loop.run_in_executor(
-            self._pipeline_thread, functools.partial(self._render, phases=phases, on_denoise=on_denoise), self.pipe,
-            jobs)
+        done = await asyncio.wrap_future(self.pipeline.submit(jobs, on_denoise))
         seconds = time.perf_counter() - t0
-        compiled = self.compiled.eager_calls == eager_before if self.compiled else None
         try:
             _metrics()["batch_size"].observe(len(jobs))
             _metrics()["batch_ms"].observe(seconds * 1000)
         except Exception:
             pass
-        phases = {k: round(v, 2) for k, v in phases.items()}
-        return [Rendered(img, t0, seconds, len(jobs), compiled, phases) for img in images]
+        phases = {k: round(v, 2) for k, v in done.phases.items()}
+        return [Rendered(img, t0, seconds, len(jobs), done.compiled, phases) for img in done.images]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def _serve_batch(self, jobs: list[ImageJob]) -> list[Rendered]:
@@ -389,6 +359,8 @@ class ImageServer:
         except TimeoutError:
             raise ApiError(504, f"generation took longer than {self.cfg.request_timeout_s:g}s",
                            code="timeout") from None
+        except PipelineProcessError as err:  # the replica fails its health check and Serve replaces it
+            raise ApiError(503, f"{err}; the replica is being replaced, retry", code="unavailable") from None
         try:
             _metrics()["images"].inc(len(encoded))
         except Exception:
@@ -448,6 +420,7 @@ def build_app(cfg: Config) -> serve.Application:
         "ray_actor_options": {"num_cpus": c.num_cpus, "num_gpus": c.num_gpus},
         "max_ongoing_requests": c.max_ongoing_requests or 2 * c.max_batch_size,
         "graceful_shutdown_timeout_s": 5,
+        "health_check_period_s": c.health_check_period_s,
     }
     if c.min_replicas == c.max_replicas:
         opts["num_replicas"] = c.max_replicas

@@ -149,7 +149,7 @@ def test_bucketed_distill_and_steps_train_checkpoint_resume_and_export(bucketed,
 
     from models.sampling import ImageJob, generate_images, load_pipeline
     from pipelines.cache import read_manifest
-    from serving.app import served_sizes
+    from serving.replica_pipeline import served_sizes
 
     buckets = read_manifest(parse_config(more).data.output).buckets
     assert meta["sizes"][0] == "64x64" and sorted(meta["sizes"]) == sorted(buckets), meta["sizes"]

@@ -313,9 +313,11 @@ def test_serve_config(tiny_sd1_dir, tmp_path):
     # serve.sizes unset: a model whose distillery.json records no sizes is served at its native square size
     from types import SimpleNamespace
 
+    from serving.replica_pipeline import served_sizes
+
     assert cfg.serve.sizes is None
     pipe = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(sample_size=96)), vae_scale_factor=8)
-    assert app.served_sizes(str(tmp_path), pipe) == ["768x768"]
+    assert served_sizes(str(tmp_path), pipe) == ["768x768"]
     with pytest.raises(ConfigError, match="sizes"):
         parse_config({"serve": {"sizes": []}})
 
