@@ -1,13 +1,15 @@
 """How long a replica's request handling holds the GIL per answer (issue 28), measured with py-spy.
 
-A served batch's pipeline call is slower than the same call in-process (bench/serve_latency.py's phase table):
-the replica's pipeline thread gives the GIL up at every torch op and must take it back, so any thread of the
-replica that holds the GIL (answers being encoded, their JSON, Ray Serve's and FastAPI's request handling) delays
-each of its ops. This benchmark deploys the product's serve app (serving.app.ImageServer) with its pipeline call
-replaced by a stand-in that holds no GIL (a sleep of --call-ms, then --size noise images, what a random-weight model
-gives), loads it with --clients concurrent clients, and samples the replica with `py-spy record --gil` (only the
-thread holding the GIL is sampled). It prints the GIL-held ms per answer, by thread and by the parts of the
-answer's handling. CPU only; py-spy is a tool, not a dependency (`pip install py-spy`).
+With the pipeline on a thread of the replica (serve.pipeline_process false), a served batch's pipeline call was
+slower than the same call in-process (bench/serve_latency.py's phase table): the pipeline thread gives the GIL up at
+every torch op and must take it back, so any thread of the replica that holds the GIL (answers being encoded, their
+JSON, Ray Serve's and FastAPI's request handling) delays each of its ops. With the pipeline in its own process (the
+default) this is the replica's own CPU cost per answer, no longer the pipeline's. This benchmark deploys the
+product's serve app (serving.app.ImageServer) with its pipeline replaced by a stand-in that holds no GIL (a sleep of
+--call-ms, then --size noise images, what a random-weight model gives), loads it with --clients concurrent clients,
+and samples the replica with `py-spy record --gil` (only the thread holding the GIL is sampled). It prints the GIL-
+held ms per answer, by thread and by the parts of the answer's handling. CPU only; py-spy is a tool, not a
+dependency (`pip install py-spy`).
 
   python bench/serve_gil.py                       # 32 clients, 512 px JPEG answers, batches of 16
   python bench/serve_gil.py --output-format png
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.serve_latency import build_models, load_test  # noqa: E402
 from pipelines import local  # noqa: E402
 from pipelines.config import parse_config  # noqa: E402
+from serving.replica_pipeline import Rendering, ReplicaPipeline  # noqa: E402
 
 # (label, what a sampled stack must contain): the parts of an answer's handling
 PARTS = (("JPEG/PNG encoding (encode_image)", "encode_image"), ("base64 of the images", "b64encode"),
@@ -40,19 +43,24 @@ PARTS = (("JPEG/PNG encoding (encode_image)", "encode_image"), ("base64 of the i
          ("Ray Serve's request handling (handle_request*)", "handle_request"))
 
 
-def stand_in_render(call_s: float, size: int):
-    """A pipeline call that holds no GIL while it 'runs' (a sleep, as a GPU-bound call mostly waits), then
-    returns noise images of `size` (JPEG's and PNG's worst case)."""
-    def render(pipe, jobs, batch_sizes=None, phases=None, on_denoise=None):
+class StandInPipeline(ReplicaPipeline):
+    """A pipeline whose call holds no GIL while it 'runs' (a sleep, as a GPU-bound call mostly waits), then returns
+    noise images of `size` (JPEG's and PNG's worst case)."""
+
+    def __init__(self, call_s: float, size: int):
+        super().__init__()
+        self.call_s, self.size, self.sizes, self.device = call_s, size, [f"{size}x{size}"], "cpu"
+
+    def _render(self, jobs, on_denoise):
         import numpy as np
         from PIL import Image
 
         if on_denoise:
             on_denoise()
-        time.sleep(call_s)
+        time.sleep(self.call_s)
         rng = np.random.default_rng(len(jobs))
-        return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in jobs]
-    return render
+        return Rendering([Image.fromarray(rng.integers(0, 256, (self.size, self.size, 3), dtype=np.uint8))
+                          for _ in jobs], {}, None)
 
 
 def gil_report(raw: Path, rate: int, answers: float) -> list[str]:
@@ -96,17 +104,17 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="serve-gil-"))
     os.environ.setdefault("DISTILLERY_CACHE", str(root / "cache"))
     folder, decoder = build_models(True, root)["student-taesd"]
-    render = stand_in_render(args.call_ms / 1000, args.size)
-
-    class StandIn(ImageServer.func_or_class):  # the product's replica, its pipeline call replaced
+    class StandIn(ImageServer.func_or_class):  # the product's replica, its pipeline replaced
         async def __init__(self, *a):
             await super().__init__(*a)
-            self._render = render
+            self.pipeline.close()
+            self.pipeline = StandInPipeline(args.call_ms / 1000, args.size)
 
     cfg = parse_config({"work_dir": str(root / "work"), "serve": {
         "model": str(folder), "decoder": str(decoder), "num_cpus": 1, "max_batch_size": args.max_batch,
         "max_ongoing_requests": 2 * args.clients, "sizes": [f"{args.size}x{args.size}"],
-        "default_guidance_scale": 1.0, "hold_answers_s": args.hold_answers_s}})
+        "default_guidance_scale": 1.0, "hold_answers_s": args.hold_answers_s,
+        "pipeline_process": False}})  # the stand-in replaces the loaded pipeline: no process needed for it
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
         port = local.free_port()
