@@ -199,7 +199,13 @@ class ProcessPipeline(ReplicaPipeline):
         return Rendering(images, phases, eager_calls == 0 if self._compiled else None)
 
     def alive(self) -> bool:
-        return self._proc.is_alive()
+        if not self._proc.is_alive():
+            return False
+        try:  # where SIGCHLD is ignored the exited child is reaped at once, and is_alive() cannot tell
+            os.kill(self._proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
 
     def close(self) -> None:
         super().close()
