@@ -80,8 +80,9 @@ def test_an_error_in_the_process_fails_its_batch_only(process_pipeline):
 
 @pytest.mark.parametrize("sigchld", ["default", "ignored"])
 def test_a_killed_process_is_reported_not_waited_for(tiny_sd1_dir, sigchld):
-    """Also where SIGCHLD is ignored (the exited child is reaped at once: multiprocessing's is_alive() then says
-    True forever; CI's pytest worker was such a process)."""
+    """Also where SIGCHLD is ignored: the exited child is reaped at once, and multiprocessing's is_alive() then says
+    True forever (as where another waitpid reaps it: the likelier story of CI's pytest worker, where this test failed
+    while its child was gone)."""
     before = signal.signal(signal.SIGCHLD, signal.SIG_IGN if sigchld == "ignored" else signal.SIG_DFL)
     pipeline = ProcessPipeline(PipelineSpec(str(tiny_sd1_dir), "cpu", sizes=["32x32"]))
     try:
