@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from models.sampling import ImageJob, array_to_pil, compile_unet, load_pipeline, render_images
+from serving.schemas import parse_size
 
 log = logging.getLogger("distillery.serve")
 
@@ -58,9 +59,13 @@ def served_sizes(folder: str, pipe: Any) -> list[str]:
     return [f"{side}x{side}"]
 
 
-def _size(s: str) -> tuple[int, int]:
-    w, _, h = s.partition("x")
-    return int(w), int(h)
+class Rendering:
+    """What one `submit` gives: the images (PIL, in the jobs' order; uint8 arrays inside the pipeline process), the
+    call's phases (models.sampling.PHASES; empty where not measured) and whether every U-Net call ran a compiled
+    graph (None without serve.compile)."""
+
+    def __init__(self, images: list[Any], phases: dict[str, float], compiled: bool | None):
+        self.images, self.phases, self.compiled = images, phases, compiled
 
 
 class _Loaded:
@@ -72,32 +77,21 @@ class _Loaded:
         self.device = "cuda" if spec.device == "cuda" and torch.cuda.is_available() else "cpu"
         self.pipe = load_pipeline(spec.folder, self.device, spec.decoder)
         self.sizes = spec.sizes or served_sizes(spec.folder, self.pipe)
-        w, h = _size(self.sizes[0])
+        w, h = parse_size(self.sizes[0])
         run(render_images, self.pipe, [ImageJob("warm up", num_inference_steps=1, width=w, height=h)])
         self.compiled = None
         self.batch_sizes = None
         if spec.compile:
             t0 = time.perf_counter()
-            self.compiled = compile_unet(self.pipe, spec.compile_mode, [_size(s) for s in self.sizes],
+            self.compiled = compile_unet(self.pipe, spec.compile_mode, [parse_size(s) for s in self.sizes],
                                          spec.compile_batches, spec.guidance_scale, run=run)
             self.batch_sizes = spec.compile_batches
             log.info("compiled the U-Net for %d shapes in %.0f s", len(self.compiled.shapes), time.perf_counter() - t0)
 
-    @property
-    def eager_calls(self) -> int:
-        return self.compiled.eager_calls if self.compiled else 0
-
-    def render(self, jobs: list[ImageJob], phases: dict[str, float] | None, on_denoise: Callable[[], None] | None,
-               pil: bool = True) -> list[Any]:
-        return render_images(self.pipe, jobs, self.batch_sizes, phases, on_denoise, pil)
-
-
-class Rendering:
-    """What one `submit` gives: the images (PIL, in the jobs' order), the call's phases (models.sampling.PHASES;
-    empty where not measured) and whether every U-Net call ran a compiled graph (None without serve.compile)."""
-
-    def __init__(self, images: list[Any], phases: dict[str, float], compiled: bool | None):
-        self.images, self.phases, self.compiled = images, phases, compiled
+    def render(self, jobs: list[ImageJob], on_denoise: Callable[[], None] | None, pil: bool = True) -> Rendering:
+        eager_before, phases = self.compiled.eager_calls if self.compiled else 0, {}
+        images = render_images(self.pipe, jobs, self.batch_sizes, phases, on_denoise, pil)
+        return Rendering(images, phases, self.compiled.eager_calls == eager_before if self.compiled else None)
 
 
 class ReplicaPipeline:
@@ -130,12 +124,9 @@ class ThreadPipeline(ReplicaPipeline):
         super().__init__()
         self._loaded = _Loaded(spec, run=lambda fn, *a: self._thread.submit(fn, *a).result())
         self.sizes, self.device = self._loaded.sizes, self._loaded.device
-        self._compiled = spec.compile
 
     def _render(self, jobs: list[ImageJob], on_denoise: Callable[[], None] | None) -> Rendering:
-        eager_before, phases = self._loaded.eager_calls, {}
-        images = self._loaded.render(jobs, phases, on_denoise)
-        return Rendering(images, phases, self._loaded.eager_calls == eager_before if self._compiled else None)
+        return self._loaded.render(jobs, on_denoise)
 
 
 class PipelineProcessError(RuntimeError):
@@ -160,7 +151,6 @@ class ProcessPipeline(ReplicaPipeline):
             self.close()
             raise info
         self.sizes, self.device = info["sizes"], info["device"]
-        self._compiled = spec.compile
         log.info("pipeline process %d ready on %s", self._proc.pid, self.device)
 
     @property
@@ -188,7 +178,7 @@ class ProcessPipeline(ReplicaPipeline):
         kind, info = msg
         if kind == "error":
             raise info
-        shapes, phases, eager_calls = info
+        shapes, phases, compiled = info
         images = []
         for shape in shapes:
             try:
@@ -196,7 +186,7 @@ class ProcessPipeline(ReplicaPipeline):
             except (EOFError, OSError):
                 raise self._gone() from None
             images.append(array_to_pil(np.frombuffer(data, dtype=np.uint8).reshape(shape)))  # (H, W, C)
-        return Rendering(images, phases, eager_calls == 0 if self._compiled else None)
+        return Rendering(images, phases, compiled)
 
     def alive(self) -> bool:
         if not self._proc.is_alive():
@@ -238,7 +228,7 @@ def _exit_with_parent(parent_pid: int) -> None:
 def serve_pipeline(conn: Any, spec: PipelineSpec, parent_pid: int) -> None:
     """The child process: load, warm up and compile, say "ready", then render each batch the replica sends, until
     its pipe closes. Messages out: ("ready", info) or ("error", exception) once; per batch optionally ("started",
-    None) at the first U-Net step, then ("done", (shapes, phases, eager_calls)) and each image's pixels as raw bytes,
+    None) at the first U-Net step, then ("done", (shapes, phases, compiled)) and each image's pixels as raw bytes,
     or ("error", exception)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s (pipeline process) %(message)s")
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
@@ -257,15 +247,14 @@ def serve_pipeline(conn: Any, spec: PipelineSpec, parent_pid: int) -> None:
             jobs, want_started = conn.recv()
         except (EOFError, OSError):
             return  # the replica is gone
-        eager_before, phases = loaded.eager_calls, {}
         try:
-            pixels = loaded.render(jobs, phases, started if want_started else None, pil=False)
+            done = loaded.render(jobs, started if want_started else None, pil=False)
         except Exception as err:  # noqa: BLE001 (this batch's requests fail; the next batch runs)
             conn.send(("error", _picklable(err)))
             continue
         try:
-            conn.send(("done", ([p.shape for p in pixels], phases, loaded.eager_calls - eager_before)))
-            for p in pixels:
+            conn.send(("done", ([p.shape for p in done.images], done.phases, done.compiled)))
+            for p in done.images:
                 conn.send_bytes(p.reshape(-1))  # (H, W, C) contiguous -> flat bytes
         except OSError:
             return
