@@ -265,12 +265,13 @@ def run(cfg: Config) -> dict[str, float]:
     as a Ray task with the GPUs it asks for (the driver of a job runs on the head, which may have none)."""
     if not runs_on_ray(cfg):
         return evaluate_here(cfg)
-    from pipelines.storage import ensure_ray
+    from pipelines.storage import ensure_ray, require_gpus
     from pipelines.train import worker_env
 
     ev = cfg.evaluate
     ray = ensure_ray(cfg)
     gpus = ev.num_gpus if ev.num_gpus is not None else float(ray.cluster_resources().get("GPU", 0) >= 1)
+    require_gpus(ray, "evaluate.num_gpus", gpus, "evaluate.num_gpus: 0, or leave it unset (1 where Ray has a GPU)")
     tree = cfg.model_dump(mode="json")
     tree["mlflow"]["tracking_uri"] = cfg.tracking_uri()  # the task logs where the driver would
     # ---- Ray: the stage's body as one task with the stage's resources

@@ -52,6 +52,7 @@ from pipelines.storage import (
     list_files,
     model_dir,
     read_bytes,
+    require_gpus,
     write_bytes,
 )
 
@@ -618,7 +619,10 @@ def run(cfg: Config) -> dict:
     buckets = [b for b in aspect_buckets(d.resolution, d.max_aspect_ratio) if b[0] % f == 0 and b[1] % f == 0] \
         if d.aspect_buckets else None
 
-    ensure_ray(cfg)
+    ray = ensure_ray(cfg)
+    # before any reading: the embedding actors' GPUs
+    gpus = embed_resources(d, ray.cluster_resources().get("GPU", 0))[1]
+    require_gpus(ray, "data.embed_num_gpus", gpus, "data.embed_num_gpus: 0 (embed on the CPU)")
     import ray.data
 
     if d.source and d.source.startswith(BUILTIN_SHAPES):

@@ -175,9 +175,13 @@ def quiet_progress() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+_local_ray: str | None = None  # the GCS address of the local Ray ensure_ray started: a Ray that never gains a node
+
+
 def ensure_ray(cfg: Any) -> Any:
     """The Ray every stage uses: the one already initialized, else cfg.ray.address or RAY_ADDRESS (a cluster,
     `ray job submit`), else a local Ray with cfg.ray.num_cpus."""
+    global _local_ray
     import ray
 
     quiet_progress()
@@ -195,7 +199,28 @@ def ensure_ray(cfg: Any) -> Any:
             kw["runtime_env"] = {"worker_process_setup_hook": state_api_quieter(), **kw.get("runtime_env", {})}
         ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=cfg.ray.include_dashboard,
                  **kw)
+        _local_ray = ray.get_runtime_context().gcs_address
     return ray
+
+
+def require_gpus(ray: Any, field: str, gpus: float, fix: str) -> None:
+    """Checks that Ray has the `gpus` that one task or worker of a stage asks for (config `field`) before the stage
+    asks: Ray would queue it until a node with them joins. A local Ray that ensure_ray started never gains one,
+    so there this raises a ConfigError saying how to `fix` it; on a cluster an autoscaler may add GPU nodes, so
+    it only warns."""
+    from pipelines.config import ConfigError
+
+    if gpus <= 0:
+        return
+    have = ray.cluster_resources().get("GPU", 0)
+    if have >= gpus:
+        return
+    asks = f"{field}: a task or worker asks for {gpus:g} GPU, and this Ray has {have:g}"
+    if _local_ray is not None and _local_ray == ray.get_runtime_context().gcs_address:
+        raise ConfigError(f"{asks}: the local Ray started for this job gains no GPU, so the stage would wait "
+                          f"forever. Run it on a machine with a GPU, or on a cluster (ray.address or RAY_ADDRESS), "
+                          f"or set {fix}")
+    log.warning("%s; the stage waits until the cluster has one (an autoscaler may add GPU nodes)", asks)
 
 
 def state_api_quieter() -> Any:

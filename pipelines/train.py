@@ -40,7 +40,7 @@ from models.student import META_FILE, read_meta_file
 from models.teacher import encode_prompts, map_tensors, unet_conditioning
 from pipelines.cache import CacheManifest, read_manifest, read_split_columns, sample_latents
 from pipelines.config import Config, DistillConfig, uses_cudagraphs  # noqa: F401 (part of the shell)
-from pipelines.storage import filesystem, is_remote, join
+from pipelines.storage import filesystem, is_remote, join, require_gpus
 
 CACHE_COLUMNS = ("latent", "latent_mean", "latent_std", "prompt_embeds", "pooled", "time_ids")
 DS_TAG = "ds"  # DeepSpeed's checkpoint tag inside each checkpoint folder
@@ -686,6 +686,11 @@ def trainer_configs(cfg: Config, name: str, callbacks: list | None = None) -> di
     from ray.train.torch import TorchConfig
 
     dc = cfg.distill
+    if dc.use_gpu:  # checked here, before Ray Train queues workers that could wait forever
+        import ray
+
+        field = "distill.resources_per_worker.GPU" if "GPU" in dc.resources_per_worker else "distill.use_gpu"
+        require_gpus(ray, field, dc.resources_per_worker.get("GPU", 1.0), "distill.use_gpu: false")
     return {
         "scaling_config": ScalingConfig(num_workers=dc.num_workers, use_gpu=dc.use_gpu,
                                         resources_per_worker=dc.resources_per_worker or None),

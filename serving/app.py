@@ -469,10 +469,10 @@ def write_serve_config(cfg: Config, path: str | os.PathLike) -> Path:
 
 def start(cfg: Config, blocking: bool = False) -> str:
     """Start Serve (HTTP on serve.host:port) and deploy the app; returns its URL."""
-    from pipelines.storage import ensure_ray
+    from pipelines.storage import ensure_ray, require_gpus
 
     c = cfg.serve
-    ensure_ray(cfg)
+    require_gpus(ensure_ray(cfg), "serve.num_gpus", c.num_gpus, "serve.num_gpus: 0 (replicas on the CPU)")
     serve.start(http_options={"host": c.host, "port": c.port, "request_timeout_s": c.request_timeout_s + 10})
     serve.run(build_app(cfg), name=APP_NAME, route_prefix=c.route_prefix, blocking=blocking)
     return f"http://{c.host}:{c.port}{c.route_prefix.rstrip('/')}/"

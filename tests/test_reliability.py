@@ -139,6 +139,47 @@ def test_config_errors_at_the_edge_are_one_line_before_ray_starts(tmp_path, sets
     assert not (tmp_path / "w").exists()
 
 
+def test_a_gpu_config_without_a_gpu_fails_at_once_naming_each_field(tmp_path, mlflow_server):
+    """The README's ablation command (configs/shapes-ablation.yaml asks for GPUs) where Ray has none (ray.num_gpus=0,
+    as on a laptop): a local Ray never gains a GPU, so a stage that asks for one would wait forever. Instead the
+    first stage that asks fails at once, one line naming its field, before it writes anything; with that field
+    set to 0 the run goes on to the next stage that asks (the tune stage's trials), which is named in turn."""
+    work = tmp_path / "w"
+    common = ["run", "configs/shapes-ablation.yaml", "--set", f"work_dir={work}", "--set", "ray.num_gpus=0",
+              "--set", f"mlflow.tracking_uri={mlflow_server.url}", "--set", "ray.include_dashboard=false"]
+    r = _cli(tmp_path, *common)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("data.embed_num_gpus: a task or worker asks for 0.5 GPU") and "Traceback" not in r.stderr
+    assert "set data.embed_num_gpus: 0" in last
+    assert not work.exists()  # failed before reading or writing anything
+
+    r = _cli(tmp_path, *common, "--set", "data.embed_num_gpus=0", "--set", "data.source=builtin:shapes?n=24&seed=0")
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("tune.gpus_per_trial: a task or worker asks for 0.06 GPU"), last
+    assert (work / "cache" / "manifest.json").is_file()  # the prepare stage, on the CPU now, finished
+    # the stages on their own, with the cache there: distill (its trainer, shared with the steps stage), evaluate
+    for sets, field in ((["stages=[distill]"], "distill.use_gpu"),
+                        (["stages=[evaluate]", "evaluate.run_on=ray", "evaluate.num_gpus=1"], "evaluate.num_gpus")):
+        r = _cli(tmp_path, *common, *[a for x in sets for a in ("--set", x)])
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"{field}: a task"), r.stderr[-2000:]
+
+
+def test_a_cluster_short_of_gpus_is_warned_about_not_refused(ray_local, caplog):
+    """On a Ray that the stage did not start (a cluster, here the tests' own), an autoscaler may still add GPU nodes:
+    asking for more GPUs than it has is a warning naming the field, not an error."""
+    import logging
+
+    from pipelines.storage import require_gpus
+
+    with caplog.at_level(logging.WARNING, logger="pipelines.storage"):
+        require_gpus(ray_local, "distill.use_gpu", 1e6, "distill.use_gpu: false")
+        require_gpus(ray_local, "tune.gpus_per_trial", 0, "tune.gpus_per_trial: 0")
+    warned = [r.getMessage() for r in caplog.records if r.name == "pipelines.storage"]
+    assert len(warned) == 1 and warned[0].startswith("distill.use_gpu: a task or worker asks for 1e+06 GPU")
+
+
 def test_planted_credentials_reach_no_log_mlflow_or_output(s3_bucket, s3_server, tmp_path):
     """A whole `distillery run` (prepare from S3, distill on a local Ray, outputs to S3, MLflow in SQLite) with
     recognizable credentials in the standard AWS variables: none of them appears in Ray's session logs, the MLflow

@@ -56,6 +56,7 @@ from pipelines.storage import (
     join,
     model_dir,
     read_bytes,
+    require_gpus,
     write_bytes,
 )
 from pipelines.train import cache_manifest
@@ -575,6 +576,7 @@ def run(cfg: Config) -> dict[str, Any]:
     scoring = eval_inputs(cfg, manifest)
 
     ray = ensure_ray(cfg)
+    require_gpus(ray, "tune.gpus_per_trial", tc.gpus_per_trial, "tune.gpus_per_trial: 0 (trials on the CPU)")
     need = tc.max_concurrent * (DRIVER_CPU + tc.cpus_per_trial) + 1  # + 1: Ray Data's read tasks
     if ray.cluster_resources().get("CPU", 0) < need:
         log.warning("tune: %d trials at a time need %.1f CPUs (%.1f each for the trial and its worker, and one "
