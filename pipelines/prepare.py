@@ -620,9 +620,8 @@ def run(cfg: Config) -> dict:
         if d.aspect_buckets else None
 
     ray = ensure_ray(cfg)
-    # before any reading: the embedding actors' GPUs
-    gpus = embed_resources(d, ray.cluster_resources().get("GPU", 0))[1]
-    require_gpus(ray, "data.embed_num_gpus", gpus, "data.embed_num_gpus: 0 (embed on the CPU)")
+    pool = embed_resources(d, ray.cluster_resources().get("GPU", 0))  # (actors, GPUs each): checked before any reading
+    require_gpus(ray, "data.embed_num_gpus", pool[1], "data.embed_num_gpus: 0 (embed on the CPU)")
     import ray.data
 
     if d.source and d.source.startswith(BUILTIN_SHAPES):
@@ -631,7 +630,7 @@ def run(cfg: Config) -> dict:
     before = options.preserve_order
     options.preserve_order = before or d.max_rows is not None  # max_rows takes the first rows, every run
     try:
-        return _run(cfg, facts, buckets, digest)
+        return _run(cfg, facts, buckets, digest, pool)
     finally:
         options.preserve_order = before
 
@@ -645,7 +644,7 @@ def embed_resources(d: DataConfig, cluster_gpus: float) -> tuple[int, float]:
     return (max(1, int(cluster_gpus / gpus)) if gpus > 0 else 1), gpus
 
 
-def _run(cfg: Config, facts: dict, buckets: list | None, digest: str) -> dict:
+def _run(cfg: Config, facts: dict, buckets: list | None, digest: str, pool: tuple[int, float]) -> dict:
     import ray
 
     d, out, f = cfg.data, cfg.data.output, facts["vae_factor"]
@@ -675,7 +674,7 @@ def _run(cfg: Config, facts: dict, buckets: list | None, digest: str) -> dict:
         batch_size=d.decode_batch_size,
         num_cpus=d.decode_num_cpus,
     )
-    actors, gpus = embed_resources(d, ray.cluster_resources().get("GPU", 0))
+    actors, gpus = pool
     device = "cuda" if gpus > 0 else "cpu"
     out_fs, out_root = filesystem(out)
     # with a GPU the actors only encode and the CPU tasks before them decode; on CPU Ray fuses both into
