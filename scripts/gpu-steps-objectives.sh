@@ -35,6 +35,8 @@ for spec in "$@"; do
     name="${obj}-$(echo "${spec#*:}" | tr -c 'a-zA-Z0-9\n' '_')"
   fi
   t=$(date +%s)
+  # a rerun (on a warm machine, after a call's limit cut one) keeps the earlier log beside it
+  [[ -e "$out/$name.log" ]] && mv "$out/$name.log" "$out/$name.log.$(date +%s)"
   python3 -m pipelines run "${C[@]}" --set 'stages=[steps,evaluate]' --set "steps.student=$student" \
     --set "steps.objective=$obj" --set steps.batch_size=64 --set "steps.steps_per_round=$per" \
     --set steps.guidance_scale=5.0 --set distill.log_every=25 --set "steps.run_name=$name" \
