@@ -14,15 +14,17 @@ W=${WORK:-/tmp/s26}
 TRACKING=${TRACKING:-file:///tmp/mlruns}
 C=(configs/shapes-teacher.yaml --set "work_dir=$W" --set "data.source=builtin:shapes?n=10000&seed=0"
    --set "mlflow.tracking_uri=$TRACKING" --set ray.include_dashboard=false)
+# a rerun (on a warm machine, after a call's limit cut one) keeps each earlier log beside the new one
+fresh_log() { [[ -e "$out/$1.log" ]] && mv "$out/$1.log" "$out/$1.log.$(date +%s)"; echo "$out/$1.log"; }
 t0=$(date +%s)
-python3 -m pipelines run "${C[@]}" --set 'stages=[prepare]' > "$out/prepare.log" 2>&1
+python3 -m pipelines run "${C[@]}" --set 'stages=[prepare]' > "$(fresh_log prepare)" 2>&1
 echo "prepare $(( $(date +%s) - t0 )) s"
 student=${STUDENT:-builtin:shapes-sd1}
 if [[ "$student" == distill ]]; then
   t=$(date +%s)
   python3 -m pipelines run configs/shapes-h200.yaml --set "work_dir=$W/distill" --set "stages=[prepare,distill${DISTILL_EVAL:+,evaluate}]" \
     --set "mlflow.tracking_uri=$TRACKING" --set ray.include_dashboard=false \
-    ${DISTILL_STEPS:+--set "distill.max_steps=$DISTILL_STEPS"} > "$out/distill.log" 2>&1
+    ${DISTILL_STEPS:+--set "distill.max_steps=$DISTILL_STEPS"} > "$(fresh_log distill)" 2>&1
   student="$W/distill/student"
   cp "$W/distill/eval/metrics.json" "$out/distill-metrics.json" 2>/dev/null || true
   echo "distill + evaluate (bk-small) $(( $(date +%s) - t )) s"
@@ -35,14 +37,12 @@ for spec in "$@"; do
     name="${obj}-$(echo "${spec#*:}" | tr -c 'a-zA-Z0-9\n' '_')"
   fi
   t=$(date +%s)
-  # a rerun (on a warm machine, after a call's limit cut one) keeps the earlier log beside it
-  [[ -e "$out/$name.log" ]] && mv "$out/$name.log" "$out/$name.log.$(date +%s)"
   python3 -m pipelines run "${C[@]}" --set 'stages=[steps,evaluate]' --set "steps.student=$student" \
     --set "steps.objective=$obj" --set steps.batch_size=64 --set "steps.steps_per_round=$per" \
     --set steps.guidance_scale=5.0 --set distill.log_every=25 --set "steps.run_name=$name" \
     --set "steps.output=$W/$name" --set "evaluate.student=$W/$name" --set "evaluate.output=$W/eval-$name" \
     --set 'evaluate.steps_sweep=[1,2,4,8]' --set "evaluate.num_prompts=$prompts" "${extra[@]}" \
-    > "$out/$name.log" 2>&1 || echo "$name FAILED"
+    > "$(fresh_log "$name")" 2>&1 || echo "$name FAILED"
   echo "$name $(( $(date +%s) - t )) s"
   grep -E "\[steps\] step" "$out/$name.log" | tail -3 || true
   cp "$W/eval-$name/metrics.json" "$out/$name-metrics.json" 2>/dev/null || ls "$W/eval-$name" || true
